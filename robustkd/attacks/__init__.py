@@ -1,0 +1,7 @@
+"""Attack plug-ins. Importing this package registers the built-in attacks."""
+from . import autoattack, pgd  # noqa: F401 - registration
+from .autoattack import AutoAttack
+from .base import Attack, attacks_for, create_attack, parse_attack_spec
+from .pgd import PGD
+
+__all__ = ["Attack", "AutoAttack", "PGD", "attacks_for", "create_attack", "parse_attack_spec"]

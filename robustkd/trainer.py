@@ -1,0 +1,354 @@
+"""The one training loop, on Accelerate: one CPU, one GPU or many processes.
+
+Per step: ``method.prepare`` (targets, teachers, attack) -> optional AWP -> ``method.loss`` ->
+backward -> optimizer and LR-scheduler step -> EMA update -> ``method.after_step``. Per epoch:
+evaluation every ``eval_every`` epochs, a line in ``metrics.jsonl``, and a checkpoint written
+to a temporary directory and renamed into place, so a crash never leaves a corrupt "latest".
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attacks.base import Attack, create_attack
+from .awp import AWP
+from .checkpoint import atomic_write_text, save_model_dir
+from .distill.methods import Method, Progress
+from .eval.robustness import evaluate
+from .task import Task
+from .teachers import EMATeacher, unwrap
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass
+class TrainConfig:
+    """Everything about *how* to train (the method and the model say *what*)."""
+
+    epochs: int = 1
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "multistep"  # multistep | cosine | constant
+    milestones: list[int] | None = None  # epochs; default: 50 % and 75 % of the run (ADR's 100/150 of 200)
+    lr_gamma: float = 0.1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    grad_accum: int = 1
+    max_grad_norm: float | None = None
+    ema_decay: float | None = None  # keep an EMA (WA) model; methods that need one default to 0.995
+    awp_gamma: float | None = None  # enable AWP with this gamma (5e-3 in the papers)
+    awp_warmup: int = 0
+    eval_every: int = 1
+    eval_attacks: list[str] = field(default_factory=lambda: ["pgd20"])
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    seed: int = 0
+    output_dir: str = "runs/robustkd"
+    resume: bool = False
+    cpu: bool = False
+    log_with: str | None = None  # any Accelerate tracker: tensorboard, wandb, ...
+    progress: bool = True
+    keep_checkpoints: int = 1
+
+    def resolved_milestones(self) -> list[int]:
+        """LR decay epochs; the default (50 % and 75 % of the run) skips epoch 0 so short runs keep their LR."""
+        if self.milestones is not None:
+            return list(self.milestones)
+        return [m for m in (self.epochs // 2, (3 * self.epochs) // 4) if m > 0]
+
+
+class ConfigMismatchError(ValueError):
+    """A checkpoint made with another configuration than the one asked to resume it."""
+
+
+@dataclass
+class _TrainState:
+    """Loop counters and history: saved with every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "history": json.dumps(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = json.loads(state["history"])
+
+
+class _Stateful:
+    """Adapts an object with state_dict/load_state_dict for Accelerate's checkpointing."""
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.obj.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.obj.load_state_dict(state)
+
+
+# Fields that must match to resume a checkpoint (others, e.g. eval settings or epochs, may change).
+_RESUME_KEYS = ("task", "model", "num_classes", "method", "batch_size", "optimizer", "grad_accum", "awp_gamma",
+                "ema_decay", "max_train_samples", "seed")
+
+
+class Trainer:
+    """Fit ``model`` on ``task`` with ``method``; ``fit()`` trains, evaluates, checkpoints."""
+
+    def __init__(self, task: Task, model: nn.Module, method: Method, config: TrainConfig,
+                 run_info: dict[str, Any] | None = None):
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, set_seed
+
+        self.task, self.method, self.config = task, method, config
+        self.run_info = dict(run_info or {})
+        if config.awp_gamma is not None and config.grad_accum > 1:
+            raise ValueError("AWP perturbs the weights once per optimizer step and cannot be combined with "
+                             "gradient accumulation: use --grad-accum 1 or drop --awp")
+        self.accelerator = Accelerator(
+            cpu=config.cpu or not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.grad_accum, log_with=config.log_with,
+            project_dir=config.output_dir, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+        set_seed(config.seed)
+        self.output_dir = Path(config.output_dir)
+        acc = self.accelerator
+        self.train_loader = task.dataloader("train", config.batch_size, max_samples=config.max_train_samples,
+                                            seed=config.seed, drop_last=False)
+        self.eval_loader = task.dataloader("test", config.eval_batch_size, max_samples=config.max_eval_samples,
+                                           seed=config.seed, shuffle=False)
+        if len(self.train_loader) == 0:
+            raise ValueError("the training split is empty: check --data-dir and --max-train-samples")
+        self._validate(model)
+        self.optimizer = self._make_optimizer(model)
+        decay = config.ema_decay if config.ema_decay is not None else (0.995 if method.needs_ema else None)
+        self.ema = EMATeacher(model, decay) if decay is not None else None
+        self.awp = AWP(config.awp_gamma, config.awp_warmup) if config.awp_gamma is not None else None
+        self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(
+            model, self.optimizer, self.train_loader, self.eval_loader)
+        if self.ema is not None:
+            self.ema.to(acc.device)
+        self.method.setup(self.model, self.ema)
+        for teacher in getattr(self.method, "teachers", []):
+            teacher.to(acc.device)
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / config.grad_accum)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.scheduler = self._make_scheduler()
+        self.state = _TrainState()
+        for obj in (self.scheduler, self.state, _Stateful(self.method)) + ((self.ema,) if self.ema else ()):
+            acc.register_for_checkpointing(obj)
+        self.eval_attacks = {spec: create_attack(spec, task) for spec in config.eval_attacks}
+
+    # -- setup helpers ------------------------------------------------------------------
+    def _validate(self, model: nn.Module) -> None:
+        """Check data and model against the task on one batch of each split, before any work."""
+        for loader in (self.train_loader, self.eval_loader):
+            batch = next(iter(loader))
+            self.task.validate_batch(batch)
+        self.task.check_model(model.eval(), batch)
+        model.train()
+
+    def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        c = self.config
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        if c.optimizer == "adamw":
+            return torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        raise ValueError(f"unknown optimizer {c.optimizer!r}: use 'sgd' or 'adamw'")
+
+    def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        """Per-iteration schedulers (stepped once per optimizer step)."""
+        c, opt = self.config, self.optimizer
+        if c.lr_schedule == "multistep":
+            steps = [m * self.steps_per_epoch for m in c.resolved_milestones()]
+            return torch.optim.lr_scheduler.MultiStepLR(opt, steps, gamma=c.lr_gamma)
+        if c.lr_schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.total_steps, 1))
+        if c.lr_schedule == "constant":
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        raise ValueError(f"unknown LR schedule {c.lr_schedule!r}: use multistep, cosine or constant")
+
+    def progress(self) -> Progress:
+        milestones = [m * self.steps_per_epoch for m in self.config.resolved_milestones()] \
+            if self.config.lr_schedule == "multistep" else []
+        passed = sum(self.state.step >= m for m in milestones)
+        return Progress(self.state.step, self.total_steps, self.state.epoch, passed)
+
+    # -- the step -----------------------------------------------------------------------
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One micro-batch: attack, loss, backward; optimizer step at accumulation boundaries."""
+        acc, method, model = self.accelerator, self.method, self.model
+        progress = self.progress()
+        victim = unwrap(model)
+        if method.attack_mode == "eval":
+            victim.eval()
+        prepared = method.prepare(victim, batch, progress)
+        victim.train()
+        v = None
+        if self.awp is not None and self.awp.active(self.state.epoch):
+            v = self.awp.compute(victim, lambda m: method.loss(m, batch, prepared, progress)[0])
+            self.awp.perturb(victim, v)
+        with acc.accumulate(model):
+            loss, logs = method.loss(model, batch, prepared, progress)
+            acc.backward(loss)
+            if self.config.max_grad_norm is not None and acc.sync_gradients:
+                acc.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if v is not None:
+            self.awp.restore(victim, v)
+        if acc.sync_gradients:
+            self.scheduler.step()
+            self.state.step += 1
+            if self.ema is not None:
+                self.ema.update(model)
+            method.after_step(model, self.progress())
+        return logs
+
+    # -- the loop -----------------------------------------------------------------------
+    def fit(self) -> list[dict[str, Any]]:
+        """Train for ``config.epochs`` (continuing from the last checkpoint with ``resume``)."""
+        from tqdm.auto import tqdm
+
+        acc, c = self.accelerator, self.config
+        if c.resume:
+            self.resume()
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if c.log_with:
+            acc.init_trackers(self.output_dir.name, config=_flat_config(self.run_config()))
+        for epoch in range(self.state.epoch, c.epochs):
+            if hasattr(self.train_loader, "set_epoch"):
+                self.train_loader.set_epoch(epoch)
+            self.model.train()
+            started, loss_sum, n = time.perf_counter(), torch.zeros((), device=acc.device), 0
+            bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{c.epochs}", leave=False,
+                       disable=not (c.progress and acc.is_local_main_process))
+            for i, batch in enumerate(bar):
+                logs = self.train_step(batch)
+                loss_sum += logs["loss"].float()
+                n += 1
+                if i % 10 == 0:
+                    bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
+            record: dict[str, Any] = {"epoch": epoch + 1, "step": self.state.step,
+                                      "lr": self.optimizer.param_groups[0]["lr"],
+                                      "train_loss": float(acc.reduce(loss_sum, "mean")) / max(n, 1),
+                                      "epoch_seconds": time.perf_counter() - started,
+                                      **self.method.log_values(self.progress())}
+            self.state.epoch = epoch + 1
+            if c.eval_every and ((epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs):
+                record.update(self.evaluate_all(prefix_ema="ema_"))
+            self.state.history.append(record)
+            if acc.is_main_process:
+                with open(self.output_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                acc.print(_summary_line(record))
+            if c.log_with:
+                acc.log({k: v for k, v in _flat_config(record).items() if isinstance(v, (int, float))}, step=epoch + 1)
+            self.save_checkpoint()
+        self.save_final()
+        if c.log_with:
+            acc.end_training()
+        return self.state.history
+
+    def evaluate_all(self, attacks: dict[str, Attack] | None = None, prefix_ema: str = "ema_") -> dict[str, Any]:
+        """Clean and robust accuracy of the student and, when kept, the EMA model."""
+        attacks = self.eval_attacks if attacks is None else attacks
+        out = evaluate(self.task, unwrap(self.model), self.eval_loader, attacks, accelerator=self.accelerator)
+        if self.ema is not None:
+            ema = evaluate(self.task, self.ema.model, self.eval_loader, attacks, accelerator=self.accelerator)
+            out.update({f"{prefix_ema}{k}": v for k, v in ema.items()})
+        self.model.train()
+        return out
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def run_config(self) -> dict[str, Any]:
+        return {**self.run_info, "task": self.task.name, "num_classes": self.task.num_classes,
+                "method": self.method.name, "method_config": self.method.describe(), **asdict(self.config)}
+
+    def save_checkpoint(self) -> Path:
+        """``checkpoints/epoch-N`` via a temporary directory renamed into place; ``latest`` points to it."""
+        acc = self.accelerator
+        root = self.output_dir / CHECKPOINT_DIR
+        final = root / f"epoch-{self.state.epoch}"
+        tmp = root / f".tmp-epoch-{self.state.epoch}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / "run_config.json").write_text(json.dumps(self.run_config(), indent=2, default=str))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            atomic_write_text(root / "latest", final.name)
+            kept = sorted((p for p in root.glob("epoch-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+            for old in kept[:-max(self.config.keep_checkpoints, 1)]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint under ``output_dir`` (if any); refuse one from another configuration."""
+        pointer = self.output_dir / CHECKPOINT_DIR / "latest"
+        if not pointer.exists():
+            self.accelerator.print(f"no checkpoint under {self.output_dir}: starting from scratch")
+            return False
+        ckpt = pointer.parent / pointer.read_text().strip()
+        saved = json.loads((ckpt / "run_config.json").read_text())
+        now = self.run_config()
+        diffs = {k: (saved.get(k), now.get(k)) for k in _RESUME_KEYS if saved.get(k) != now.get(k)}
+        if diffs:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
+            raise ConfigMismatchError(f"the checkpoint {ckpt} was made with another configuration ({detail}). "
+                                      "Resume with the same settings, or use a new --output-dir.")
+        self.accelerator.load_state(str(ckpt))
+        self.accelerator.print(f"resumed from {ckpt} (epoch {self.state.epoch}, step {self.state.step})")
+        return True
+
+    def save_final(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            meta = {**self.run_info, "task": self.task.name, "num_classes": self.task.num_classes,
+                    "method": self.method.name, "epochs": self.state.epoch}
+            save_model_dir(self.output_dir, unwrap(self.model), self.ema.model if self.ema else None, meta)
+        acc.wait_for_everyone()
+
+
+def _flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_config(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out
+
+
+def _summary_line(record: dict[str, Any]) -> str:
+    parts = [f"epoch {record['epoch']}", f"loss {record['train_loss']:.4f}"]
+    for prefix in ("", "ema_"):
+        if f"{prefix}clean_accuracy" in record:
+            parts.append(f"{prefix}clean {record[f'{prefix}clean_accuracy']:.4f}")
+            for name, acc in record.get(f"{prefix}robust_accuracy", {}).items():
+                parts.append(f"{prefix}{name} {acc:.4f}")
+    parts.append(f"{record['epoch_seconds']:.1f}s")
+    return " | ".join(parts)
+
+
