@@ -18,6 +18,14 @@ class RegistryError(LookupError):
     """A name that cannot be resolved or registered (the message says how to fix it)."""
 
 
+class DuplicateNameError(RegistryError):
+    """Two sources register the same name; ``name`` and ``registry`` say where (the message names both)."""
+
+    def __init__(self, message: str, name: str, registry: "Registry"):
+        super().__init__(message)
+        self.name, self.registry = name, registry
+
+
 @dataclass(frozen=True)
 class Entry:
     name: str
@@ -43,6 +51,7 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._discovered = False
         self.load_errors: dict[str, str] = {}  # entry point -> error message
+        self.conflicts: dict[str, str] = {}  # name -> the duplicate-name error (found during discovery)
 
     # -- registration -------------------------------------------------------------------
     def register(self, name: str | None = None, *, description: str | None = None,
@@ -70,11 +79,10 @@ class Registry:
         if old is not None and old.obj is not obj:
             if _same_definition(old.obj, obj):
                 return  # the same module imported twice (e.g. by path and as a package)
-            raise RegistryError(
+            raise DuplicateNameError(
                 f"two plug-ins register the {self.kind} name {name!r}: {old.source} "
                 f"({_qualname(old.obj)}) and {source} ({_qualname(obj)}). Rename one of them, "
-                f"or uninstall the package you do not want."
-            )
+                f"or uninstall the package you do not want.", name, self)
         self._entries[name] = entry
 
     # -- lookup -------------------------------------------------------------------------
@@ -90,19 +98,23 @@ class Registry:
             _loading_source.append(f"{dist} ({self.group}:{ep.name})")
             try:
                 obj = ep.load()
+                if not _is_module(obj):
+                    self.add(ep.name, obj, source=f"{dist} ({self.group}:{ep.name})")
             except Exception as exc:  # noqa: BLE001 - a plug-in may fail in any way
                 msg = f"could not load {label}: {type(exc).__name__}: {exc}"
                 self.load_errors[ep.name] = msg
+                if isinstance(exc, DuplicateNameError):  # the name is ambiguous: refuse it, keep the rest
+                    exc.registry.conflicts[exc.name] = str(exc)
                 warnings.warn(msg + " -- the other plug-ins stay usable.", RuntimeWarning, stacklevel=2)
                 continue
             finally:
                 _loading_source.pop()
-            if not _is_module(obj):
-                self.add(ep.name, obj, source=f"{dist} ({self.group}:{ep.name})")
 
     def get(self, name: str) -> Any:
-        if name not in self._entries:
+        if name not in self._entries or not self._discovered:
             self.discover()
+        if name in self.conflicts:
+            raise DuplicateNameError(self.conflicts[name], name, self)
         if name not in self._entries:
             hint = ""
             if name in self.load_errors:
