@@ -1,0 +1,425 @@
+"""Spoken-word classification: FSDD digits, Speech Commands keywords, any folder of labelled WAVs.
+
+Inputs are raw mono waveforms in [-1, 1] of a fixed length ``(N, num_samples)``; feature
+extraction (log-mel, wav2vec2) lives inside the models (``tasks/speech_models.py``) so attacks
+perturb the waveform. WAVs are decoded with soundfile (no ffmpeg), optionally resampled to
+the task's rate with ``torchaudio.functional.resample``, centred and zero-padded or cropped to
+``num_samples``, and kept as one float tensor per split (decoded once per process; optionally
+also cached on disk with ``cache_dir``).
+
+The default threat model is an SNR ball (perturbation energy ``snr_db`` below each clean
+signal's, clamped to [-1, 1]); ``threat_model(eps=..., norm="linf")`` gives an amplitude ball.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from robustkd.registry import MODELS, register_task
+from robustkd.task import Batch, ContinuousTask, DataNotFoundError
+from robustkd.threat import SNRBall, ThreatModel
+
+from . import speech_models
+
+AUDIO_DOMAIN = (-1.0, 1.0)
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+
+
+class AudioDataError(ValueError):
+    """An audio file that cannot be used as it is (corrupt, empty, stereo, wrong rate); the message
+    names the file and the fix."""
+
+
+# -- decoding ---------------------------------------------------------------------------------
+def read_wav(path: str | Path, *, sample_rate: int | None = None, resample: bool = False,
+             downmix: bool = False) -> tuple[Tensor, int]:
+    """Decode one file to a float32 mono waveform in [-1, 1] (and its rate after resampling).
+
+    Refuses, naming the file: unreadable/corrupt files, files without samples, multi-channel
+    files (unless ``downmix``), and a rate other than ``sample_rate`` unless ``resample``.
+    """
+    import soundfile as sf
+
+    path = Path(path)
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:  # noqa: BLE001 - libsndfile raises several types for bad files
+        raise AudioDataError(f"cannot decode audio file {path}: {type(exc).__name__}: {exc}. The file is corrupt, "
+                             "truncated or not a WAV/FLAC/OGG: fix or remove it.") from exc
+    if data.shape[0] == 0:
+        raise AudioDataError(f"audio file {path} holds no samples (empty recording): remove it from the data folder")
+    if data.shape[1] != 1:
+        if not downmix:
+            raise AudioDataError(f"audio file {path} has {data.shape[1]} channels but speech tasks take mono audio: "
+                                 "convert it to mono, or build the task with downmix=True to average the channels")
+        data = data.mean(axis=1, keepdims=True)
+    wave = torch.from_numpy(np.ascontiguousarray(data[:, 0]))
+    if sample_rate is not None and rate != sample_rate:
+        if not resample:
+            raise AudioDataError(f"audio file {path} is sampled at {rate} Hz but the task expects {sample_rate} Hz: "
+                                 f"build the task with resample=True (--resample) to convert it, or choose "
+                                 f"sample_rate={rate}")
+        import torchaudio.functional as AF
+
+        wave = AF.resample(wave, rate, sample_rate)
+        rate = sample_rate
+    if not torch.isfinite(wave).all():
+        raise AudioDataError(f"audio file {path} contains NaN or infinite samples")
+    return wave.clamp_(*AUDIO_DOMAIN), int(rate)
+
+
+def fix_length(wave: Tensor, num_samples: int) -> Tensor:
+    """Centre the recording in a window of ``num_samples``: zero-pad both sides or crop the middle."""
+    n = wave.shape[-1]
+    if n == num_samples:
+        return wave
+    if n > num_samples:
+        start = (n - num_samples) // 2
+        return wave[..., start:start + num_samples]
+    left = (num_samples - n) // 2
+    return torch.nn.functional.pad(wave, (left, num_samples - n - left))
+
+
+def decode_files(files: Sequence[Path], num_samples: int, sample_rate: int | None, resample: bool,
+                 downmix: bool = False) -> tuple[Tensor, int]:
+    """Decode ``files`` into one ``(N, num_samples)`` float tensor; every file must share one rate
+    (the first file's when ``sample_rate`` is None)."""
+    out = torch.zeros(len(files), num_samples)
+    rate = sample_rate
+    for i, f in enumerate(files):
+        wave, r = read_wav(f, sample_rate=rate, resample=resample, downmix=downmix)
+        rate = r if rate is None else rate
+        out[i] = fix_length(wave, num_samples)
+    return out, int(rate or 0)
+
+
+def _cache_key(files: Sequence[Path], *parts: Any) -> str:
+    h = hashlib.sha1()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(repr(parts).encode())
+    return h.hexdigest()[:16]
+
+
+def load_waveforms(files: Sequence[Path], num_samples: int, sample_rate: int | None, resample: bool,
+                   downmix: bool = False, cache_dir: str | None = None) -> tuple[Tensor, int]:
+    """:func:`decode_files`, memoised in the process and (with ``cache_dir``) on disk, keyed by the
+    files' paths, sizes and modification times and the decoding settings."""
+    key = _cache_key(files, num_samples, sample_rate, resample, downmix)
+    return _load_cached(key, tuple(files), num_samples, sample_rate, resample, downmix, cache_dir)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_cached(key: str, files: tuple[Path, ...], num_samples: int, sample_rate: int | None, resample: bool,
+                 downmix: bool, cache_dir: str | None) -> tuple[Tensor, int]:
+    if cache_dir is not None:
+        path = Path(cache_dir).expanduser() / f"waveforms-{key}.pt"
+        if path.exists():
+            saved = torch.load(str(path), weights_only=True)
+            return saved["waves"], int(saved["rate"])
+    waves, rate = decode_files(files, num_samples, sample_rate, resample, downmix)
+    if cache_dir is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"waves": waves, "rate": rate}, str(tmp))
+        tmp.replace(path)
+    return waves, rate
+
+
+# -- data sets ----------------------------------------------------------------------------------
+class WaveformDataset(Dataset):
+    """Waveforms ``(N, L)`` and int64 labels; items are ``{"inputs", "labels"}`` dicts. ``files``
+    and ``meta`` keep where each example came from (for split checks and error messages)."""
+
+    def __init__(self, waves: Tensor, labels: Tensor, files: Sequence[Path] = (), meta: Sequence[dict] = ()):
+        self.waves, self.labels = waves, labels
+        self.files, self.meta = list(files), list(meta)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> Batch:
+        return {"inputs": self.waves[i], "labels": self.labels[i]}
+
+
+class SpeechClassification(ContinuousTask):
+    """Fixed-length mono waveforms in [-1, 1]; subclasses say which files form each split.
+
+    ``sample_rate`` is the rate the models see; files at another rate are an error unless
+    ``resample``. ``clip_seconds`` sets the fixed length. The default threat model is
+    ``SNRBall(snr_db)``; ``eps`` sets the default amplitude budget for L-inf/L2 balls.
+    """
+
+    modality = "audio"
+    input_domain = AUDIO_DOMAIN
+    default_eval_attacks = ("pgd20:snr_db=40", "pgd20:snr_db=30", "pgd20:snr_db=20")
+
+    def __init__(self, name: str, classes: Sequence[str], *, sample_rate: int | None, clip_seconds: float = 1.0,
+                 resample: bool = False, downmix: bool = False, snr_db: float = 30.0, eps: float = 0.002,
+                 norm: str = "linf", cache_dir: str | None = None):
+        self.name, self.classes = name, list(classes)
+        self.num_classes = len(self.classes)
+        self.sample_rate, self.clip_seconds = sample_rate, float(clip_seconds)
+        self.resample, self.downmix, self.cache_dir = resample, downmix, cache_dir
+        self.snr_db, self.eps, self.norm = float(snr_db), float(eps), norm
+        self._datasets: dict[str, WaveformDataset] = {}
+
+    @property
+    def num_samples(self) -> int:
+        if self.sample_rate is None:
+            raise RuntimeError(f"{self.name}: the sample rate is known once a split is loaded (or pass sample_rate=)")
+        return int(round(self.sample_rate * self.clip_seconds))
+
+    # -- data ---------------------------------------------------------------------------------
+    def split_files(self, split: str) -> tuple[list[Path], list[int], list[dict]]:
+        """The files of ``split``, their class indices and per-file metadata."""
+        raise NotImplementedError
+
+    def dataset(self, split: str) -> WaveformDataset:
+        if split not in self._datasets:
+            files, labels, meta = self.split_files(split)
+            if not files:
+                raise DataNotFoundError(f"{self.name}: the {split!r} split has no audio files")
+            if self.sample_rate is None:  # take the data's own rate from the first file
+                _, self.sample_rate = read_wav(files[0], downmix=self.downmix)
+            waves, _ = load_waveforms(files, self.num_samples, self.sample_rate, self.resample, self.downmix,
+                                      self.cache_dir)
+            self._datasets[split] = WaveformDataset(waves, torch.tensor(labels, dtype=torch.long), files, meta)
+        return self._datasets[split]
+
+    def validate_batch(self, batch: Batch) -> None:
+        super().validate_batch(batch)
+        x = batch["inputs"]
+        if x.dim() != 2 or (self.sample_rate is not None and x.shape[1] != self.num_samples):
+            raise ValueError(f"{self.name} expects waveform batches of shape (N, {self.num_samples}) "
+                             f"({self.clip_seconds:g} s at {self.sample_rate} Hz), got {tuple(x.shape)}")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < AUDIO_DOMAIN[0] or hi > AUDIO_DOMAIN[1]:
+            raise ValueError(f"waveform values span [{lo:.3f}, {hi:.3f}] but must lie in [-1, 1]: feed raw "
+                             "audio; robustkd audio models extract features inside.")
+
+    # -- models -------------------------------------------------------------------------------
+    def build_model(self, name: str, **kwargs: Any) -> nn.Module:
+        """A registered audio model (``mel_cnn``, ``m5``, ``wav2vec2``) for this task's classes and rate."""
+        factory = MODELS.get(name)
+        if getattr(factory, "_robustkd_modality", None) != "audio":
+            raise ValueError(f"the model {name!r} is not an audio model; audio models: {', '.join(self.model_names())}")
+        if self.sample_rate is None:
+            self.dataset("train")  # learn the data's rate before sizing the front-end
+        return factory(num_classes=self.num_classes, sample_rate=self.sample_rate, **kwargs)
+
+    def model_names(self) -> list[str]:
+        return [e.name for e in MODELS.entries() if getattr(e.obj, "_robustkd_modality", None) == "audio"]
+
+    # -- threat models ------------------------------------------------------------------------
+    def threat_model(self, eps: float | None = None, norm: str | None = None, snr_db: float | None = None,
+                     **kwargs: Any) -> ThreatModel:
+        """``snr_db`` -> an SNR ball; ``eps``/``norm`` -> an amplitude ball in [-1, 1]; neither -> the
+        task's default SNR ball."""
+        if kwargs:
+            raise TypeError(f"unknown threat-model options {sorted(kwargs)} for {self.name}: use eps, norm or snr_db")
+        if snr_db is not None:
+            if eps is not None or norm is not None:
+                raise ValueError("give either snr_db (an SNR ball) or eps/norm (an amplitude ball), not both")
+            return SNRBall(float(snr_db), AUDIO_DOMAIN)
+        if eps is None and norm is None:
+            return SNRBall(self.snr_db, AUDIO_DOMAIN)
+        return ThreatModel(self.eps if eps is None else float(eps), norm or self.norm, domain=AUDIO_DOMAIN)
+
+
+# -- FSDD -----------------------------------------------------------------------------------------
+FSDD_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)$")
+
+
+class FSDD(SpeechClassification):
+    """Free Spoken Digit Dataset: ``{digit}_{speaker}_{take}.wav`` at 8 kHz. The usual split:
+    takes 0..``test_takes - 1`` of every speaker and digit are the test set, the rest train."""
+
+    def __init__(self, data_dir: str | Path, *, test_takes: int = 5, sample_rate: int | None = 8000, **kwargs: Any):
+        super().__init__("fsdd", [str(d) for d in range(10)], sample_rate=sample_rate, **kwargs)
+        self.root = _fsdd_recordings(data_dir)
+        self.test_takes = int(test_takes)
+        self._index = self._scan()
+
+    def _scan(self) -> list[tuple[Path, int, str, int]]:
+        entries = []
+        for f in sorted(p for p in self.root.iterdir() if p.suffix.lower() == ".wav"):
+            m = FSDD_NAME.match(f.stem)
+            if m is None:
+                raise AudioDataError(f"{f} does not follow FSDD's {{digit}}_{{speaker}}_{{take}}.wav naming: "
+                                     "rename or remove it (or use the wavfolder task for other layouts)")
+            entries.append((f, int(m.group(1)), m.group(2), int(m.group(3))))
+        if not entries:
+            raise DataNotFoundError(f"{self.root} holds no FSDD recordings ({{digit}}_{{speaker}}_{{take}}.wav): "
+                                    "point --data-dir at FSDD's folder or its recordings/ subfolder")
+        return entries
+
+    def split_files(self, split: str) -> tuple[list[Path], list[int], list[dict]]:
+        if split not in ("train", "test"):
+            raise ValueError(f"FSDD has the splits 'train' and 'test', not {split!r}")
+        rows = [e for e in self._index if (e[3] < self.test_takes) == (split == "test")]
+        return ([r[0] for r in rows], [r[1] for r in rows],
+                [{"speaker": r[2], "take": r[3], "digit": r[1]} for r in rows])
+
+
+def _fsdd_recordings(data_dir: str | Path | None) -> Path:
+    if data_dir is None:
+        raise DataNotFoundError("the fsdd task needs --data-dir: FSDD's folder (with recordings/) or the recordings/ "
+                                "folder itself, e.g. ../shared/data/fsdd")
+    root = Path(data_dir).expanduser()
+    if (root / "recordings").is_dir():
+        root = root / "recordings"
+    if not root.is_dir():
+        raise DataNotFoundError(f"--data-dir {str(data_dir)!r} does not exist or is not a directory (FSDD's folder "
+                                "with recordings/ expected)")
+    return root
+
+
+# -- Speech Commands ---------------------------------------------------------------------------
+SC_SPLITS = {"train": "training", "validation": "validation", "val": "validation", "test": "testing"}
+
+
+class SpeechCommands(SpeechClassification):
+    """Speech Commands (Warden 2018) in torchaudio's ``SPEECHCOMMANDS`` layout
+    (``ROOT/SpeechCommands/speech_commands_v0.02/<word>/*.wav`` with ``validation_list.txt`` and
+    ``testing_list.txt``): 35 words (v0.02) at 16 kHz, 1 s. Downloads with torchaudio when
+    ``download`` and the folder is missing; otherwise (and offline) a clear error."""
+
+    def __init__(self, data_dir: str | Path | None, *, version: str = "speech_commands_v0.02", download: bool = True,
+                 sample_rate: int | None = 16000, **kwargs: Any):
+        self.root, self.version, self.download = _sc_root(data_dir, version), version, download
+        self.path = self.root / "SpeechCommands" / version
+        self._ensure()
+        classes = sorted(p.name for p in self.path.iterdir() if p.is_dir() and not p.name.startswith("_"))
+        if not classes:
+            raise DataNotFoundError(f"{self.path} holds no word folders: not a Speech Commands copy")
+        super().__init__("speech_commands", classes, sample_rate=sample_rate, **kwargs)
+
+    def _ensure(self) -> None:
+        if self.path.is_dir():
+            return
+        if not self.download:
+            raise DataNotFoundError(f"no Speech Commands at {self.path}: pass --data-dir ROOT holding "
+                                    f"SpeechCommands/{self.version}/ (torchaudio's layout), or allow the download")
+        from torchaudio.datasets import SPEECHCOMMANDS
+
+        try:
+            SPEECHCOMMANDS(str(self.root), url=self.version, download=True)
+        except Exception as exc:  # noqa: BLE001 - offline, refused, disk full: all need the same fix
+            raise DataNotFoundError(
+                f"Speech Commands is not at {self.path} and could not be downloaded ({type(exc).__name__}: "
+                f"{str(exc)[:200]}). With no network, pass --data-dir ROOT holding SpeechCommands/{self.version}/ "
+                "(torchaudio's SPEECHCOMMANDS layout). robustkd never substitutes other data.") from exc
+
+    def split_files(self, split: str) -> tuple[list[Path], list[int], list[dict]]:
+        from torchaudio.datasets import SPEECHCOMMANDS
+
+        if split not in SC_SPLITS:
+            raise ValueError(f"Speech Commands has the splits train, validation and test, not {split!r}")
+        try:
+            walker = SPEECHCOMMANDS(str(self.root), url=self.version, download=False, subset=SC_SPLITS[split])._walker
+        except FileNotFoundError as exc:
+            raise DataNotFoundError(f"{self.path} lacks the split list {Path(exc.filename).name}: an incomplete "
+                                    "Speech Commands copy") from exc
+        index = {c: i for i, c in enumerate(self.classes)}
+        files = [Path(w) for w in walker]
+        labels = []
+        for f in files:
+            if f.parent.name not in index:
+                raise AudioDataError(f"{f} is listed in a split file but its folder {f.parent.name!r} is not a word "
+                                     "folder of this copy")
+            labels.append(index[f.parent.name])
+        meta = [{"speaker": f.stem.split("_nohash_")[0], "word": f.parent.name} for f in files]
+        return files, labels, meta
+
+
+def _sc_root(data_dir: str | Path | None, version: str) -> Path:
+    if data_dir is None:
+        raise DataNotFoundError("the speech_commands task needs --data-dir ROOT (where SpeechCommands/ is or will "
+                                "be downloaded to)")
+    root = Path(data_dir).expanduser()
+    if root.name == version and root.parent.name == "SpeechCommands":  # the inner folder itself
+        return root.parent.parent
+    if root.name == "SpeechCommands":
+        return root.parent
+    return root
+
+
+# -- any folder of labelled WAVs ----------------------------------------------------------------------
+class WavFolder(SpeechClassification):
+    """Labelled audio in class subfolders: ``ROOT/train/<label>/*.wav`` and ``ROOT/test/<label>/*.wav``
+    (or ``val/``), or ``ROOT/<label>/*.wav`` split by a stable hash of each file name, so a file
+    keeps its split when others are added (``test_fraction`` of them go to test)."""
+
+    def __init__(self, data_dir: str | Path | None, *, test_fraction: float = 0.2, sample_rate: int | None = None,
+                 **kwargs: Any):
+        if data_dir is None:
+            raise DataNotFoundError("the wavfolder task needs --data-dir: a folder of <label>/*.wav subfolders")
+        self.root = Path(data_dir).expanduser()
+        if not self.root.is_dir():
+            raise DataNotFoundError(f"--data-dir {str(data_dir)!r} does not exist or is not a directory")
+        self.test_fraction = float(test_fraction)
+        self.split_dirs = {s: self.root / d for s, names in (("train", ("train",)), ("test", ("test", "val")))
+                           for d in names if (self.root / d).is_dir()}
+        label_roots = list(self.split_dirs.values()) or [self.root]
+        classes = sorted({p.name for r in label_roots for p in r.iterdir() if p.is_dir() and _audio_files(p)})
+        if not classes:
+            raise DataNotFoundError(
+                f"{self.root} holds no labelled audio files: expected <label>/*.wav subfolders (or train/<label>/ and "
+                f"test/<label>/); found {', '.join(sorted(p.name for p in self.root.iterdir())[:10]) or 'nothing'}")
+        super().__init__("wavfolder", classes, sample_rate=sample_rate, **kwargs)
+
+    def split_files(self, split: str) -> tuple[list[Path], list[int], list[dict]]:
+        if split not in ("train", "test"):
+            raise ValueError(f"wavfolder has the splits 'train' and 'test', not {split!r}")
+        index = {c: i for i, c in enumerate(self.classes)}
+        if self.split_dirs:
+            if split not in self.split_dirs:
+                raise DataNotFoundError(f"{self.root} has no {split}/ folder (found {sorted(self.split_dirs)})")
+            base = self.split_dirs[split]
+            files = [f for c in self.classes if (base / c).is_dir() for f in _audio_files(base / c)]
+        else:
+            files = [f for c in self.classes for f in _audio_files(self.root / c)
+                     if _hash_is_test(f.relative_to(self.root), self.test_fraction) == (split == "test")]
+        return files, [index[f.parent.name] for f in files], [{"label": f.parent.name} for f in files]
+
+
+def _audio_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+
+
+def _hash_is_test(rel: Path, fraction: float) -> bool:
+    digest = int(hashlib.sha1(str(rel.as_posix()).encode()).hexdigest(), 16)
+    return (digest % 10_000) < fraction * 10_000
+
+
+# -- registration -------------------------------------------------------------------------------------
+@register_task("fsdd")
+def fsdd(data_dir: str | None = None, **kwargs: Any) -> FSDD:
+    """Free Spoken Digit Dataset: 10 digits, 8 kHz, takes 0-4 test (local folder)."""
+    return FSDD(data_dir, **kwargs)
+
+
+@register_task("speech_commands")
+def speech_commands(data_dir: str | None = None, **kwargs: Any) -> SpeechCommands:
+    """Speech Commands v0.02 (35 words, 16 kHz) in torchaudio's layout; downloads when online."""
+    return SpeechCommands(data_dir, **kwargs)
+
+
+@register_task("wavfolder")
+def wavfolder(data_dir: str | None = None, **kwargs: Any) -> WavFolder:
+    """Any folder of labelled audio: <label>/*.wav, or train/<label>/ and test/<label>/."""
+    return WavFolder(data_dir, **kwargs)
+
+
+__all__ = ["AudioDataError", "FSDD", "SpeechClassification", "SpeechCommands", "WavFolder", "WaveformDataset",
+           "fix_length", "read_wav", "speech_models"]
