@@ -1,0 +1,217 @@
+"""MTARD: Multi-Teacher Adversarial Robustness Distillation (Zhao, Wang & Wei; METHODS.md §2).
+
+A clean teacher guides the student on clean inputs, a robust teacher on adversarial ones::
+
+    x'     = PGD on CE(student(x'), y), student in eval mode, start x + 0.001 * N(0, 1)
+    L_adv  = KL(softmax(robust(x') / t_adv) || softmax(student(x')))
+    L_nat  = KL(softmax(clean(x)   / t_nat) || softmax(student(x)))
+    loss   = w_adv * L_adv + w_nat * L_nat
+
+with the temperatures from Entropy-Based Balance and the weights from Normalization Loss
+Balance (:mod:`robustkd.distill.balance`). The robust teacher may be the student's own EMA
+(``robust_teacher="ema"``): teacher-free MTARD.
+
+Everything goes through the task, so MTARD works for any task. The balancing statistics are
+summed over processes before use, so temperatures and weights are identical on every rank.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..attacks.base import Attack
+from ..attacks.pgd import PGD
+from ..registry import register_method
+from ..task import Batch, Task
+from ..teachers import EMATeacher, FrozenTeacher, Teacher
+from .balance import ENTROPY_MODES, EntropyBalance, EntropyMode, LossBalance, all_reduce_sum, entropy, \
+    reference_entropy_stat
+from .losses import distill_kl
+from .methods import Method, Prepared, Progress
+
+KLScale = Literal["batchmean", "reference"]
+
+# Layout of the per-step statistics vector summed over processes.
+_L_ADV, _L_NAT, _E_ADV, _E_NAT, _H_ADV, _H_NAT, _N = range(7)
+
+
+def _as_teacher(teacher: Teacher | nn.Module, role: str) -> Teacher:
+    """Accept a Teacher or a bare module; a module in train mode is refused (its batch-norm
+    statistics would drift with every student batch and its outputs would not be reproducible)."""
+    if isinstance(teacher, Teacher):
+        model = teacher.model
+    elif isinstance(teacher, nn.Module):
+        model = teacher
+    else:
+        raise TypeError(f"the {role} teacher must be a Teacher or an nn.Module, got {type(teacher).__name__}"
+                        + (": load it with robustkd.teachers.load_teacher(spec, task)" if isinstance(teacher, str) else ""))
+    if model.training:
+        raise ValueError(f"the {role} teacher ({type(model).__name__}) is in train mode: call .eval() on it or load it "
+                         "with robustkd.teachers.load_teacher, which returns a frozen teacher in eval mode")
+    return teacher if isinstance(teacher, Teacher) else FrozenTeacher(teacher, name=role)
+
+
+@register_method("mtard")
+class MTARD(Method):
+    """Multi-teacher adversarial distillation with entropy and loss balance.
+
+    Args:
+        clean_teacher: naturally trained teacher, evaluated on clean inputs.
+        robust_teacher: adversarially trained teacher, evaluated on the student's adversarial
+            inputs, or ``"ema"`` for the student's EMA self-teacher (teacher-free MTARD).
+        entropy_balance: ``reference`` | ``exact`` | ``off`` (see :class:`EntropyBalance`).
+        loss_balance: Normalization Loss Balance on (default) or fixed weights 0.5 / 0.5.
+        kl_scale: ``batchmean`` (textbook KL) or ``reference`` (the paper code's mean over batch
+            and classes, i.e. KL / num_classes).
+    """
+
+    name = "mtard"
+    attack_mode = "eval"
+
+    def __init__(self, task: Task, attack: Attack | None = None, *, clean_teacher: Teacher | nn.Module,
+                 robust_teacher: Teacher | nn.Module | Literal["ema"],
+                 entropy_balance: EntropyMode = "reference", loss_balance: bool = True,
+                 kl_scale: KLScale = "batchmean", t_min: float = 1.0, t_max: float = 10.0, temp_lr: float = 0.001,
+                 eta: float = 0.025, beta: float = 1.0, decay: float = 0.1):
+        if attack is None:
+            attack = PGD(task, steps=10, random_start="normal", init_std=0.001, loss="ce")
+        super().__init__(task, attack)
+        if kl_scale not in ("batchmean", "reference"):
+            raise ValueError(f"unknown KL scale {kl_scale!r}: use 'batchmean' or 'reference'")
+        if entropy_balance not in ENTROPY_MODES:
+            raise ValueError(f"unknown entropy balance {entropy_balance!r}: use one of {', '.join(ENTROPY_MODES)}")
+        if isinstance(clean_teacher, str):
+            raise ValueError(f"clean_teacher={clean_teacher!r}: only the robust teacher may be 'ema' (the clean "
+                             "teacher must be a naturally trained model; load one with load_teacher)")
+        self.clean: Teacher = _as_teacher(clean_teacher, "clean")
+        if isinstance(robust_teacher, str):
+            if robust_teacher != "ema":
+                raise ValueError(f"robust_teacher={robust_teacher!r}: pass a teacher (see load_teacher) or 'ema' for "
+                                 "the student's EMA self-teacher")
+            self.robust: Teacher | None = None
+            self.needs_ema = True
+        else:
+            self.robust = _as_teacher(robust_teacher, "robust")
+        self.kl_scale: KLScale = kl_scale
+        self.entropy = EntropyBalance(entropy_balance, t_min=t_min, t_max=t_max, lr=temp_lr, decay=decay)
+        self.balance = LossBalance(loss_balance, eta=eta, beta=beta, decay=decay)
+        self._pending: list[dict[str, Any]] = []
+        self._last: dict[str, float] = {}
+        self._sums: dict[str, float] = {}
+
+    # -- teachers -------------------------------------------------------------------------
+    @property
+    def teachers(self) -> list[Teacher]:
+        """The frozen teachers (the trainer moves them to the device; the EMA teacher is its own)."""
+        return [t for t in (self.clean, self.robust) if t is not None]
+
+    def setup(self, model: nn.Module, ema: EMATeacher | None) -> None:
+        super().setup(model, ema)
+        for role, teacher in (("clean", self.clean), ("robust", self.robust)):
+            if teacher is not None and teacher.model.training:
+                raise ValueError(f"the {role} teacher is in train mode: call .eval() on it before training")
+
+    def _robust(self) -> Teacher:
+        if self.robust is not None:
+            return self.robust
+        if self.ema is None:
+            raise RuntimeError("MTARD with robust_teacher='ema' needs the trainer's EMA teacher: call setup() first")
+        return self.ema
+
+    def _check_logits(self, logits: Tensor, role: str) -> None:
+        if logits.dim() != 2 or logits.shape[1] != self.task.num_classes:
+            raise ValueError(f"the {role} teacher returns logits of shape {tuple(logits.shape)} but the task "
+                             f"{self.task.name!r} has {self.task.num_classes} classes: use a teacher trained on this task")
+
+    # -- the step ---------------------------------------------------------------------------
+    def prepare(self, victim: nn.Module, batch: Batch, progress: Progress) -> Prepared:
+        """Attack the student, query both teachers, soften their outputs with the temperatures."""
+        labels = self.task.labels(batch)
+        adv = self.attack(victim, batch, labels)
+        z_adv = self._robust().logits(self.task, *adv).float()
+        z_nat = self.clean.logits(self.task, batch).float()
+        self._check_logits(z_adv, "robust")
+        self._check_logits(z_nat, "clean")
+        if self.entropy.mode == "exact":
+            self.entropy.solve(z_adv, z_nat)
+        t_adv, t_nat = self.entropy.temperatures
+        p_adv = torch.softmax(z_adv / t_adv, dim=1)
+        p_nat = torch.softmax(z_nat / t_nat, dim=1)
+        n = z_adv.shape[0]
+        stats = torch.stack([z_adv.new_zeros(()), z_adv.new_zeros(()),
+                             reference_entropy_stat(p_adv).sum(), reference_entropy_stat(p_nat).sum(),
+                             entropy(z_adv, t_adv).sum(), entropy(z_nat, t_nat).sum(), z_adv.new_tensor(float(n))])
+        self._pending.append({"stats": stats, "milestones": progress.milestones_passed, "reduced": None})
+        return Prepared(labels, adv, {"p_adv": p_adv, "p_nat": p_nat})
+
+    def loss(self, model: nn.Module, batch: Batch, prepared: Prepared, progress: Progress) -> tuple[Tensor, dict]:
+        """``w_adv * L_adv + w_nat * L_nat`` with the weights updated from this step's losses (as the
+        reference code does); the update is committed in :meth:`after_step`."""
+        if not self._pending:
+            raise RuntimeError("MTARD.loss called without MTARD.prepare for this batch")
+        slot = self._pending[-1]
+        s_adv = self.task.logits(model, *prepared.adv)
+        s_nat = self.task.logits(model, batch)
+        l_adv = distill_kl(s_adv.float(), prepared.extras["p_adv"], self.kl_scale)
+        l_nat = distill_kl(s_nat.float(), prepared.extras["p_nat"], self.kl_scale)
+        stats = slot["stats"].clone()
+        stats[_L_ADV], stats[_L_NAT] = l_adv.detach() * stats[_N], l_nat.detach() * stats[_N]
+        total = all_reduce_sum(stats).tolist()
+        reduced = {k: total[i] / total[_N] for k, i in
+                   (("l_adv", _L_ADV), ("l_nat", _L_NAT), ("e_adv", _E_ADV), ("e_nat", _E_NAT), ("h_adv", _H_ADV),
+                    ("h_nat", _H_NAT))}
+        slot["reduced"] = reduced  # a second call (AWP) overwrites: one update per micro-batch
+        w_adv, w_nat = self.balance.propose(reduced["l_adv"], reduced["l_nat"], slot["milestones"])
+        loss = w_adv * l_adv + w_nat * l_nat
+        return loss, {"loss": loss.detach(), "loss_adv": l_adv.detach(), "loss_nat": l_nat.detach()}
+
+    def after_step(self, model: nn.Module, progress: Progress) -> None:
+        """Commit one balance update per optimizer step from the (process-averaged) statistics of
+        its micro-batches."""
+        slots, self._pending = self._pending, []
+        if not slots:
+            return
+        if any(s["reduced"] is None for s in slots):
+            raise RuntimeError("MTARD.after_step: a prepared batch never went through MTARD.loss")
+        mean = {k: sum(s["reduced"][k] for s in slots) / len(slots) for k in slots[0]["reduced"]}
+        milestones = slots[-1]["milestones"]
+        self.balance.commit(mean["l_adv"], mean["l_nat"], milestones)
+        if self.entropy.mode == "reference":
+            self.entropy.step(mean["e_adv"], mean["e_nat"], milestones)
+        self._last = {"entropy_adv": mean["h_adv"], "entropy_nat": mean["h_nat"]}
+        for k in ("l_adv", "l_nat", "h_adv", "h_nat"):
+            self._sums[k] = self._sums.get(k, 0.0) + mean[k]
+        self._sums["n"] = self._sums.get("n", 0.0) + 1
+
+    # -- logging and state ------------------------------------------------------------------
+    def log_values(self, progress: Progress) -> dict[str, float]:
+        """Temperatures and weights now, and the teachers' mean entropies and the two losses
+        averaged over the steps since the previous call (the trainer calls it once per epoch)."""
+        out = {"mtard_t_adv": self.entropy.t_adv, "mtard_t_nat": self.entropy.t_nat,
+               "mtard_w_adv": self.balance.w_adv, "mtard_w_nat": self.balance.w_nat}
+        n = self._sums.get("n", 0.0)
+        if n:
+            out.update({"mtard_loss_adv": self._sums["l_adv"] / n, "mtard_loss_nat": self._sums["l_nat"] / n,
+                        "mtard_entropy_adv": self._sums["h_adv"] / n, "mtard_entropy_nat": self._sums["h_nat"] / n})
+        self._sums = {}
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"entropy": self.entropy.state_dict(), "loss_balance": self.balance.state_dict(),
+                "kl_scale": self.kl_scale, "robust_teacher": "ema" if self.robust is None else "frozen"}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kl_scale") != self.kl_scale:
+            raise ValueError(f"the checkpoint was trained with --kl-scale {state.get('kl_scale')} but this run uses "
+                             f"{self.kl_scale}: resume with the same scale or use a new --output-dir")
+        self.entropy.load_state_dict(state["entropy"])
+        self.balance.load_state_dict(state["loss_balance"])
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "robust_teacher": "ema" if self.robust is None else
+                getattr(self.robust, "name", type(self.robust.model).__name__),
+                "clean_teacher": getattr(self.clean, "name", type(self.clean.model).__name__),
+                "entropy_balance": self.entropy.describe(), "loss_balance": self.balance.describe(),
+                "kl_scale": self.kl_scale}
