@@ -86,11 +86,16 @@ class Registry:
         self._entries[name] = entry
 
     # -- lookup -------------------------------------------------------------------------
-    def discover(self) -> None:
+    def discover(self, refresh: bool = False) -> None:
         """Load every entry point of this registry's group once; a broken plug-in is reported
-        (warning + ``load_errors``) and the others stay usable."""
-        if self._discovered:
+        (warning + ``load_errors``) and the others stay usable. ``refresh=True`` looks again, for
+        a plug-in installed into an already running process."""
+        if self._discovered and not refresh:
             return
+        if refresh:
+            import importlib
+
+            importlib.invalidate_caches()
         self._discovered = True
         for ep in importlib_metadata.entry_points(group=self.group):
             dist = getattr(getattr(ep, "dist", None), "name", None) or "unknown package"
