@@ -38,8 +38,9 @@ _loading_source: list[str] = []  # set while an entry point's module is being im
 
 
 def _first_doc_line(obj: Any) -> str:
-    doc = getattr(obj, "__doc__", None) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+    """The docstring's first paragraph on one line (summaries often wrap over two lines)."""
+    doc = (getattr(obj, "__doc__", None) or "").strip()
+    return " ".join(doc.split("\n\n")[0].split()) if doc else ""
 
 
 class Registry:
