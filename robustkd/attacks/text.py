@@ -244,7 +244,7 @@ COUNTERFITTED = Resource("TextAttack counter-fitted word embeddings (word_embedd
                          lambda: _ta_cache_has("word_embeddings/paragramcf"),
                          "build the recipe once where there is network (TextAttack downloads it to ~/.cache/textattack), "
                          "then copy that cache here and set TA_CACHE_DIR to it")
-USE = Resource("Universal Sentence Encoder (TensorFlow Hub)", lambda: False,
+USE = Resource("Universal Sentence Encoder (TensorFlow Hub)", lambda: _importable("tensorflow", "tensorflow_hub"),
                "install tensorflow and tensorflow_hub and cache https://tfhub.dev/google/universal-sentence-encoder/4 "
                "(TFHUB_CACHE_DIR) where there is network; robustkd does not ship TensorFlow")
 
@@ -255,7 +255,7 @@ def _masked_lm(repo: str) -> Resource:
                     f"{repo}) and copy the cache here (HF_HOME)")
 
 
-HOWNET = Resource("OpenHowNet sememe data", lambda: False, "pip install OpenHowNet and run OpenHowNet.download() online")
+HOWNET = Resource("OpenHowNet sememe data", lambda: _importable("OpenHowNet"), "pip install OpenHowNet and run OpenHowNet.download() online")
 GOOGLE_LM = Resource("TextAttack Google 1-billion-word language model", lambda: _ta_cache_has("constraints/semantics/language-models/alzantot-goog-lm"),
                      "build the recipe once online (TextAttack caches it), copy ~/.cache/textattack and set TA_CACHE_DIR")
 GPT2 = Resource("Hugging Face model 'gpt2'", lambda: _hf_cached("gpt2"), "huggingface-cli download gpt2 online, copy HF_HOME")
