@@ -313,6 +313,7 @@ class SpeechCommands(SpeechClassification):
         from torchaudio.datasets import SPEECHCOMMANDS
 
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
             SPEECHCOMMANDS(str(self.root), url=self.version, download=True)
         except Exception as exc:  # noqa: BLE001 - offline, refused, disk full: all need the same fix
             raise DataNotFoundError(

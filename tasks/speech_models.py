@@ -47,6 +47,8 @@ class LogMel(nn.Module):
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=sample_rate, n_fft=n_fft, win_length=win, hop_length=int(round(sample_rate * hop_ms / 1000)),
             n_mels=n_mels, f_min=20.0, f_max=sample_rate / 2, power=2.0)
+        # torch's periodic window is a slice of a longer tensor: own it, so safetensors can save it
+        self.mel.spectrogram.window = self.mel.spectrogram.window.clone()
         self.standardize = standardize
 
     def forward(self, x: Tensor) -> Tensor:
@@ -172,7 +174,12 @@ def load_wav2vec2_encoder(weights: str | Path, arch: str | dict[str, Any] = "bas
 
         return import_huggingface_model(HFWav2Vec2Model.from_pretrained(str(path), local_files_only=True))
     encoder = _w2v2_architecture(arch)
-    missing, unexpected = encoder.load_state_dict(_load_state_dict(path), strict=False)
+    try:
+        missing, unexpected = encoder.load_state_dict(_load_state_dict(path), strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"the weights in {path} do not fit the wav2vec2 architecture {arch!r} "
+                         f"({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}): "
+                         "pick the matching arch=") from exc
     if missing or unexpected:
         raise ValueError(f"the weights in {path} do not fit the wav2vec2 architecture {arch!r}: "
                          f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
