@@ -1,0 +1,492 @@
+"""MTARD: entropy and loss balance, the KL losses, state across save/resume and processes,
+teacher loading and its errors, and an end-to-end run on the shared CIFAR subset."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from robustkd.attacks.pgd import PGD
+from robustkd.distill.balance import EntropyBalance, LossBalance, entropy
+from robustkd.distill.methods import Progress
+from robustkd.distill.mtard import MTARD
+from robustkd.task import ContinuousTask
+from robustkd.teachers import FrozenTeacher, load_teacher
+from robustkd.threat import ThreatModel
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- a tiny vector task: hand-computable and fast ------------------------------------------------
+class _Rows(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"inputs": self.x[i], "labels": self.y[i]}
+
+
+class VecTask(ContinuousTask):
+    name, modality, num_classes = "vec", "vector", 3
+
+    def __init__(self, n: int = 48, dim: int = 4, eps: float = 0.0, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.dim, self.eps = dim, eps
+        self.data = {s: _Rows(torch.randn(n, dim, generator=g), torch.randint(0, 3, (n,), generator=g))
+                     for s in ("train", "test")}
+
+    def dataset(self, split):
+        return self.data[split]
+
+    def build_model(self, name, **kwargs):
+        return nn.Linear(self.dim, self.num_classes)
+
+    def threat_model(self, eps=None, norm=None, **kwargs):
+        return ThreatModel(self.eps if eps is None else eps, norm or "linf", domain=None)
+
+
+class FixedLogits(nn.Module):
+    """Returns the same logits for every input (gradient still flows to ``logits``)."""
+
+    def __init__(self, logits, trainable=False):
+        super().__init__()
+        t = torch.tensor(logits, dtype=torch.float32)
+        self.logits = nn.Parameter(t) if trainable else nn.Parameter(t, requires_grad=False)
+
+    def forward(self, x):
+        return self.logits[: x.shape[0]] + 0.0 * x.sum()
+
+
+def _frozen(module: nn.Module) -> FrozenTeacher:
+    return FrozenTeacher(module.eval())
+
+
+def _batch(task, n=4):
+    data = task.dataset("train")
+    return torch.utils.data.default_collate([data[i] for i in range(n)])
+
+
+def _step(method: MTARD, student: nn.Module, batch, progress=None):
+    """One MTARD step as the trainer runs it (without the optimizer)."""
+    progress = progress or Progress()
+    student.eval()
+    prepared = method.prepare(student, batch, progress)
+    student.train()
+    loss, logs = method.loss(student, batch, prepared, progress)
+    method.after_step(student, progress)
+    return loss, logs
+
+
+# -- the KL losses of METHODS.md §2 ------------------------------------------------------------
+def _softmax(row, t=1.0):
+    m = max(v / t for v in row)
+    e = [math.exp(v / t - m) for v in row]
+    return [v / sum(e) for v in e]
+
+
+@pytest.mark.parametrize("scale", ["batchmean", "reference"])
+def test_kl_losses_match_hand_computation(scale):
+    task = VecTask()
+    robust = [[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]
+    clean = [[4.0, -2.0, 0.0], [0.0, 1.0, -1.0]]
+    stud = [[1.0, 1.0, 0.0], [-1.0, 0.0, 2.0]]
+    method = MTARD(task, PGD(task, steps=1), clean_teacher=_frozen(FixedLogits(clean)),
+                   robust_teacher=_frozen(FixedLogits(robust)), entropy_balance="off", loss_balance=False,
+                   kl_scale=scale)
+    method.entropy.t_adv, method.entropy.t_nat = 2.0, 1.5
+    student = FixedLogits(stud, trainable=True)
+    loss, logs = _step(method, student, _batch(task, 2))
+
+    def kl(teacher, t):
+        total = 0.0
+        for zt, zs in zip(teacher, stud):
+            p, q = _softmax(zt, t), _softmax(zs)
+            if scale == "batchmean":
+                total += sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+            else:
+                total += sum(pi * (math.log(pi + 1e-5) - math.log(qi)) for pi, qi in zip(p, q)) / 3
+        return total / 2
+
+    assert float(logs["loss_adv"]) == pytest.approx(kl(robust, 2.0), rel=1e-5)
+    assert float(logs["loss_nat"]) == pytest.approx(kl(clean, 1.5), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(0.5 * kl(robust, 2.0) + 0.5 * kl(clean, 1.5), rel=1e-5)
+    loss.backward()
+    assert student.logits.grad is not None and student.logits.grad.abs().sum() > 0
+
+
+# -- Normalization Loss Balance -----------------------------------------------------------------
+def test_loss_balance_follows_hand_computed_sequence():
+    lb = LossBalance(eta=0.025, beta=1.0)
+    # step 0 stores L0 = (2, 1): r = (1, 1), target (.5, .5), weights stay .5
+    # step 1: r = (.75, .9), target_adv = .75 / 1.65, w_adv = .5 - .025 * (.5 - .454545...) = .4988636...
+    # step 2: r = (.5, .8), target_adv = .5 / 1.3; step 3: r = (.25, .7), target_adv = .25 / .95
+    # step 4 after one LR milestone (eta .0025): r = (.3, .2), target_adv = .6
+    expected = [(0.5, 0.5), (0.49886363636363634, 0.5011363636363636), (0.49600743006993003, 0.5039925699300699),
+                (0.4901861916866029, 0.5098138083133972), (0.4904607262073864, 0.5095392737926137)]
+    losses = [(2.0, 1.0), (1.5, 0.9), (1.0, 0.8), (0.5, 0.7), (0.6, 0.2)]
+    for i, ((la, ln), (wa, wn)) in enumerate(zip(losses, expected)):
+        proposed = lb.propose(la, ln, milestones_passed=int(i == 4))
+        got = lb.commit(la, ln, milestones_passed=int(i == 4))
+        assert proposed == got
+        assert got[0] == pytest.approx(wa, abs=1e-12) and got[1] == pytest.approx(wn, abs=1e-12)
+    assert (lb.init_adv, lb.init_nat) == (2.0, 1.0)
+
+
+def test_loss_balance_beta_clip_and_off():
+    lb = LossBalance(eta=1.0, beta=2.0)
+    lb.commit(1.0, 1.0)
+    # r = (2, 1) -> r^2 = (4, 1) -> target (.8, .2); eta 1 jumps onto the target
+    assert lb.commit(2.0, 1.0) == pytest.approx((0.8, 0.2))
+    off = LossBalance(enabled=False)
+    for la, ln in [(3.0, 1.0), (1.0, 5.0)]:
+        assert off.commit(la, ln) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="eta"):
+        LossBalance(eta=-1)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        LossBalance().propose(float("nan"), 1.0)
+
+
+def test_method_weights_follow_loss_balance_in_training_steps():
+    """Through MTARD itself: the weights used in step k are the update from step k's losses."""
+    task = VecTask(eps=0.1)
+    torch.manual_seed(0)
+    method = MTARD(task, clean_teacher=_frozen(nn.Linear(4, 3)), robust_teacher=_frozen(nn.Linear(4, 3)),
+                   entropy_balance="off")
+    student = nn.Linear(4, 3)
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    mirror = LossBalance()
+    for _ in range(4):
+        loss, logs = _step(method, student, _batch(task, 8))
+        la, ln = float(logs["loss_adv"]), float(logs["loss_nat"])
+        wa, wn = mirror.commit(la, ln)
+        assert float(loss.detach()) == pytest.approx(wa * la + wn * ln, rel=1e-6)
+        assert method.balance.weights == pytest.approx((wa, wn), abs=1e-12)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert method.balance.weights != (0.5, 0.5)
+
+
+# -- Entropy-Based Balance ----------------------------------------------------------------------
+def _mismatched_logits(n=64, c=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    confident = 5.0 * torch.randn(n, c, generator=g)  # low entropy (0.53 nats)
+    soft = 1.5 * torch.randn(n, c, generator=g)  # high entropy (1.57 nats)
+    return confident, soft
+
+
+@pytest.mark.parametrize("confident_is", ["adv", "nat"])
+def test_exact_mode_equalises_mean_entropies(confident_is):
+    confident, soft = _mismatched_logits()
+    adv, nat = (confident, soft) if confident_is == "adv" else (soft, confident)
+    eb = EntropyBalance("exact")
+    assert abs(entropy(adv).mean() - entropy(nat).mean()) > 0.5  # deliberately mismatched
+    t_adv, t_nat = eb.solve(adv, nat)
+    assert abs(float(entropy(adv, t_adv).mean() - entropy(nat, t_nat).mean())) < 1e-3
+    hot = t_adv if confident_is == "adv" else t_nat
+    cold = t_nat if confident_is == "adv" else t_adv
+    assert hot > 1.5 and cold == 1.0  # the confident teacher is softened, the other stays at t_min
+
+
+def test_exact_mode_stops_at_the_upper_bound():
+    confident, soft = _mismatched_logits()
+    eb = EntropyBalance("exact", t_max=1.5)
+    t_adv, t_nat = eb.solve(confident, soft)
+    assert (t_adv, t_nat) == (1.5, 1.0)
+    assert entropy(confident, 1.5).mean() < entropy(soft).mean()
+
+
+def test_exact_mode_inside_mtard_balances_each_batch():
+    task = VecTask(eps=0.1)
+    torch.manual_seed(1)
+    sharp, soft = nn.Linear(4, 3), nn.Linear(4, 3)
+    with torch.no_grad():
+        sharp.weight.mul_(6)
+        soft.weight.mul_(0.2)
+    method = MTARD(task, clean_teacher=_frozen(sharp), robust_teacher=_frozen(soft), entropy_balance="exact")
+    student = nn.Linear(4, 3)
+    batch = _batch(task, 16)
+    student.eval()
+    prepared = method.prepare(student, batch, Progress())
+    h_adv = -(prepared.extras["p_adv"] * prepared.extras["p_adv"].log()).sum(1).mean()
+    h_nat = -(prepared.extras["p_nat"] * prepared.extras["p_nat"].log()).sum(1).mean()
+    assert abs(float(h_adv - h_nat)) < 1e-3
+    assert 1.0 < method.entropy.t_nat < 10.0 and method.entropy.t_adv == 1.0
+
+
+def test_reference_mode_sign_steps_clamped_and_decayed():
+    eb = EntropyBalance("reference", lr=0.001)
+    # E = mean p log p (negative); the clean teacher is more confident (E_nat closer to 0)
+    eb.step(e_adv=-0.20, e_nat=-0.05)
+    assert (eb.t_adv, eb.t_nat) == pytest.approx((1.0, 1.001))  # t_adv clamped at 1, t_nat up one step
+    eb.step(e_adv=-0.20, e_nat=-0.05, milestones_passed=1)
+    assert eb.t_nat == pytest.approx(1.0011)  # step decayed x0.1 after one LR milestone
+    eb.step(e_adv=-0.05, e_nat=-0.20)  # now the robust teacher is the confident one
+    assert (eb.t_adv, eb.t_nat) == pytest.approx((1.001, 1.0001))
+    eb.step(e_adv=-0.1, e_nat=-0.1)  # balanced: no move
+    assert (eb.t_adv, eb.t_nat) == pytest.approx((1.001, 1.0001))
+    top = EntropyBalance("reference", lr=0.001, init=(1.0, 9.9995))
+    top.step(e_adv=-0.2, e_nat=-0.01)
+    assert top.t_nat == 10.0
+    off = EntropyBalance("off")
+    off.step(-0.2, -0.01)
+    assert off.temperatures == (1.0, 1.0)
+
+
+def test_reference_mode_in_mtard_raises_the_confident_teachers_temperature():
+    task = VecTask(eps=0.1)
+    torch.manual_seed(2)
+    sharp, soft = nn.Linear(4, 3), nn.Linear(4, 3)
+    with torch.no_grad():
+        sharp.weight.mul_(20)
+        soft.weight.mul_(0.1)
+    method = MTARD(task, clean_teacher=_frozen(sharp), robust_teacher=_frozen(soft))
+    student = nn.Linear(4, 3)
+    for k in range(1, 4):
+        _step(method, student, _batch(task, 8))
+        assert method.entropy.t_nat == pytest.approx(1 + 0.001 * k)
+        assert method.entropy.t_adv == 1.0
+    logs = method.log_values(Progress())
+    assert logs["mtard_t_nat"] == pytest.approx(1.003) and logs["mtard_entropy_adv"] > logs["mtard_entropy_nat"]
+
+
+# -- state: round trip, Trainer resume, two processes ------------------------------------------
+def test_state_dict_round_trip_and_mismatch():
+    task = VecTask(eps=0.1)
+    kw = dict(clean_teacher=_frozen(nn.Linear(4, 3)), robust_teacher=_frozen(nn.Linear(4, 3)))
+    method = MTARD(task, **kw)
+    student = nn.Linear(4, 3)
+    for _ in range(3):
+        _step(method, student, _batch(task, 8))
+    state = method.state_dict()
+    fresh = MTARD(task, **kw)
+    fresh.load_state_dict(json.loads(json.dumps(state)))
+    assert fresh.state_dict() == state
+    assert state["loss_balance"]["init_adv"] is not None and state["entropy"]["steps"] == 3
+    with pytest.raises(ValueError, match="entropy-balance"):
+        MTARD(task, entropy_balance="exact", **kw).load_state_dict(state)
+    with pytest.raises(ValueError, match="loss-balance"):
+        MTARD(task, loss_balance=False, **kw).load_state_dict(state)
+    with pytest.raises(ValueError, match="kl-scale"):
+        MTARD(task, kl_scale="reference", **kw).load_state_dict(state)
+
+
+def test_trainer_resume_restores_temperatures_and_weights(tmp_path):
+    from robustkd.trainer import TrainConfig, Trainer
+
+    task = VecTask(n=32, eps=0.1)
+
+    def make(epochs, resume):
+        torch.manual_seed(0)
+        teachers = dict(clean_teacher=_frozen(nn.Linear(4, 3)), robust_teacher=_frozen(nn.Linear(4, 3)))
+        method = MTARD(task, PGD(task, steps=2, random_start="normal"), temp_lr=0.01, **teachers)
+        cfg = TrainConfig(epochs=epochs, batch_size=8, lr=0.05, eval_attacks=[], eval_every=0, cpu=True,
+                          output_dir=str(tmp_path), resume=resume, progress=False)
+        return Trainer(task, task.build_model("linear"), method, cfg), method
+
+    trainer, method = make(1, False)
+    trainer.fit()
+    saved = method.state_dict()
+    assert saved["loss_balance"]["steps"] == 4 and saved["entropy"]["steps"] == 4
+    assert saved["loss_balance"]["w_adv"] != 0.5
+    trainer2, method2 = make(2, True)
+    assert method2.state_dict() != saved
+    assert trainer2.resume()
+    assert method2.state_dict() == saved
+    trainer2.config.resume = False
+    history = trainer2.fit()
+    assert method2.state_dict()["loss_balance"]["steps"] == 8
+    assert "mtard_t_adv" in history[-1] and "mtard_w_nat" in history[-1]
+
+
+DDP_SCRIPT = r'''
+import json, os, sys
+import torch
+from torch import nn
+sys.path.insert(0, {tests!r})
+from test_mtard import VecTask, _frozen
+from robustkd.attacks.pgd import PGD
+from robustkd.distill.mtard import MTARD
+from robustkd.trainer import TrainConfig, Trainer
+
+mode = sys.argv[2]
+task = VecTask(n=64, eps=0.1)
+torch.manual_seed(0)
+teachers = dict(clean_teacher=_frozen(nn.Linear(4, 3)), robust_teacher=_frozen(nn.Linear(4, 3)))
+method = MTARD(task, PGD(task, steps=2, random_start="normal"), entropy_balance=mode, temp_lr=0.01, **teachers)
+local = []
+original = method.loss
+def spy(model, batch, prepared, progress):
+    loss, logs = original(model, batch, prepared, progress)
+    local.append(float(logs["loss_adv"]))
+    return loss, logs
+method.loss = spy
+cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05, eval_attacks=[], eval_every=0, cpu=True,
+                  output_dir=os.path.join(sys.argv[1], "run-" + mode), progress=False)
+trainer = Trainer(task, task.build_model("linear"), method, cfg)
+trainer.fit()
+rank = trainer.accelerator.process_index
+with open(os.path.join(sys.argv[1], f"{{mode}}-rank{{rank}}.json"), "w") as f:
+    json.dump({{"state": method.state_dict(), "local_losses": local,
+               "world": trainer.accelerator.num_processes}}, f)
+'''
+
+
+def test_two_processes_keep_identical_temperatures_and_weights(tmp_path):
+    script = tmp_path / "ddp_mtard.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(REPO / "tests")))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for mode in ("reference", "exact"):
+        proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script),
+                               str(tmp_path), mode], env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        r0 = json.loads((tmp_path / f"{mode}-rank0.json").read_text())
+        r1 = json.loads((tmp_path / f"{mode}-rank1.json").read_text())
+        assert r0["world"] == r1["world"] == 2
+        assert r0["local_losses"] != r1["local_losses"]  # the ranks saw different data...
+        assert r0["state"] == r1["state"]  # ...yet hold the same temperatures, weights and initial losses
+        assert r0["state"]["loss_balance"]["steps"] == 4
+        assert r0["state"]["entropy"]["t_adv"] != 1.0 or r0["state"]["entropy"]["t_nat"] != 1.0
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def test_bad_teachers_and_options_are_refused():
+    task = VecTask()
+    good = _frozen(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="train mode"):
+        MTARD(task, clean_teacher=nn.Linear(4, 3).train(), robust_teacher=good)
+    drifting = _frozen(nn.Linear(4, 3))
+    method = MTARD(task, clean_teacher=good, robust_teacher=drifting)
+    drifting.model.train()
+    with pytest.raises(ValueError, match="robust teacher is in train mode"):
+        method.setup(nn.Linear(4, 3), None)
+    with pytest.raises(ValueError, match="only the robust teacher may be 'ema'"):
+        MTARD(task, clean_teacher="ema", robust_teacher=good)
+    with pytest.raises(ValueError, match="robust_teacher='runs/x'"):
+        MTARD(task, clean_teacher=good, robust_teacher="runs/x")
+    with pytest.raises(ValueError, match="unknown entropy balance"):
+        MTARD(task, clean_teacher=good, robust_teacher=good, entropy_balance="auto")
+    with pytest.raises(ValueError, match="unknown KL scale"):
+        MTARD(task, clean_teacher=good, robust_teacher=good, kl_scale="sum")
+    with pytest.raises(ValueError, match="t_min <= t_max"):
+        MTARD(task, clean_teacher=good, robust_teacher=good, t_min=5, t_max=2)
+    wrong = MTARD(task, PGD(task, steps=1), clean_teacher=_frozen(nn.Linear(4, 5)), robust_teacher=good)
+    with pytest.raises(ValueError, match="clean teacher returns logits of shape .* 3 classes"):
+        wrong.prepare(nn.Linear(4, 3).eval(), _batch(task), Progress())
+    ema_method = MTARD(task, clean_teacher=good, robust_teacher="ema")
+    assert ema_method.needs_ema and ema_method.teachers == [good]
+    with pytest.raises(ValueError, match="needs an EMA teacher"):
+        ema_method.setup(nn.Linear(4, 3), None)
+
+
+def test_load_teacher_errors(tmp_path, cifar_task):
+    from safetensors.torch import save_model
+
+    from robustkd.checkpoint import save_model_dir
+
+    probe = _cifar_probe(cifar_task)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_teacher(tmp_path / "missing", cifar_task, probe=probe)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a robustkd output directory"):
+        load_teacher(tmp_path / "empty", cifar_task, probe=probe)
+    net = cifar_task.build_model("small_cnn")
+    save_model_dir(tmp_path / "ok", net, None, {"task": "cifar10", "num_classes": 10, "model": "small_cnn"})
+    teacher = load_teacher(tmp_path / "ok", cifar_task, probe=probe)
+    assert isinstance(teacher, FrozenTeacher) and not teacher.model.training
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    save_model_dir(tmp_path / "c100", net, None, {"task": "cifar100", "num_classes": 100, "model": "small_cnn"})
+    with pytest.raises(ValueError, match="100 classes"):
+        load_teacher(tmp_path / "c100", cifar_task, probe=probe)
+    save_model_dir(tmp_path / "bad", net, None, {"task": "cifar10", "num_classes": 10, "model": "small_cnn"})
+    (tmp_path / "bad" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="does not load"):
+        load_teacher(tmp_path / "bad", cifar_task, probe=probe)
+    other = cifar_task.build_model("preact_resnet18")
+    save_model(other, str(tmp_path / "ok" / "model.safetensors"))  # weights of another architecture
+    with pytest.raises(ValueError, match="do not fit the model"):
+        load_teacher(tmp_path / "ok", cifar_task, probe=probe)
+    with pytest.raises(ValueError, match="could not load the pretrained timm teacher"):
+        load_teacher("timm:no_such_model_xyz", cifar_task, probe=probe)
+    with pytest.raises(ValueError, match="'ema' is not a file teacher"):
+        load_teacher("ema", cifar_task, probe=probe)
+
+
+def _cifar_probe(task):
+    data = task.dataset("test")
+    return task.collate_fn("test")([data[i] for i in range(2)])
+
+
+def _hf_vit(path, image_size=32, num_labels=10):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=image_size, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=32, num_labels=num_labels)
+    ViTForImageClassification(cfg).save_pretrained(path)
+    (Path(path) / "preprocessor_config.json").write_text(json.dumps(
+        {"do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+
+
+def test_load_teacher_hugging_face_directory(tmp_path, cifar_task):
+    probe = _cifar_probe(cifar_task)
+    _hf_vit(tmp_path / "vit")
+    teacher = load_teacher(tmp_path / "vit", cifar_task, probe=probe)
+    assert teacher.logits(cifar_task, probe).shape == (2, 10)
+    _hf_vit(tmp_path / "vit5", num_labels=5)
+    with pytest.raises(ValueError, match="5 classes but the task 'cifar10' has 10"):
+        load_teacher(tmp_path / "vit5", cifar_task, probe=probe)
+    _hf_vit(tmp_path / "vit64", image_size=64)
+    with pytest.raises(ValueError, match="64x64 images"):
+        load_teacher(tmp_path / "vit64", cifar_task, probe=probe)
+    small = {"inputs": probe["inputs"][:, :, :16, :16], "labels": probe["labels"]}
+    with pytest.raises(ValueError, match="input shape differs"):
+        load_teacher(tmp_path / "vit", cifar_task, probe=small)
+
+
+# -- end to end on the shared CIFAR subset ----------------------------------------------------------
+def _run_recipe(path: Path, argv: list[str], monkeypatch) -> None:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [str(path), *argv])
+    module.main()
+
+
+def test_end_to_end_pipeline_on_cifar(tmp_path, cifar_dir, monkeypatch):
+    common = ["--data-dir", cifar_dir, "--model", "small_cnn", "--max-train-samples", "48", "--max-eval-samples",
+              "16", "--epochs", "1", "--batch-size", "16", "--eval-every", "0", "--final-attacks", "pgd:steps=2",
+              "--attack-steps", "2", "--no-progress", "--cpu"]
+    adr = REPO / "recipes" / "cifar_adr.py"
+    mtard = REPO / "recipes" / "cifar_mtard.py"
+    _run_recipe(adr, [*common, "--method", "standard", "--output-dir", str(tmp_path / "clean")], monkeypatch)
+    _run_recipe(adr, [*common, "--method", "pgd_at", "--output-dir", str(tmp_path / "robust")], monkeypatch)
+    _run_recipe(mtard, [*common, "--clean-teacher", str(tmp_path / "clean"), "--robust-teacher", str(tmp_path / "robust"),
+                        "--output-dir", str(tmp_path / "mtard")], monkeypatch)
+    report = json.loads((tmp_path / "mtard" / "report.json").read_text())
+    assert report["method"] == "mtard" and 0.0 <= report["clean_accuracy"] <= 1.0
+    assert "pgd:steps=2" in report["robust_accuracy"]
+    assert report["config"]["method_config"]["entropy_balance"]["mode"] == "reference"
+    assert report["balance"]["epoch"] == [1] and report["balance"]["t_nat"][0] >= 1.0
+    assert 0.0 <= report["balance"]["w_adv"][0] <= 1.0
+    assert (tmp_path / "mtard" / "balance.png").stat().st_size > 0
+    metrics = [json.loads(x) for x in (tmp_path / "mtard" / "metrics.jsonl").read_text().splitlines()]
+    assert {"mtard_t_adv", "mtard_t_nat", "mtard_w_adv", "mtard_w_nat"} <= set(metrics[-1])
+    assert (tmp_path / "mtard" / "model.safetensors").exists()
+    _run_recipe(mtard, [*common, "--clean-teacher", str(tmp_path / "clean"), "--robust-teacher", "ema",
+                        "--entropy-balance", "exact", "--output-dir", str(tmp_path / "mtard_ema")], monkeypatch)
+    report = json.loads((tmp_path / "mtard_ema" / "report.json").read_text())
+    assert report["config"]["method_config"]["robust_teacher"] == "ema" and "ema" in report
+    assert (tmp_path / "mtard_ema" / "ema.safetensors").exists()
