@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 from . import attacks, distill  # noqa: F401 - registers built-in attacks and methods
 from .attacks import Attack, create_attack
 from .distill import Method, create_method
-from .eval import evaluate
+from .eval import evaluate, run_evaluation
 from .registry import ATTACKS, METHODS, MODELS, TASKS, register_attack, register_method, register_model, register_task
 from .task import Adversarial, Task
 from .teachers import EMATeacher, FrozenTeacher
@@ -19,4 +19,4 @@ def create_task(name: str, **kwargs) -> Task:
 
 __all__ = ["ATTACKS", "Adversarial", "Attack", "EMATeacher", "FrozenTeacher", "METHODS", "MODELS", "Method",
            "SNRBall", "TASKS", "Task", "ThreatModel", "TrainConfig", "Trainer", "create_attack", "create_method",
-           "create_task", "evaluate", "register_attack", "register_method", "register_model", "register_task"]
+           "create_task", "evaluate", "register_attack", "register_method", "register_model", "register_task", "run_evaluation"]

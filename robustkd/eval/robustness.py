@@ -72,9 +72,13 @@ def evaluate_predictions(task: Task, model: nn.Module, loader, attacks: dict[str
                       {k: torch.cat(v).cpu() for k, v in adv.items()})
 
 
-def evaluate(task: Task, model: nn.Module, loader, attacks: dict[str, Attack] | list[str] | None = None,
+def evaluate(task: Task, model: nn.Module, loader=None, attacks: dict[str, Attack] | list[str] | None = None,
              accelerator: Any = None, progress: bool = False) -> dict[str, Any]:
-    """Clean accuracy, robust accuracy per attack and their worst case, as fractions in [0, 1]."""
+    """Clean accuracy, robust accuracy per attack and their worst case, as fractions in [0, 1].
+    Without ``loader``: the task's whole test split. The full suite with calibration, sanity checks
+    and a report is :func:`robustkd.eval.run_evaluation`."""
+    if loader is None:
+        loader = task.dataloader("test", 128, shuffle=False)
     if attacks is None:
         attacks = list(task.default_eval_attacks)
     if not isinstance(attacks, dict):
