@@ -102,7 +102,9 @@ class AutoAttack(Attack):
         lo, hi = self.threat.domain
         z = (x - lo) / (hi - lo)
         eps = self.threat.eps / (hi - lo)
-        net = _UnitBoxModel(self.task, model, lo, hi)
+        # eval(): torchattacks restores the wrapper's mode after each attack, and a wrapper left in train
+        # mode would switch the model to train mode (batch-norm statistics updated by the attack).
+        net = _UnitBoxModel(self.task, model, lo, hi).eval()
         was_training = model.training
         model.eval()
         try:
