@@ -329,3 +329,26 @@ def test_short_adr_run_on_fsdd_writes_report(shared, tmp_path):
     assert len(lines) == 1 and "pgd2:snr_db=30" in json.loads(lines[0])["robust_accuracy"]
     assert (out / "training_curves.png").exists() and (out / "model.safetensors").exists()
     assert 0.0 <= saved["clean_accuracy"] <= 1.0
+
+
+def test_mtard_on_fsdd_with_teachers_from_a_speech_run(shared, tmp_path):
+    """MTARD through the same recipe: a (1-epoch) standard run is loaded back as both teachers."""
+    sys.path.insert(0, str(REPO / "recipes"))
+    try:
+        import speech_adr
+    finally:
+        sys.path.remove(str(REPO / "recipes"))
+    common = ["--dataset", "fsdd", "--data-dir", str(shared / "data" / "fsdd"), "--max-train-samples", "64",
+              "--max-eval-samples", "16", "--epochs", "1", "--batch-size", "32", "--attack-steps", "2",
+              "--width", "8", "--eval-every", "0", "--final-attacks", "pgd2:snr_db=30", "--no-progress"]
+    teacher = tmp_path / "teacher"
+    speech_adr.run(speech_adr.parser().parse_args(common + ["--method", "standard", "--output-dir", str(teacher)]))
+    with pytest.raises(ValueError, match="--clean-teacher"):
+        speech_adr.run(speech_adr.parser().parse_args(common + ["--method", "mtard", "--output-dir",
+                                                                str(tmp_path / "x")]))
+    out = tmp_path / "mtard"
+    report = speech_adr.run(speech_adr.parser().parse_args(
+        common + ["--method", "mtard", "--clean-teacher", str(teacher), "--robust-teacher", "ema",
+                  "--output-dir", str(out)]))
+    assert report["method"] == "mtard" and (out / "report.json").exists()
+    assert report["achieved_snr"]["pgd2:snr_db=30"]["num_below_bound"] == 0
