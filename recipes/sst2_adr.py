@@ -42,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
                       "('none' to skip)")
     text.add_argument("--textattack-examples", type=int, default=200, help="validation sentences (random sample)")
     text.add_argument("--textattack-query-budget", type=int, default=None)
+    text.add_argument("--textattack-on", default="both", choices=["both", "student"],
+                      help="attack the model and its EMA copy, or the model only")
     text.add_argument("--clean-teacher", default=None, help="MTARD: clean teacher (recipe output dir or HF model dir)")
     text.add_argument("--robust-teacher", default="ema", help="MTARD: robust teacher, or 'ema'")
     return p
@@ -78,7 +80,7 @@ def textattack_report(args: argparse.Namespace, task: Task) -> dict[str, Any]:
     texts, labels = [data.texts[i] for i in idx], [data.labels[i] for i in idx]
     out: dict[str, Any] = {}
     for which in ("student", "ema"):
-        if which == "ema" and not (Path(args.output_dir) / "ema.safetensors").exists():
+        if which == "ema" and (args.textattack_on == "student" or not (Path(args.output_dir) / "ema.safetensors").exists()):
             continue
         model = load_model(args.output_dir, task, which=which)
         out[which] = textattack_evaluate(task, model, texts, labels, args.textattack_recipe,

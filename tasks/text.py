@@ -191,7 +191,7 @@ class TextClassification(Task):
     def encode(self, texts: list[str], labels: list[int] | Tensor | None = None) -> Batch:
         """Tokenise and pad raw texts into a batch (truncated to ``max_length`` tokens)."""
         self._need_tokenizer()
-        enc = [self._encode_one(t)[0] for t in texts]
+        enc = self._encode_many(list(texts))[0]
         items = [{**e, "text": t, "labels": 0 if labels is None else int(labels[i])} for i, (e, t) in enumerate(zip(enc, texts))]
         batch = self.collate(items)
         if labels is None:
@@ -199,14 +199,22 @@ class TextClassification(Task):
         return batch
 
     def _encode_one(self, text: str) -> tuple[dict[str, list[int]], bool]:
+        encs, cuts = self._encode_many([text])
+        return encs[0], cuts[0]
+
+    def _encode_many(self, texts: list[str]) -> tuple[list[dict[str, list[int]]], list[bool]]:
+        """Tokenise in one batched call; also say which texts were longer than ``max_length``."""
         tok = self.tokenizer
-        full = tok(text, truncation=False, add_special_tokens=True)
-        enc = tok(text, truncation=True, max_length=self.max_length, add_special_tokens=True)
-        words = [-1 if w is None else int(w) for w in enc.word_ids()]
-        out = {"input_ids": list(enc["input_ids"]), "word_ids": words}
-        if "token_type_ids" in enc:
-            out["token_type_ids"] = list(enc["token_type_ids"])
-        return out, len(full["input_ids"]) > self.max_length
+        full_lengths = [len(ids) for ids in tok(texts, truncation=False, add_special_tokens=True)["input_ids"]]
+        enc = tok(texts, truncation=True, max_length=self.max_length, add_special_tokens=True)
+        out = []
+        for i in range(len(texts)):
+            item = {"input_ids": list(enc["input_ids"][i]),
+                    "word_ids": [-1 if w is None else int(w) for w in enc.word_ids(i)]}
+            if "token_type_ids" in enc:
+                item["token_type_ids"] = list(enc["token_type_ids"][i])
+            out.append(item)
+        return out, [n > self.max_length for n in full_lengths]
 
     # -- data -----------------------------------------------------------------------------
     def raw(self, split: str) -> Any:
@@ -249,11 +257,8 @@ class TextClassification(Task):
             texts, labels = list(ds[tcol]), list(ds[lcol])
             labels = self._label_ids(labels, split)
             texts, labels = self._check_texts(texts, labels, split)
-            encodings, truncated = [], 0
-            for t in texts:
-                enc, cut = self._encode_one(t)
-                encodings.append(enc)
-                truncated += cut
+            encodings, cuts = self._encode_many(texts)
+            truncated = sum(cuts)
             self.truncated[split] = truncated
             if truncated:
                 warnings.warn(f"{self.name} {split}: {truncated} of {len(texts)} texts are longer than max_length="

@@ -155,8 +155,9 @@ def test_distillation_methods_run_on_text_unchanged(task_model, tmp_path, method
     if method == "mtard":
         kwargs = {"clean_teacher": FrozenTeacher(copy.deepcopy(model)), "robust_teacher": "ema"}
     m = create_method(method, task, attack, **kwargs)
+    evals = ["embedding_pgd2", "token_substitution"] if method == "adr" else ["embedding_pgd2"]
     cfg = TrainConfig(epochs=1, batch_size=8, eval_batch_size=8, optimizer="adamw", lr=1e-3, weight_decay=0.0,
-                      lr_schedule="constant", eval_attacks=["embedding_pgd3", "token_substitution"], max_train_samples=16,
+                      lr_schedule="constant", eval_attacks=evals, max_train_samples=16,
                       max_eval_samples=8, output_dir=str(tmp_path), cpu=True, progress=False,
                       ema_decay=0.9 if method == "mtard" else None)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -164,7 +165,7 @@ def test_distillation_methods_run_on_text_unchanged(task_model, tmp_path, method
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     rec = history[-1]
     assert 0.0 <= rec["clean_accuracy"] <= 1.0
-    assert set(rec["robust_accuracy"]) == {"embedding_pgd3", "token_substitution"}
+    assert set(rec["robust_accuracy"]) == set(evals)
     assert "ema_clean_accuracy" in rec and (tmp_path / "ema.safetensors").exists()
 
 
@@ -213,13 +214,13 @@ def test_robust_trainer_trains_saves_resumes_with_ema_and_evaluates(tiny, tmp_pa
             seen["num_updates"] = ema.num_updates
             seen["weights"] = {k: v.detach().clone() for k, v in ema.model.state_dict().items()}
 
-    resumed = make(out, 4)
+    resumed = make(out, 3)
     resumed.add_callback(Spy())
     resumed.train(resume_from_checkpoint=True)
     assert seen["num_updates"] == 2
     for k, v in saved_ema.items():
         assert torch.equal(seen["weights"][k], v), k  # restored, not a fresh copy of the student
-    assert resumed.state.global_step == 4 and resumed.robust.ema.num_updates == 4
+    assert resumed.state.global_step == 3 and resumed.robust.ema.num_updates == 3
     metrics = resumed.evaluate()
     assert "eval_loss" in metrics and 0.0 <= metrics["eval_robust_accuracy/embedding_pgd3"] <= 1.0
     assert "eval_ema_clean_accuracy" in metrics
