@@ -352,3 +352,17 @@ def test_mtard_on_fsdd_with_teachers_from_a_speech_run(shared, tmp_path):
                   "--output-dir", str(out)]))
     assert report["method"] == "mtard" and (out / "report.json").exists()
     assert report["achieved_snr"]["pgd2:snr_db=30"]["num_below_bound"] == 0
+
+
+# -- the conformance kit on the built-in speech plug-ins -------------------------------------------
+def test_fsdd_passes_the_task_conformance_kit(fsdd):
+    from robustkd.testing import check_task
+
+    check_task(fsdd, model="mel_cnn", models=["mel_cnn", "m5"], max_samples=64)
+
+
+@pytest.mark.parametrize("spec", ["snr_pgd5:snr_db=30", "snr_fgsm:snr_db=20", "linf_pgd5:eps=0.002"])
+def test_speech_attacks_pass_the_attack_conformance_kit(fsdd, spec):
+    from robustkd.testing import check_attack
+
+    check_attack(spec, fsdd, _model(fsdd))
