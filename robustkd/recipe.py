@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from . import __version__
-from .attacks.base import create_attack
+from .attacks.base import create_attack, split_attack_specs
 from .distill.methods import METHODS, Method
 from .registry import TASKS, RegistryError
 from .task import DataNotFoundError, Task
@@ -111,8 +111,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         cpu=args.cpu, log_with=args.log_with, progress=not args.no_progress)
 
 
-def _specs(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()] if text else []
+_specs = split_attack_specs
 
 
 def run_recipe(args: argparse.Namespace, task: Task | None = None, method: Method | None = None,

@@ -67,7 +67,7 @@ class EMATeacher(Teacher):
         if ema_buffers:
             for b_ema, b in zip(ema_buffers, source.buffers()):
                 b_ema.copy_(b)
-            _average_float_tensors_across_processes([b for b in ema_buffers if b.is_floating_point()])
+            average_across_processes([b for b in ema_buffers if b.is_floating_point()])
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -87,7 +87,8 @@ class FrozenTeacher(Teacher):
         self.name = name
 
 
-def _average_float_tensors_across_processes(tensors: list[Tensor]) -> None:
+def average_across_processes(tensors: list[Tensor]) -> None:
+    """In place: every process ends with the mean of its tensors (no-op in a single process)."""
     if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     flat = torch.cat([t.reshape(-1).float() for t in tensors])

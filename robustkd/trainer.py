@@ -25,7 +25,7 @@ from .checkpoint import atomic_write_text, save_model_dir
 from .distill.methods import Method, Progress
 from .eval.robustness import evaluate
 from .task import Task
-from .teachers import EMATeacher, unwrap
+from .teachers import EMATeacher, average_across_processes, unwrap
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -250,6 +250,8 @@ class Trainer:
                                       "epoch_seconds": time.perf_counter() - started,
                                       **self.method.log_values(self.progress())}
             self.state.epoch = epoch + 1
+            # batch-norm statistics drift apart per process: make them identical before eval/checkpoint
+            average_across_processes([b for b in unwrap(self.model).buffers() if b.is_floating_point()])
             if c.eval_every and ((epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs):
                 record.update(self.evaluate_all(prefix_ema="ema_"))
             self.state.history.append(record)

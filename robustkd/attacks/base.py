@@ -71,6 +71,20 @@ def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, kwargs
 
 
+def split_attack_specs(text: str) -> list[str]:
+    """Split a comma-separated list of specs, keeping ``key=value`` options with their spec:
+    ``"pgd20,autoattack:version=custom,attacks=apgd-ce"`` -> ``["pgd20", "autoattack:version=custom,attacks=apgd-ce"]``."""
+    specs: list[str] = []
+    for token in (t.strip() for t in (text or "").split(",")):
+        if not token:
+            continue
+        if specs and "=" in token and ":" not in token.split("=", 1)[0]:
+            specs[-1] += "," + token
+        else:
+            specs.append(token)
+    return specs
+
+
 def _parse_value(value: str) -> Any:
     if value.lower() in ("true", "false"):
         return value.lower() == "true"
