@@ -104,8 +104,8 @@ class AutoAttack(Attack):
         eps = self.threat.eps / (hi - lo)
         # eval(): torchattacks restores the wrapper's mode after each attack, and a wrapper left in train
         # mode would switch the model to train mode (batch-norm statistics updated by the attack).
+        was_training = model.training  # before the wrapper's eval(), which reaches the model too
         net = _UnitBoxModel(self.task, model, lo, hi).eval()
-        was_training = model.training
         model.eval()
         try:
             z_adv = self._run_official(net, z, y, eps) if self.backend == "official" else self._run_port(net, z, y, eps)
