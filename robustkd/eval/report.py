@@ -21,6 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402,F401
 
 from ..attacks.base import Attack  # noqa: E402
 from ..checkpoint import atomic_write_text  # noqa: E402
@@ -207,6 +208,11 @@ def training_analysis(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # -- plots -----------------------------------------------------------------------------------
+def _short(name: str, width: int = 28) -> str:
+    """Attack specs can be long (``autoattack:version=custom,...``): shorten them for plot labels."""
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
 def _reliability_panel(ax: Any, dist: Mapping[str, Any], title: str) -> None:
     rel = dist["reliability"]
     edges = rel["edges"]
@@ -221,8 +227,8 @@ def _reliability_panel(ax: Any, dist: Mapping[str, Any], title: str) -> None:
            [cf - a for cf, a, f in zip(conf, acc, filled) if f], bottom=[a for a, f in zip(acc, filled) if f],
            width=width, edgecolor="#C44E52", color="#C44E52", alpha=0.3, hatch="//", label="gap to confidence")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
-           title=f"{title}\naccuracy {dist['accuracy']:.3f}, ECE {dist['ece']:.3f}")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
+    ax.set_title(f"{title}\naccuracy {dist['accuracy']:.3f}, ECE {dist['ece']:.3f}", fontsize=9)
     ax.legend(loc="upper left", fontsize=7)
     ax.grid(alpha=0.3)
     inset = ax.inset_axes([0.58, 0.06, 0.38, 0.22])
@@ -237,8 +243,8 @@ def plot_reliability(report: Mapping[str, Any], path: str | Path) -> Path:
     m = report["metrics"]
     panels = [(m["clean"], "clean")]
     if "worst_case" in m:
-        names = ", ".join(report["attacks"])
-        panels.append((m["worst_case"], f"adversarial (worst case of {names})"))
+        names = ", ".join(_short(n) for n in report["attacks"])
+        panels.append((m["worst_case"], f"adversarial, worst case of\n{names}"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.8), squeeze=False)
     for ax, (dist, title) in zip(axes[0], panels):
         _reliability_panel(ax, dist, title)
@@ -262,7 +268,8 @@ def plot_budget_curve(report: Mapping[str, Any], path: str | Path) -> Path:
         ax.axvline(curve["default_x"], color="grey", ls="--", lw=1, label="task's default budget")
         adv = report["metrics"]["adversarial"]
         for name, marker in zip(adv, "s^vDP*"):
-            ax.plot([curve["default_x"]], [adv[name]["accuracy"]], marker, ms=8, label=f"{name} {adv[name]['accuracy']:.3f}")
+            ax.plot([curve["default_x"]], [adv[name]["accuracy"]], marker, ms=8,
+                    label=f"{_short(name)} {adv[name]['accuracy']:.3f}")
     if snr:
         ax.invert_xaxis()
     ax.set(xlabel=curve["axis"], ylabel="accuracy", ylim=(-0.02, 1.02),
@@ -295,6 +302,7 @@ def plot_training(history: Sequence[Mapping[str, Any]], analysis: Mapping[str, A
                 ax.annotate(f"best {g['best']:.3f} @ {g['best_epoch']}\nfinal {g['final']:.3f} "
                             f"(gap {g['overfitting_gap']:.3f})", (g["best_epoch"], g["best"]), fontsize=7,
                             xytext=(5, 5), textcoords="offset points")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel="accuracy (held-out subset)", ylim=(0, 1),
            title="training: best vs final robust accuracy")
     ax.grid(alpha=0.3)

@@ -1,0 +1,413 @@
+"""Evaluation suite: metrics by hand, each sanity check against a deliberately broken setup, the
+report schema, and `robustkd eval` / `robustkd compare` on CIFAR, text and speech."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from robustkd import create_task
+from robustkd.attacks.base import Attack
+from robustkd.checkpoint import save_model_dir
+from robustkd.cli import main as cli_main
+from robustkd.cli import split_attack_specs
+from robustkd.eval import run_evaluation
+from robustkd.eval.curves import budget_grid
+from robustkd.eval.metrics import (compute_metrics, consistency, expected_calibration_error, reliability_bins,
+                                   worst_case_probs)
+from robustkd.eval.report import ReportSchemaError, compare, format_comparison, read_report, validate_report
+from robustkd.eval.robustness import EvalResult
+from robustkd.eval.sanity import check_eval_mode
+from robustkd.registry import RegistryError
+from robustkd.task import Adversarial, ContinuousTask
+from robustkd.threat import SNRBall, ThreatModel
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small models run fastest single-threaded on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- a toy image task whose models can be written down by hand ----------------------------------
+class _Items(Dataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"inputs": self.x[i], "labels": self.y[i]}
+
+
+class Quadrants(ContinuousTask):
+    """4 classes of 3x8x8 images in [0, 1]: the bright quadrant is the class. L-inf eps 0.4: a correct
+    attack needs eps > 0.3 to move one quadrant's mean past another's."""
+
+    name, modality, num_classes, input_domain = "quadrants", "image", 4, (0.0, 1.0)
+
+    def __init__(self, n: int = 48, scale: float = 1.0, eps: float = 0.4):
+        g = torch.Generator().manual_seed(0)
+        y = torch.arange(n) % 4
+        x = 0.2 + 0.1 * (torch.rand(n, 3, 8, 8, generator=g) - 0.5)
+        for i, c in enumerate(y.tolist()):
+            r, col = divmod(c, 2)
+            x[i, :, 4 * r:4 * r + 4, 4 * col:4 * col + 4] += 0.6
+        self.data, self.eps = _Items(x * scale, y), eps
+
+    def dataset(self, split: str) -> Dataset:
+        if split != "test":
+            raise KeyError(f"no {split!r} split")
+        return self.data
+
+    def build_model(self, name: str, **kwargs) -> nn.Module:
+        return QuadrantNet()
+
+    def threat_model(self, eps=None, norm=None, **kwargs) -> ThreatModel:
+        return ThreatModel(self.eps if eps is None else eps, norm or "linf", domain=self.input_domain)
+
+
+def quadrant_logits(x: torch.Tensor, scale: torch.Tensor | float = 10.0) -> torch.Tensor:
+    """10 x the mean brightness of each quadrant (class order: top-left, top-right, bottom-left, bottom-right)."""
+    return scale * F.avg_pool2d(x.mean(1, keepdim=True), 4).flatten(1)
+
+
+class Hand(nn.Module):
+    """Base of the hand-written models: one parameter (torchattacks wants a model with parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(10.0))
+
+
+class QuadrantNet(Hand):
+    """A healthy, differentiable model: every sanity check must pass on it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quadrant_logits(x, self.scale)
+
+
+class QuantisedNet(Hand):
+    """Input quantisation with torch.round: the input gradient is exactly zero (gradient masking)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quadrant_logits(torch.round(x * 255) / 255, self.scale)
+
+
+class DetectorNet(Hand):
+    """A 'detect and denoise' defence: inputs with high total variation (large perturbations) go through a
+    non-differentiable path. Small budgets hit the fragile path, large ones are masked: accuracy rises."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tv = (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3)).detach()
+        masked = quadrant_logits(torch.round(x * 255) / 255, self.scale)
+        return torch.where((tv > 0.33)[:, None], masked, quadrant_logits(x, self.scale))
+
+
+class HiddenDropoutNet(Hand):
+    """Dropout kept in a plain list, so model.eval() never reaches it: left in train mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.parts = [nn.Dropout(0.5)]  # not registered: a classic bug
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quadrant_logits(self.parts[0](x), self.scale)
+
+
+class StuckInTrainNet(Hand):
+    """A module whose train() override ignores eval()."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.0)
+
+    def train(self, mode: bool = True):
+        return super().train(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quadrant_logits(self.drop(x), self.scale)
+
+
+class BNQuadrantNet(Hand):
+    """QuadrantNet behind a batch norm (the identity with its initial statistics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3, eps=1e-12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quadrant_logits(self.bn(x), self.scale)
+
+
+class TrainModeAttack(Attack):
+    """A broken attack plug-in: it runs the model in train mode (and returns no perturbation)."""
+
+    def __call__(self, model, batch, targets=None) -> Adversarial:
+        model.train()
+        model(batch["inputs"] * 0.5)
+        return Adversarial(batch, torch.zeros_like(batch["inputs"]))
+
+    def describe(self) -> dict:
+        return {"attack": "train_mode_attack"}
+
+
+HEALTHY_AA = "autoattack:version=custom,attacks=apgd-ce+square,steps=20,n_queries=300"
+SQUARE = "autoattack:version=custom,attacks=square,n_queries=1000"
+FACTORS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
+
+
+def _status(ev) -> dict[str, str]:
+    return {c.name: c.status for c in ev.checks}
+
+
+def _evaluate(model, attacks=("pgd10",), task=None, **kw):
+    return run_evaluation(task or Quadrants(), model, list(attacks), curve_factors=FACTORS, verbose=False,
+                          batch_size=48, **kw)
+
+
+# -- metrics by hand ------------------------------------------------------------------------------
+def test_ece_matches_a_hand_computation():
+    # confidences 0.85, 0.85 (one right, one wrong), 0.65, 0.65 (both right); 10 bins
+    probs = torch.tensor([[0.85, 0.15], [0.85, 0.15], [0.35, 0.65], [0.65, 0.35]])
+    labels = torch.tensor([0, 1, 1, 0])
+    hand = 0.5 * abs(0.5 - 0.85) + 0.5 * abs(1.0 - 0.65)  # = 0.35
+    assert expected_calibration_error(probs, labels, n_bins=10) == pytest.approx(hand, abs=1e-6)
+    bins = reliability_bins(probs, labels, n_bins=10)
+    assert bins["count"][8] == 2 and bins["count"][6] == 2 and sum(bins["count"]) == 4
+    assert bins["accuracy"][8] == pytest.approx(0.5) and bins["confidence"][6] == pytest.approx(0.65)
+    assert bins["accuracy"][0] is None
+    gap = sum(n * abs(a - c) for n, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"]) if n) / 4
+    assert gap == pytest.approx(hand, abs=1e-6)
+
+
+def test_consistency_confidence_and_worst_case_by_hand():
+    clean = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    adv = torch.tensor([[0.5, 0.5], [0.2, 0.8]])
+    kl_second = 0.9 * math.log(0.9 / 0.2) + 0.1 * math.log(0.1 / 0.8)
+    c = consistency(clean, adv)
+    assert c["kl_clean_adv"] == pytest.approx(kl_second / 2, rel=1e-5)
+    assert c["agreement"] == pytest.approx(0.5)
+    labels = torch.tensor([0, 0, 1])
+    result = EvalResult(labels, torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]]),
+                        {"a": torch.tensor([[0.7, 0.3], [0.4, 0.6], [0.45, 0.55]]),
+                         "b": torch.tensor([[0.6, 0.4], [0.55, 0.45], [0.6, 0.4]])})
+    worst = worst_case_probs(result)
+    assert torch.equal(worst, torch.tensor([[0.6, 0.4], [0.4, 0.6], [0.6, 0.4]]))
+    m = compute_metrics(result, n_bins=10)
+    assert m["worst_case"]["accuracy"] == pytest.approx(1 / 3)
+    assert m["clean"]["confidence_wrong"] is None and m["clean"]["confidence_correct"] == pytest.approx(0.8)
+    assert m["adversarial"]["a"]["confidence_wrong"] == pytest.approx(0.6)
+
+
+def test_budget_grid_scales_eps_and_snr():
+    grid = budget_grid(ThreatModel(8 / 255, "linf", domain=(0.0, 1.0)), (0, 1, 2))
+    assert [p.threat.eps for p in grid] == pytest.approx([0, 8 / 255, 16 / 255])
+    assert [p.x for p in grid] == pytest.approx([0, 8, 16])
+    snr = budget_grid(SNRBall(30.0), (0, 1, 2))
+    assert snr[0].threat.eps == 0 and snr[0].x is None
+    assert [p.x for p in snr[1:]] == pytest.approx([30.0, 30.0 - 20 * math.log10(2)])
+
+
+# -- sanity checks: healthy passes, each broken setup is caught -----------------------------------
+def test_healthy_model_passes_every_check():
+    ev = _evaluate(QuadrantNet(), ("pgd10", HEALTHY_AA))
+    assert _status(ev) == {"eval_mode": "pass", "budget_zero": "pass", "monotone_budget": "pass",
+                           "strongest_vs_pgd": "pass", "large_budget": "pass"}, [c.detail for c in ev.checks]
+    assert ev.passed
+    m = ev.report["metrics"]
+    assert m["clean"]["accuracy"] == 1.0 and m["worst_case"]["accuracy"] == 0.0
+    assert m["adversarial"]["pgd10"]["agreement"] == 0.0
+    accs = [p["accuracy"] for p in ev.report["curve"]["points"]]
+    assert accs == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_gradient_masking_by_input_quantisation_is_caught(capsys):
+    ev = run_evaluation(Quadrants(), QuantisedNet(), ["pgd10", SQUARE], curve_factors=FACTORS, batch_size=48)
+    status = _status(ev)
+    assert status["large_budget"] == "fail"  # PGD sees a zero gradient and stays at its random start
+    assert status["budget_zero"] == "pass" and status["eval_mode"] == "pass"
+    strongest = next(c for c in ev.checks if c.name == "strongest_vs_pgd")
+    assert "overstates robustness" in strongest.detail  # gradient-free Square finds what PGD cannot
+    assert not ev.passed
+    err = capsys.readouterr().err
+    assert "SANITY CHECK(S) FAILED" in err and "[FAIL] large_budget" in err
+    m = ev.report["metrics"]["adversarial"]
+    assert m["pgd10"]["accuracy"] == 1.0 and m[SQUARE]["accuracy"] < 0.5
+
+
+def test_strongest_attack_weaker_than_pgd_is_caught():
+    # a crippled AutoAttack (gradient-free Square with 5 queries) against a model PGD breaks easily
+    ev = _evaluate(QuadrantNet(), ("pgd10", "autoattack:version=custom,attacks=square,n_queries=5"))
+    check = next(c for c in ev.checks if c.name == "strongest_vs_pgd")
+    assert check.status == "fail" and "weaker than PGD" in check.detail
+    assert {c["pgd"] for c in check.values["comparisons"]} == {"pgd10", "curve pgd10 x1"}
+
+
+def test_accuracy_rising_with_the_budget_is_caught():
+    ev = _evaluate(DetectorNet())
+    assert _status(ev)["monotone_budget"] == "fail", [c.detail for c in ev.checks]
+    rises = next(c for c in ev.checks if c.name == "monotone_budget").values["rises"]
+    assert rises and rises[0]["from_factor"] == 1.0
+
+
+def test_budget_zero_catches_data_outside_the_threat_domain():
+    class Unscaled(Hand):  # the data pipeline forgot /255; the model divides itself
+        def forward(self, x):
+            return quadrant_logits(x / 255, self.scale)
+
+    ev = _evaluate(Unscaled(), task=Quadrants(scale=255.0))
+    check = next(c for c in ev.checks if c.name == "budget_zero")
+    assert check.status == "fail" and check.values["clean_accuracy"] == 1.0
+    assert check.values["budget_zero_accuracy"] < 0.5
+
+
+def test_model_left_in_train_mode_is_caught():
+    task = Quadrants()
+    batch = next(iter(task.dataloader("test", 48)))
+    hidden = check_eval_mode(task, HiddenDropoutNet(), batch)
+    assert hidden.status == "fail" and "differ" in hidden.detail
+    stuck = check_eval_mode(task, StuckInTrainNet(), batch)
+    assert stuck.status == "fail" and "drop" in stuck.values["modules_in_train_mode"]
+    assert check_eval_mode(task, QuadrantNet(), batch).status == "pass"
+    torch.manual_seed(0)
+    ev = _evaluate(HiddenDropoutNet())
+    assert _status(ev)["eval_mode"] == "fail"
+
+
+def test_an_evaluation_that_changes_the_model_is_caught():
+    task = Quadrants()
+    ev = run_evaluation(task, BNQuadrantNet(), {"train_mode_attack": TrainModeAttack(task)}, curve_factors=(0, 1),
+                        verbose=False, batch_size=48)
+    check = ev.checks[0]
+    assert check.name == "eval_mode" and check.status == "fail"
+    assert "bn.running_mean" in check.values["tensors_changed_by_evaluation"]
+
+
+# -- report schema and comparison -----------------------------------------------------------------
+def test_report_round_trips_and_the_schema_is_enforced(tmp_path):
+    ev = _evaluate(QuadrantNet(), ("pgd5", "fgsm"), output_dir=tmp_path / "a", model_meta={"name": "quadrant"})
+    files = ev.files
+    for key in ("report", "html", "reliability", "budget_curve"):
+        assert files[key].exists() and files[key].stat().st_size > 1000
+    loaded = read_report(tmp_path / "a")
+    assert loaded == json.loads(json.dumps(ev.report))
+    assert loaded["attacks"]["pgd5"]["steps"] == 5 and loaded["attacks"]["fgsm"]["eps"] == pytest.approx(0.4)
+    assert loaded["model"]["name"] == "quadrant" and loaded["seed"] == 0 and loaded["robustkd_version"]
+    html = files["html"].read_text()
+    assert html.count("data:image/png;base64") == 2 and "all sanity checks passed" in html
+
+    broken = json.loads(json.dumps(loaded))
+    del broken["metrics"]["clean"]["ece"]
+    with pytest.raises(ReportSchemaError, match=r"report\.metrics\.clean\.ece is missing"):
+        validate_report(broken)
+    broken = json.loads(json.dumps(loaded))
+    broken["seed"] = "zero"
+    with pytest.raises(ReportSchemaError, match=r"report\.seed must be int"):
+        validate_report(broken)
+    broken = json.loads(json.dumps(loaded))
+    broken["sanity"]["checks"][0]["status"] = "fail"
+    with pytest.raises(ReportSchemaError, match="disagrees"):
+        validate_report(broken)
+    (tmp_path / "bad.json").write_text(json.dumps({**loaded, "schema_version": 99}))
+    with pytest.raises(ReportSchemaError, match="schema_version"):
+        read_report(tmp_path / "bad.json")
+
+    other = _evaluate(QuantisedNet(), ("pgd5",), output_dir=tmp_path / "b", seed=1)
+    settings, metrics = compare(loaded, read_report(tmp_path / "b"))
+    rows = {r.metric: r for r in metrics}
+    assert rows["pgd5 accuracy"].diff == pytest.approx(other.report["metrics"]["adversarial"]["pgd5"]["accuracy"])
+    assert rows["fgsm accuracy"].b is None and rows["sanity checks failed"].diff >= 1
+    text = format_comparison(settings, metrics)
+    assert "settings that differ" in text and "seed" in text and "pgd5 accuracy" in text
+
+
+def test_split_attack_specs():
+    assert split_attack_specs("pgd20,autoattack") == ["pgd20", "autoattack"]
+    assert split_attack_specs("pgd:steps=50,eps=4/255,autoattack") == ["pgd:steps=50,eps=4/255", "autoattack"]
+    assert split_attack_specs("embedding_pgd,textattack:deepwordbug") == ["embedding_pgd", "textattack:deepwordbug"]
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def test_bad_attack_names_and_missing_splits_are_clear():
+    task = Quadrants()
+    with pytest.raises(RegistryError, match=r"'embedding_pgd'.*does not work on image tasks.*autoattack.*pgd"):
+        run_evaluation(task, QuadrantNet(), ["embedding_pgd"], verbose=False)
+    with pytest.raises(RegistryError, match=r"'nosuch'.*is not registered.*Attacks for 'quadrants'"):
+        run_evaluation(task, QuadrantNet(), ["nosuch"], verbose=False)
+    from robustkd.task import DataNotFoundError
+
+    with pytest.raises(DataNotFoundError, match="no 'train' split"):
+        run_evaluation(task, QuadrantNet(), ["pgd5"], split="train", verbose=False)
+
+
+# -- the command line on real data ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cifar_run(cifar_dir, tmp_path_factory) -> Path:
+    """small_cnn trained by the image recipe for one epoch on 256 CIFAR-10 images."""
+    from robustkd.recipe import common_parser, run_recipe
+
+    out = tmp_path_factory.mktemp("cifar_run")
+    args = common_parser("test", model="small_cnn", method="pgd_at").parse_args(
+        ["--data-dir", cifar_dir, "--epochs", "1", "--max-train-samples", "256", "--max-eval-samples", "32",
+         "--batch-size", "64", "--attack-steps", "3", "--final-attacks", "pgd3", "--eval-attacks", "pgd3",
+         "--output-dir", str(out), "--cpu", "--no-progress"])
+    run_recipe(args)
+    return out
+
+
+def test_robustkd_eval_on_cifar_and_compare(cifar_run, cifar_dir, tmp_path, capsys):
+    common = ["--checkpoint", str(cifar_run), "--max-eval-samples", "32", "--cpu", "--no-progress",
+              "--curve-steps", "5", "--curve-factors", "0,0.5,1,2,4"]
+    rc = cli_main(["eval", "--task", "cifar10", "--data-dir", cifar_dir, "--attacks",
+                   "pgd10,autoattack:version=custom,attacks=apgd-ce,steps=20", "--output-dir", str(tmp_path / "a"),
+                   *common])
+    out = capsys.readouterr()
+    report = read_report(tmp_path / "a")
+    assert rc == (0 if report["sanity"]["passed"] else 3), out.err
+    status = {c["name"]: c["status"] for c in report["sanity"]["checks"]}
+    assert status["eval_mode"] == "pass" and status["budget_zero"] == "pass" and status["strongest_vs_pgd"] != "n/a"
+    assert report["task"]["name"] == "cifar10" and report["task"]["num_examples"] == 32
+    assert report["model"]["name"] == "small_cnn" and report["model"]["which"] == "student"
+    assert report["attacks"]["pgd10"]["eps"] == pytest.approx(8 / 255)
+    assert report["training"]["robust_overfitting"]["pgd3"]["best_epoch"] == 1
+    assert set(report["plots"]) == {"reliability", "budget_curve", "training_curve"}
+    assert (tmp_path / "a" / "training_curve.png").exists() and "clean" in out.out
+
+    assert cli_main(["eval", "--attacks", "fgsm", "--output-dir", str(tmp_path / "b"), "--seed", "1", *common]) in (0, 3)
+    assert "recorded in" in capsys.readouterr().err  # task and data taken from the checkpoint, said aloud
+    assert cli_main(["compare", str(tmp_path / "a"), str(tmp_path / "b" / "report.json")]) == 0
+    table = capsys.readouterr().out
+    assert "clean accuracy" in table and "pgd10 accuracy" in table and "fgsm accuracy" in table and "seed" in table
+
+
+def test_robustkd_eval_bad_input(cifar_run, cifar_dir, tmp_path, capsys):
+    base = ["eval", "--checkpoint", str(cifar_run), "--output-dir", str(tmp_path / "x"), "--max-eval-samples", "8",
+            "--cpu", "--no-progress"]
+    assert cli_main([*base, "--attacks", "token_substitution"]) == 2
+    err = capsys.readouterr().err
+    assert "does not work on image tasks" in err and "autoattack" in err and "pgd" in err
+    assert cli_main([*base, "--attacks", "pgd5", "--split", "nosuchsplit"]) == 2
+    assert "no 'nosuchsplit' split" in capsys.readouterr().err
+    assert cli_main([*base, "--task", "cifar100", "--attacks", "pgd5"]) == 2
+    assert "has 10 classes" in capsys.readouterr().err
+    wrong = tmp_path / "wrong_model"  # weights of a wider small_cnn than the metadata says
+    task = create_task("cifar10", data_dir=cifar_dir)
+    save_model_dir(wrong, task.build_model("small_cnn", width=8), None,
+                   {"task": "cifar10", "model": "small_cnn", "num_classes": 10, "data_dir": cifar_dir})
+    assert cli_main(["eval", "--checkpoint", str(wrong), "--output-dir", str(tmp_path / "y"), "--attacks", "pgd5",
+                     "--max-eval-samples", "8", "--cpu"]) == 2
+    assert "do not fit the model 'small_cnn'" in capsys.readouterr().err
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "z")]) == 2
+    assert cli_main(["compare", str(tmp_path / "none_a"), str(tmp_path / "none_b")]) == 2
