@@ -411,3 +411,67 @@ def test_robustkd_eval_bad_input(cifar_run, cifar_dir, tmp_path, capsys):
     assert "do not fit the model 'small_cnn'" in capsys.readouterr().err
     assert cli_main(["eval", "--checkpoint", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "z")]) == 2
     assert cli_main(["compare", str(tmp_path / "none_a"), str(tmp_path / "none_b")]) == 2
+
+
+# -- text and speech ------------------------------------------------------------------------------
+def test_robustkd_eval_on_speech(shared, tmp_path, capsys):
+    """An FSDD model (untrained mel_cnn) in a recipe-style output directory, evaluated by the CLI under
+    an SNR ball: the curve's axis is SNR in dB."""
+    data_dir = str(shared / "data" / "fsdd")
+    task = create_task("fsdd", data_dir=data_dir)
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    save_model_dir(run, task.build_model("mel_cnn", width=8), None,
+                   {"task": "fsdd", "model": "mel_cnn", "model_kwargs": {"width": 8}, "num_classes": 10,
+                    "data_dir": data_dir})
+    rc = cli_main(["eval", "--checkpoint", str(run), "--attacks", "pgd5:snr_db=30,fgsm:snr_db=30",
+                   "--max-eval-samples", "16", "--output-dir", str(tmp_path / "ev"), "--curve-steps", "3",
+                   "--curve-factors", "0,1,4", "--cpu", "--no-progress"])
+    report = read_report(tmp_path / "ev")
+    assert rc == (0 if report["sanity"]["passed"] else 3), capsys.readouterr().err
+    assert report["task"]["modality"] == "audio" and report["curve"]["axis"].startswith("SNR")
+    assert [p["x"] for p in report["curve"]["points"]] == pytest.approx([None, 30.0, 30.0 - 20 * math.log10(4)])
+    assert report["curve"]["large_budget"]["threat"]["snr_db"] == -40.0
+    assert report["attacks"]["pgd5:snr_db=30"]["snr_db"] == 30.0
+    status = {c["name"]: c["status"] for c in report["sanity"]["checks"]}
+    assert status["eval_mode"] == "pass" and status["budget_zero"] == "pass" and status["strongest_vs_pgd"] == "n/a"
+    assert (tmp_path / "ev" / "report.html").exists()
+
+
+def test_robustkd_eval_on_text(tmp_path, capsys):
+    """A tiny BERT on SST-2-shaped parquet data: embedding PGD and token substitution; the curve is over
+    the relative per-token perturbation size and the large-budget check does not apply to text."""
+    import pandas as pd
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    words = "the a movie film good bad great awful fun boring plot acting is was not very".split()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "bert"
+    BertForSequenceClassification(cfg).save_pretrained(model_dir)
+    BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"idx": i, "sentence": f"the movie was {'good great fun' if i % 2 else 'bad awful boring'} plot",
+             "label": i % 2} for i in range(16)]
+    pd.DataFrame(rows).to_parquet(data / "validation-00000-of-00001.parquet")
+    task = create_task("sst2", data_dir=str(data))
+    run = tmp_path / "run"
+    save_model_dir(run, task.build_model(str(model_dir)), None,
+                   {"task": "sst2", "model": str(model_dir), "num_classes": 2, "data_dir": str(data)})
+    rc = cli_main(["eval", "--checkpoint", str(run), "--attacks", "embedding_pgd5,token_substitution",
+                   "--output-dir", str(tmp_path / "ev"), "--curve-steps", "3", "--curve-factors", "0,1,4",
+                   "--batch-size", "8", "--cpu", "--no-progress"])
+    report = read_report(tmp_path / "ev")
+    assert rc == (0 if report["sanity"]["passed"] else 3), capsys.readouterr().err
+    assert report["task"]["modality"] == "text" and report["task"]["num_examples"] == 16
+    assert report["curve"]["axis"].startswith("relative perturbation size")
+    assert set(report["metrics"]["adversarial"]) == {"embedding_pgd5", "token_substitution"}
+    status = {c["name"]: c["status"] for c in report["sanity"]["checks"]}
+    assert status["large_budget"] == "n/a" and status["eval_mode"] == "pass" and status["budget_zero"] == "pass"
+    assert cli_main(["eval", "--checkpoint", str(run), "--attacks", "autoattack", "--output-dir",
+                     str(tmp_path / "x")]) == 2
+    assert "does not work on text tasks" in capsys.readouterr().err
