@@ -46,11 +46,13 @@ def synthetic():
     return create_task("synthetic")
 
 
-def test_kit_passes_on_synthetic_images_with_every_image_model(synthetic):
-    report = check_task(synthetic, "small_cnn")
+def test_kit_passes_on_synthetic_images(synthetic):
+    # models=[...]: the teacher/student swap across architectures; every image model passes, but
+    # WRN-34-10 and the ResNets take most of a minute on a shared CPU, so CI checks two.
+    report = check_task(synthetic, "small_cnn", models=["small_cnn", "preact_resnet18"])
     assert [r.name for r in report.results] == TASK_CHECKS
     _assert_all_pass(report, skipped=("distributed",))
-    assert "small_cnn, preact_resnet18, resnet18, wrn34_10" in report["teachers_and_students"].message
+    assert "small_cnn, preact_resnet18 work as frozen teachers and as students" in report["teachers_and_students"].message
     assert "pass distributed=True" in report["distributed"].message
 
 
@@ -63,7 +65,7 @@ def test_kit_passes_on_fsdd_speech(shared):
     torch.manual_seed(0)
     model = task.build_model("mel_cnn", width=8)
     _assert_all_pass(check_task(task, model, models=[]), skipped=("distributed",))
-    for spec in ("snr_pgd:steps=2", "linf_pgd:steps=2", "snr_fgsm", "linf_fgsm"):
+    for spec in ("snr_pgd:steps=2", "linf_fgsm"):
         _assert_all_pass(check_attack(spec, task, model))
 
 
@@ -189,18 +191,28 @@ def test_non_differentiable_logits_fail_the_gradient_check():
         x = batch["inputs"] if delta is None else batch["inputs"] + delta
         return model(torch.round(x * 255) / 255)
 
-    report = check_task(_synthetic_subclass(logits=quantised), "small_cnn", models=[], raise_on_failure=False)
-    print(report)
-    failed = {r.name: r.message for r in report.failures()}
-    assert "logits_differentiable" in failed and "zero everywhere" in failed["logits_differentiable"]
+    check = {c.name: c for c in task_checks(_synthetic_subclass(logits=quantised), "small_cnn", models=[])}
+    assert check["zero_delta"]().passed
+    with pytest.raises(ConformanceError, match=r"logits_differentiable: the gradient with respect to delta is zero "
+                                               r"everywhere \(a rounding, argmax"):
+        check["logits_differentiable"]()
 
     def detached(self, model, batch, delta=None):
         x = batch["inputs"] if delta is None else (batch["inputs"] + delta).detach()
         return model(x)
 
-    with pytest.raises(ConformanceError, match=r"logits_differentiable: logits\(model, batch, delta\) does not depend "
-                                               r"on delta through autograd"):
-        check_task(_synthetic_subclass(logits=detached), "small_cnn", models=[])
+    check = {c.name: c for c in task_checks(_synthetic_subclass(logits=detached), "small_cnn", models=[])}
+    with pytest.raises(ConformanceError, match=r"logits_differentiable: logits\(model, batch, delta\) is not "
+                                               r"differentiable in delta: the gradient is None"):
+        check["logits_differentiable"]()
+
+    def no_graph(self, model, batch, delta=None):
+        with torch.no_grad():
+            return model(batch["inputs"] if delta is None else batch["inputs"] + delta)
+
+    result = {c.name: c for c in task_checks(_synthetic_subclass(logits=no_graph), "small_cnn", models=[])}[
+        "logits_differentiable"].run()
+    assert not result.passed and "does not depend on delta through autograd" in result.message
 
 
 def test_labels_out_of_range_fail_the_label_check():
@@ -211,7 +223,7 @@ def test_labels_out_of_range_fail_the_label_check():
     failed = {r.name: r.message for r in report.failures()}
     assert "outside 0..4 (num_classes=5)" in failed["labels_in_range"]
     assert "outside the task's 5 classes" in failed["batch_structure"]  # the task's own validate_batch agrees
-    assert report["num_classes"].passed and report["logits_differentiable"].passed
+    assert report["num_classes"].passed and report["logits_differentiable"].passed and report["zero_delta"].passed
 
 
 def test_checks_one_by_one_for_parametrize(synthetic, fitted):
@@ -303,7 +315,7 @@ def test_list_command_reports_sources_and_problems(tmp_path, monkeypatch, capsys
         assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
     print(out)
-    assert "dup  list_plugin (robustkd_test_list.attacks:dup)  An attack from a plug-in." in out
+    assert "dup   list_plugin (robustkd_test_list.attacks:dup)  An attack from a plug-in." in out
     assert "A model from a plug-in." in out
     assert "plug-ins that failed to load (1; the others above are usable)" in out
     assert "could not load entry point 'missing' = 'list_nothing_here'" in out
