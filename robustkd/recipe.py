@@ -40,6 +40,8 @@ def common_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     model = p.add_argument_group("model and method")
     model.add_argument("--model", default=d["model"], help="model name for the task (e.g. small_cnn, resnet18, "
                        "preact_resnet18, wrn34_10, timm:<name>)")
+    model.add_argument("--model-kwargs", default=None, help='JSON keyword arguments for the model factory, '
+                       'e.g. \'{"width": 16}\' for small_cnn')
     model.add_argument("--method", default=d["method"], help=f"training method; registered: {', '.join(METHODS.names())}")
     model.add_argument("--awp", action="store_true", help="add adversarial weight perturbation (Wu et al. 2020)")
     model.add_argument("--awp-gamma", type=float, default=5e-3, help="AWP's relative weight-perturbation size")
@@ -119,7 +121,8 @@ def run_recipe(args: argparse.Namespace, task: Task | None = None, method: Metho
     """Train, evaluate the final model (and EMA model) under ``--final-attacks``, write the report."""
     started = time.perf_counter()
     task = task or build_task(args)
-    model_kwargs = model_kwargs or {}
+    if model_kwargs is None:
+        model_kwargs = json.loads(args.model_kwargs) if getattr(args, "model_kwargs", None) else {}
     model = task.build_model(args.model, **model_kwargs)
     method = method or build_method(args, task)
     trainer = Trainer(task, model, method, train_config(args),
