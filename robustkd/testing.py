@@ -275,6 +275,7 @@ class _TaskContext:
                 getattr(self.task, "default_model", None) or next(iter(self.task.model_names()), None))
             if name is None:
                 raise ValueError("the task lists no models (model_names() is empty): pass model=... to check_task")
+            torch.manual_seed(self.seed)  # the same weights, and so the same report, on every run
             return self.task.build_model(name)
 
         return self._cached("model", build)
@@ -289,6 +290,7 @@ class _TaskContext:
                 if isinstance(m, nn.Module):
                     out.setdefault(type(m).__name__, m)
                 elif m not in out:
+                    torch.manual_seed(self.seed)
                     out[m] = self.task.build_model(m)
             return out
 
@@ -498,6 +500,7 @@ def _task_check_fns(ctx: _TaskContext, distributed: bool) -> list[tuple[str, Cal
         method = create_method("pgd_at", task, PGD(task, steps=2))
         method.setup(student, None)
         progress = Progress(0, 1, 0, 0)
+        torch.manual_seed(ctx.seed)
         prepared = method.prepare(student, batch, progress)
         before = [p.detach().clone() for p in student.parameters()]
         opt = torch.optim.SGD(student.parameters(), lr=0.01)
