@@ -183,7 +183,8 @@ def test_attack_descending_the_loss_fails_the_noise_check(synthetic, fitted):
 def _synthetic_subclass(**overrides):
     from tasks.image import SyntheticImages
 
-    return type("Broken" + "".join(k.title() for k in overrides), (SyntheticImages,), overrides)(n_train=64, n_test=32)
+    name = "Broken" + "".join(k.title() for k in overrides)
+    return type(name, (SyntheticImages,), {"__module__": __name__, **overrides})(n_train=64, n_test=32)
 
 
 def test_non_differentiable_logits_fail_the_gradient_check():
