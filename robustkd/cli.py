@@ -51,7 +51,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import read_meta
     from .eval.curves import DEFAULT_FACTORS
     from .eval.report import load_history
-    from .eval.suite import load_checkpoint, run_evaluation
+    from .eval.suite import load_checkpoint, run_evaluation, split_attack_specs
     from .registry import TASKS
 
     meta = read_meta(args.checkpoint)
@@ -76,22 +76,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(summary_text(ev.report))
     print(f"report: {ev.files['report']}\npage:   {ev.files['html']}")
     return 0 if ev.passed else EXIT_SANITY_FAILED
-
-
-def split_attack_specs(text: str) -> list[str]:
-    """``"pgd20,autoattack"`` -> two specs; a part with ``=`` continues the previous spec when that one has
-    options (``"pgd:steps=50,eps=4/255,autoattack"`` -> two specs); ``;`` always separates."""
-    if ";" in text:
-        return [s.strip() for s in text.split(";") if s.strip()]
-    specs: list[str] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        if specs and "=" in part and ":" in specs[-1] and ":" not in part.split("=", 1)[0]:
-            specs[-1] += "," + part
-        else:
-            specs.append(part)
-    return specs
 
 
 def summary_text(report: dict) -> str:

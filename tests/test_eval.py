@@ -17,7 +17,7 @@ from robustkd import create_task
 from robustkd.attacks.base import Attack
 from robustkd.checkpoint import save_model_dir
 from robustkd.cli import main as cli_main
-from robustkd.cli import split_attack_specs
+from robustkd.eval.suite import split_attack_specs
 from robustkd.eval import run_evaluation
 from robustkd.eval.curves import budget_grid
 from robustkd.eval.metrics import (compute_metrics, consistency, expected_calibration_error, reliability_bins,
@@ -337,6 +337,9 @@ def test_split_attack_specs():
     assert split_attack_specs("pgd20,autoattack") == ["pgd20", "autoattack"]
     assert split_attack_specs("pgd:steps=50,eps=4/255,autoattack") == ["pgd:steps=50,eps=4/255", "autoattack"]
     assert split_attack_specs("embedding_pgd,textattack:deepwordbug") == ["embedding_pgd", "textattack:deepwordbug"]
+    from robustkd.eval.suite import build_attacks
+
+    assert list(build_attacks("pgd5,fgsm:eps=0.1", Quadrants())) == ["pgd5", "fgsm:eps=0.1"]
 
 
 # -- bad input ------------------------------------------------------------------------------------

@@ -41,11 +41,29 @@ class Evaluation:
         return not any(c.failed for c in self.checks)
 
 
-def build_attacks(specs: Iterable[str] | Mapping[str, Attack], task: Task) -> dict[str, Attack]:
+def split_attack_specs(text: str) -> list[str]:
+    """``"pgd20,autoattack"`` -> two specs; a part with ``=`` continues the previous spec when that one has
+    options (``"pgd:steps=50,eps=4/255,autoattack"`` -> two specs); ``;`` always separates."""
+    if ";" in text:
+        return [s.strip() for s in text.split(";") if s.strip()]
+    specs: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if specs and "=" in part and ":" in specs[-1] and ":" not in part.split("=", 1)[0]:
+            specs[-1] += "," + part
+        else:
+            specs.append(part)
+    return specs
+
+
+def build_attacks(specs: str | Iterable[str] | Mapping[str, Attack], task: Task) -> dict[str, Attack]:
     """Attacks from specs (``pgd20``, ``autoattack``, ``pgd:eps=4/255``); a name that does not exist for
     the task's modality is refused with the list of those that do."""
     if isinstance(specs, Mapping):
         return dict(specs)
+    if isinstance(specs, str):
+        specs = split_attack_specs(specs)
     attacks: dict[str, Attack] = {}
     available = attacks_for(task)
     for spec in specs:
@@ -114,7 +132,7 @@ def model_info(model: nn.Module, name: str | None = None, **extra: Any) -> dict[
             "num_parameters": int(sum(p.numel() for p in model.parameters())), **extra}
 
 
-def run_evaluation(task: Task, model: nn.Module, attacks: Sequence[str] | Mapping[str, Attack] | None = None, *,
+def run_evaluation(task: Task, model: nn.Module, attacks: str | Sequence[str] | Mapping[str, Attack] | None = None, *,
                    loader: Iterable[Batch] | None = None, split: str = "test", max_samples: int | None = None,
                    batch_size: int = 128, seed: int = 0, device: str | torch.device | None = None,
                    n_bins: int = DEFAULT_BINS, curve_factors: Sequence[float] = DEFAULT_FACTORS,
