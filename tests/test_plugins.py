@@ -336,12 +336,17 @@ def tabular_installed(tmp_path_factory):
     src = tmp_path_factory.mktemp("example") / "robustkd-tabular"
     shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     pip = [sys.executable, "-m", "pip"]
+    # a regular (not editable) install: the running process sees it without a new .pth file
     done = subprocess.run([*pip, "install", "--no-deps", "--quiet", str(src)], capture_output=True, text=True, env=ENV)
     assert done.returncode == 0, done.stderr[-2000:]
-    for reg in (TASKS, ATTACKS, MODELS):
-        reg.discover(refresh=True)  # installed after this process looked for plug-ins
-    yield
-    subprocess.run([*pip, "uninstall", "--yes", "--quiet", "robustkd-tabular"], check=True, capture_output=True, env=ENV)
+    try:
+        with TASKS.temporary(), ATTACKS.temporary(), MODELS.temporary():  # later tests see the registries as before
+            for reg in (TASKS, ATTACKS, MODELS):
+                reg.discover(refresh=True)  # installed after this process looked for plug-ins
+            yield
+    finally:
+        subprocess.run([*pip, "uninstall", "--yes", "--quiet", "robustkd-tabular"], check=True, capture_output=True,
+                       env=ENV)
 
 
 def test_example_plugin_is_found_by_name_and_conforms_in_two_processes(tabular_installed):
