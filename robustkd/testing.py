@@ -20,6 +20,7 @@ return the checks one by one for ``pytest.mark.parametrize``. The slow 2-process
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -32,7 +33,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -232,6 +233,17 @@ def _check_logits(task: Task, out: Any, n: int, what: str) -> Tensor:
     if not torch.isfinite(out).all():
         _fail(f"{what} returned NaN or inf logits")
     return out
+
+
+@contextlib.contextmanager
+def _mode_kept(model: Any) -> Iterator[None]:
+    """The checks switch the caller's model to eval mode; give it back in the mode it came in."""
+    training = model.training if isinstance(model, nn.Module) else None
+    try:
+        yield
+    finally:
+        if training is not None:
+            model.train(training)
 
 
 def _describe(obj: Any) -> str:
@@ -572,7 +584,9 @@ def check_task(task: Task, model: nn.Module | str | None = None, *, models: Sequ
                          max_samples=max_samples, seed=seed)
     subject = checks[0].subject if checks else f"task {task!r}"
     ctx_model = model if isinstance(model, str) else (type(model).__name__ if model is not None else None)
-    report = ConformanceReport(subject + (f" with model {ctx_model}" if ctx_model else ""), [c.run() for c in checks])
+    with _mode_kept(model):
+        report = ConformanceReport(subject + (f" with model {ctx_model}" if ctx_model else ""),
+                                   [c.run() for c in checks])
     return report.raise_for_failures() if raise_on_failure else report
 
 
@@ -786,8 +800,9 @@ def check_attack(attack: Any, task: Task, model: nn.Module, *, batch: Batch | No
     the threat model and input domain, has no side effects, raises the loss more than random noise of its budget, handles soft targets (or
     refuses them clearly), is reproducible under a seed, and attacks a frozen teacher.
     """
-    checks = attack_checks(attack, task, model, batch=batch, batch_size=batch_size, seed=seed)
-    report = ConformanceReport(checks[0].subject, [c.run() for c in checks])
+    with _mode_kept(model):
+        checks = attack_checks(attack, task, model, batch=batch, batch_size=batch_size, seed=seed)
+        report = ConformanceReport(checks[0].subject, [c.run() for c in checks])
     return report.raise_for_failures() if raise_on_failure else report
 
 
