@@ -24,6 +24,10 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path, ti
         for name in rows[-1].get(f"{prefix}robust_accuracy", {}):
             ax_acc.plot(epochs, [h[f"{prefix}robust_accuracy"].get(name) for h in rows], style, marker="s",
                         label=f"{who} {name}")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
     ax_acc.grid(alpha=0.3)
     if evaluated:
