@@ -23,7 +23,7 @@ from robustkd.attacks.pgd import PGD
 from robustkd.attacks.speech import MeasuredAttack
 from robustkd.distill.methods import METHODS, Method
 from robustkd.eval.robustness import evaluate
-from robustkd.recipe import _specs, build_report, common_parser, main_guard, train_config, write_plots
+from robustkd.recipe import build_report, common_parser, main_guard, train_config, write_plots
 from robustkd.registry import TASKS
 from robustkd.task import Task
 from robustkd.teachers import unwrap
@@ -31,6 +31,10 @@ from robustkd.threat import eps_from_pixels
 from robustkd.trainer import Trainer
 
 FINAL_ATTACKS = "pgd20:snr_db=40,pgd20:snr_db=30,pgd20:snr_db=20,pgd20:eps=0.002"
+
+
+def _specs(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else []
 
 
 def parser() -> argparse.ArgumentParser:

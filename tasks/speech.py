@@ -369,8 +369,11 @@ class WavFolder(SpeechClassification):
         if not self.root.is_dir():
             raise DataNotFoundError(f"--data-dir {str(data_dir)!r} does not exist or is not a directory")
         self.test_fraction = float(test_fraction)
-        self.split_dirs = {s: self.root / d for s, names in (("train", ("train",)), ("test", ("test", "val")))
-                           for d in names if (self.root / d).is_dir()}
+        self.split_dirs: dict[str, Path] = {}
+        for split, names in (("train", ("train",)), ("test", ("test", "val"))):
+            found = [self.root / d for d in names if (self.root / d).is_dir()]
+            if found:  # test/ before val/
+                self.split_dirs[split] = found[0]
         label_roots = list(self.split_dirs.values()) or [self.root]
         classes = sorted({p.name for r in label_roots for p in r.iterdir() if p.is_dir() and _audio_files(p)})
         if not classes:

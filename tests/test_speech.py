@@ -190,6 +190,8 @@ def test_threat_model_dispatch(fsdd):
     assert isinstance(atk, PGD) and isinstance(atk.threat, SNRBall) and atk.steps == 20
     assert create_attack("snr_pgd7:snr_db=40", fsdd).threat.snr_db == 40
     assert create_attack("linf_pgd5:eps=0.003", fsdd).threat.eps == 0.003
+    fgm = create_attack("snr_fgsm:snr_db=20", fsdd).describe()
+    assert fgm["attack"] == "snr_fgsm" and fgm["snr_db"] == 20 and fgm["steps"] == 1
     assert {"snr_pgd", "snr_fgsm", "linf_pgd", "linf_fgsm", "pgd"} <= set(attacks_for(fsdd))
     images = create_task("synthetic", n_train=4, n_test=4)
     assert "snr_pgd" not in attacks_for(images)

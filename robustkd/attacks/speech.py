@@ -101,6 +101,10 @@ class MeasuredAttack(Attack):
         return self.attack.describe()
 
 
+def _named(attack: PGD, name: str) -> dict[str, Any]:
+    return {**PGD.describe(attack), "attack": name}
+
+
 def _task_snr(task: Task, snr_db: float | None) -> ThreatModel:
     if snr_db is None:
         threat = task.threat_model()
@@ -121,6 +125,9 @@ class SNRPGD(PGD):
         Attack.__init__(self, task)  # check the modality before building anything
         super().__init__(task, threat if threat is not None else _task_snr(task, snr_db), **kwargs)
 
+    def describe(self) -> dict[str, Any]:
+        return _named(self, "snr_pgd")
+
 
 @register_attack("snr_fgsm")
 class SNRFGM(PGD):
@@ -135,6 +142,9 @@ class SNRFGM(PGD):
         super().__init__(task, threat if threat is not None else _task_snr(task, snr_db), steps=1,
                          random_start="zero", **kwargs)
 
+    def describe(self) -> dict[str, Any]:
+        return _named(self, "snr_fgsm")
+
 
 @register_attack("linf_pgd")
 class LinfPGD(PGD):
@@ -145,6 +155,9 @@ class LinfPGD(PGD):
     def __init__(self, task: Task, threat: ThreatModel | None = None, *, eps: float | None = None, **kwargs: Any):
         Attack.__init__(self, task)
         super().__init__(task, threat if threat is not None else task.threat_model(eps=eps, norm="linf"), **kwargs)
+
+    def describe(self) -> dict[str, Any]:
+        return _named(self, "linf_pgd")
 
 
 @register_attack("linf_fgsm")
@@ -158,6 +171,9 @@ class LinfFGSM(PGD):
         kwargs.setdefault("rel_step_size", 1.0)
         super().__init__(task, threat if threat is not None else task.threat_model(eps=eps, norm="linf"), steps=1,
                          random_start="zero", **kwargs)
+
+    def describe(self) -> dict[str, Any]:
+        return _named(self, "linf_fgsm")
 
 
 __all__ = ["LinfFGSM", "LinfPGD", "MeasuredAttack", "SNRFGM", "SNRMeter", "SNRPGD", "achieved_snr_db",
