@@ -255,6 +255,12 @@ def plot_reliability(report: Mapping[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
+def _threat_label(threat: Mapping[str, Any]) -> str:
+    if threat.get("snr_db") is not None:
+        return f"SNR {threat['snr_db']:g} dB"
+    return f"{threat.get('norm')} eps {threat.get('eps'):g}"
+
+
 def plot_budget_curve(report: Mapping[str, Any], path: str | Path) -> Path:
     """Robust accuracy against the budget; the task's default budget and each evaluated attack marked."""
     curve = report["curve"]
@@ -270,6 +276,12 @@ def plot_budget_curve(report: Mapping[str, Any], path: str | Path) -> Path:
         for name, marker in zip(adv, "s^vDP*"):
             ax.plot([curve["default_x"]], [adv[name]["accuracy"]], marker, ms=8,
                     label=f"{_short(name)} {adv[name]['accuracy']:.3f}")
+    if curve.get("large_budget"):
+        large = curve["large_budget"]
+        ok = large["accuracy"] <= 0.05
+        ax.text(0.02, 0.97, f"whole-domain budget ({_threat_label(large['threat'])}): accuracy {large['accuracy']:.3f}",
+                transform=ax.transAxes, fontsize=7, va="top", color="black" if ok else "#c0392b",
+                fontweight="normal" if ok else "bold")
     if snr:
         ax.invert_xaxis()
     ax.set(xlabel=curve["axis"], ylabel="accuracy", ylim=(-0.02, 1.02),

@@ -191,7 +191,7 @@ def check_strongest_vs_pgd(attacks: Mapping[str, Attack], robust_accuracy: Mappi
     if failures:
         return SanityCheck("strongest_vs_pgd", "fail", "; ".join(failures) + ": the strongest attack is weaker "
                            "than PGD (a broken attack setup, or PGD is not the attack to trust here)", values)
-    much_stronger = [c for c in comparisons if c["pgd_accuracy"] - c["strong_accuracy"] > 0.1]
+    much_stronger = [c for c in comparisons if c["pgd_accuracy"] - c["strong_accuracy"] > max(0.05, 2 * tol)]
     if much_stronger:
         c = max(much_stronger, key=lambda c: c["pgd_accuracy"] - c["strong_accuracy"])
         return SanityCheck("strongest_vs_pgd", "pass", f"the strongest attack is never weaker than PGD; note that "
