@@ -427,6 +427,7 @@ def _settings(report: Mapping[str, Any]) -> dict[str, Any]:
     return {"task": report["task"]["name"], "model": report["model"]["name"],
             "checkpoint": report["model"].get("checkpoint"), "examples": report["task"]["num_examples"],
             "seed": report["seed"], "robustkd version": report["robustkd_version"],
+            "curve PGD steps": report["curve"]["attack"].get("steps"),
             **{f"attack {n}": json.dumps(d, sort_keys=True) for n, d in report["attacks"].items()}}
 
 
