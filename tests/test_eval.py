@@ -2,7 +2,6 @@
 report schema, and `robustkd eval` / `robustkd compare` on CIFAR, text and speech."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
