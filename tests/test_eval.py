@@ -477,3 +477,12 @@ def test_robustkd_eval_on_text(tmp_path, capsys):
     assert cli_main(["eval", "--checkpoint", str(run), "--attacks", "autoattack", "--output-dir",
                      str(tmp_path / "x")]) == 2
     assert "does not work on text tasks" in capsys.readouterr().err
+
+
+def test_python_api_entry_points():
+    import robustkd
+
+    summary = robustkd.evaluate(Quadrants(), QuadrantNet(), attacks=["pgd5"])  # no loader: the test split
+    assert summary["clean_accuracy"] == 1.0 and summary["robust_accuracy"]["pgd5"] == 0.0
+    ev = robustkd.run_evaluation(Quadrants(), QuadrantNet(), "pgd5,fgsm", curve_factors=(0, 1), verbose=False)
+    assert ev.passed and set(ev.report["attacks"]) == {"pgd5", "fgsm"} and ev.files == {}
