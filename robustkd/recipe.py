@@ -48,6 +48,8 @@ def common_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     model.add_argument("--awp-warmup", type=int, default=0, help="epochs before AWP starts")
     model.add_argument("--ema-decay", type=float, default=None,
                        help="keep an EMA (weight-averaged) model with this decay; ADR uses 0.995 by default")
+    model.add_argument("--ema-warmup", action="store_true", help="ramp the EMA decay as timm does, "
+                       "min(decay, (1+t)/(10+t)), so short runs get a useful teacher (not in ADR's reference)")
     model.add_argument("--beta", type=float, default=6.0, help="TRADES' robustness weight (trades, adr_trades)")
     atk = p.add_argument_group("threat model")
     atk.add_argument("--eps", default=d["eps"], help="perturbation budget (8/255 or 0.031)")
@@ -107,7 +109,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, optimizer=args.optimizer,
         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
         milestones=milestones, mixed_precision=args.mixed_precision, grad_accum=args.grad_accum,
-        ema_decay=args.ema_decay, awp_gamma=args.awp_gamma if args.awp else None, awp_warmup=args.awp_warmup,
+        ema_decay=args.ema_decay, ema_warmup=getattr(args, "ema_warmup", False),
+        awp_gamma=args.awp_gamma if args.awp else None, awp_warmup=args.awp_warmup,
         eval_every=args.eval_every, eval_attacks=_specs(args.eval_attacks), max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples, seed=args.seed, output_dir=args.output_dir, resume=args.resume,
         cpu=args.cpu, log_with=args.log_with, progress=not args.no_progress)

@@ -43,31 +43,48 @@ class Teacher:
 
 class EMATeacher(Teacher):
     """An exponential moving average of the student's weights: ADR's self-teacher and the
-    weight-averaged (WA) model for evaluation. ``update`` after every optimizer step."""
+    weight-averaged (WA) model for evaluation. ``update`` after every optimizer step.
 
-    def __init__(self, student: nn.Module, decay: float = 0.995):
+    As ADR's reference (timm's ``ModelEmaV2``), floating-point buffers such as batch-norm
+    statistics are averaged too (``buffers="ema"``); ``buffers="copy"`` takes the student's.
+    ``warmup=True`` uses timm's ramp ``min(decay, (1 + t) / (10 + t))`` so that a short run's
+    teacher is not dominated by its random initial weights (not in the paper: off by default).
+    """
+
+    def __init__(self, student: nn.Module, decay: float = 0.995, *, warmup: bool = False,
+                 buffers: str = "ema"):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
-        self.decay = decay
+        if buffers not in ("ema", "copy"):
+            raise ValueError(f"buffers must be 'ema' or 'copy', got {buffers!r}")
+        self.decay, self.warmup, self.buffers = decay, warmup, buffers
         self.model = copy.deepcopy(unwrap(student)).eval()
         self.model.requires_grad_(False)
         self.num_updates = 0
 
+    def current_decay(self) -> float:
+        """The decay the next update uses (ramped up from 0.1 with ``warmup``)."""
+        t = self.num_updates
+        return min(self.decay, (1 + t) / (10 + t)) if self.warmup else self.decay
+
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
-        """``theta_ema <- decay * theta_ema + (1 - decay) * theta``; buffers (BN statistics) are
-        copied, averaged over processes so the teacher is identical on every rank."""
+        """``theta_ema <- decay * theta_ema + (1 - decay) * theta`` for the parameters and float
+        buffers (or a copy of the buffers), averaged over processes so every rank has the same teacher."""
         source = unwrap(student)
-        ema_params = [p for p in self.model.parameters()]
-        params = [p.detach() for p in source.parameters()]
-        if params[0].dtype != ema_params[0].dtype:
-            params = [p.to(ema_params[0].dtype) for p in params]
-        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
-        ema_buffers = list(self.model.buffers())
-        if ema_buffers:
-            for b_ema, b in zip(ema_buffers, source.buffers()):
+        decay = self.current_decay()
+        ema_params = list(self.model.parameters())
+        params = [p.detach().to(e.dtype) for p, e in zip(source.parameters(), ema_params)]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        floats = []
+        for b_ema, b in zip(self.model.buffers(), source.buffers()):
+            if b_ema.is_floating_point() and self.buffers == "ema":
+                b_ema.lerp_(b.to(b_ema.dtype), 1.0 - decay)
+            else:
                 b_ema.copy_(b)
-            average_across_processes([b for b in ema_buffers if b.is_floating_point()])
+            if b_ema.is_floating_point():
+                floats.append(b_ema)
+        average_across_processes(floats)
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, Any]:

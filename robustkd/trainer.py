@@ -48,6 +48,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float | None = None
     ema_decay: float | None = None  # keep an EMA (WA) model; methods that need one default to 0.995
+    ema_warmup: bool = False  # timm's decay ramp min(decay, (1+t)/(10+t)); not in ADR's reference
     awp_gamma: float | None = None  # enable AWP with this gamma (5e-3 in the papers)
     awp_warmup: int = 0
     eval_every: int = 1
@@ -104,7 +105,7 @@ class _Stateful:
 
 # Fields that must match to resume a checkpoint (others, e.g. eval settings or epochs, may change).
 _RESUME_KEYS = ("task", "model", "num_classes", "method", "batch_size", "optimizer", "grad_accum", "awp_gamma",
-                "ema_decay", "max_train_samples", "seed")
+                "ema_decay", "ema_warmup", "max_train_samples", "seed")
 
 
 class Trainer:
@@ -136,7 +137,7 @@ class Trainer:
         self._validate(model)
         self.optimizer = self._make_optimizer(model)
         decay = config.ema_decay if config.ema_decay is not None else (0.995 if method.needs_ema else None)
-        self.ema = EMATeacher(model, decay) if decay is not None else None
+        self.ema = EMATeacher(model, decay, warmup=config.ema_warmup) if decay is not None else None
         self.awp = AWP(config.awp_gamma, config.awp_warmup) if config.awp_gamma is not None else None
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(
             model, self.optimizer, self.train_loader, self.eval_loader)

@@ -85,19 +85,34 @@ def test_distill_kl_reference_scale_is_mean_over_batch_and_classes():
 
 
 # -- EMA ------------------------------------------------------------------------------------
-def test_ema_update_follows_the_formula_and_copies_buffers():
+def test_ema_update_follows_the_formula_for_weights_and_buffers():
     student = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     ema = EMATeacher(student, decay=0.9)
-    before = [p.detach().clone() for p in ema.model.parameters()]
+    copying = EMATeacher(student, decay=0.9, buffers="copy")
+    before = [t.detach().clone() for t in ema.model.state_dict().values()]
     with torch.no_grad():
         for p in student.parameters():
             p.add_(1.0)
     student.train()(torch.randn(8, 3))  # moves the BN running statistics
     ema.update(student)
-    for e, b, s in zip(ema.model.parameters(), before, student.parameters()):
-        assert torch.allclose(e, 0.9 * b + 0.1 * s, atol=1e-7)
-    assert torch.equal(ema.model[1].running_mean, student[1].running_mean)
+    copying.update(student)
+    for (name, e), b, s in zip(ema.model.state_dict().items(), before, student.state_dict().values()):
+        if e.is_floating_point():  # weights and running statistics alike, as timm's ModelEmaV2
+            assert torch.allclose(e, 0.9 * b + 0.1 * s, atol=1e-7), name
+    assert torch.equal(copying.model[1].running_mean, student[1].running_mean)
     assert not ema.model.training and not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_ema_warmup_ramps_the_decay_like_timm():
+    ema = EMATeacher(nn.Linear(2, 2), decay=0.995, warmup=True)
+    decays = []
+    for _ in range(3):
+        decays.append(ema.current_decay())
+        ema.update(nn.Linear(2, 2))
+    assert decays == pytest.approx([1 / 10, 2 / 11, 3 / 12])
+    ema.num_updates = 10_000
+    assert ema.current_decay() == 0.995
+    assert EMATeacher(nn.Linear(2, 2), decay=0.995).current_decay() == 0.995
 
 
 # -- AWP ------------------------------------------------------------------------------------
