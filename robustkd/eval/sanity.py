@@ -196,8 +196,8 @@ def check_strongest_vs_pgd(attacks: Mapping[str, Attack], robust_accuracy: Mappi
         c = max(much_stronger, key=lambda c: c["pgd_accuracy"] - c["strong_accuracy"])
         return SanityCheck("strongest_vs_pgd", "pass", f"the strongest attack is never weaker than PGD; note that "
                            f"{c['pgd']} leaves {c['pgd_accuracy']:.4f} robust where {c['strong']} leaves "
-                           f"{c['strong_accuracy']:.4f}: PGD alone overstates robustness here (a sign of gradient "
-                           "masking)", values)
+                           f"{c['strong_accuracy']:.4f}: PGD alone overstates robustness here (gradient masking, or "
+                           "a flat low-confidence loss that cross-entropy PGD climbs poorly)", values)
     return SanityCheck("strongest_vs_pgd", "pass", "the strongest attack is never weaker than PGD", values)
 
 
