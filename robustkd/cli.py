@@ -25,11 +25,11 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate a recipe's output directory and write report.json, PNG plots and "
                                    "report.html. Exit status 3 when a sanity check fails.")
     p.add_argument("--checkpoint", required=True, help="a recipe's --output-dir (robustkd.json + model weights)")
-    p.add_argument("--task", default=None, help="task name (default: the one recorded in the checkpoint)")
-    p.add_argument("--data-dir", default=None, help="local data (default: the one recorded in the checkpoint)")
+    p.add_argument("--task", default=None, help="task name; default: the one recorded in the checkpoint")
+    p.add_argument("--data-dir", default=None, help="local data; default: the one recorded in the checkpoint")
     p.add_argument("--attacks", default=None, help="comma-separated attack specs, e.g. pgd20,autoattack or "
                    "pgd:steps=50,eps=4/255,autoattack (options after ':' belong to their attack; ';' also "
-                   "separates) (default: the task's evaluation attacks)")
+                   "separates); default: the task's evaluation attacks")
     p.add_argument("--split", default="test")
     p.add_argument("--max-eval-samples", type=int, default=None, help="a seeded random subset of the split")
     p.add_argument("--batch-size", type=int, default=128)
