@@ -21,6 +21,21 @@ class DataNotFoundError(FileNotFoundError):
     """Data that cannot be found or read; the message says which flag or path to fix."""
 
 
+def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str) -> str:
+    """The column to read ``what`` from: the one asked for, else the first known name present;
+    the error lists the real columns (tables from the hub name their columns differently)."""
+    if wanted:
+        if wanted not in columns:
+            raise ValueError(f"no {what} column {wanted!r}; the data has columns {columns}: pass "
+                             f"{what}_column=<one of them>")
+        return wanted
+    for c in candidates:
+        if c in columns:
+            return c
+    raise ValueError(f"no {what} column among {list(candidates)}; the data has columns {columns}: "
+                     f"name it with {what}_column=...")
+
+
 class Adversarial(NamedTuple):
     """What an attack returns: a (possibly new) batch and a perturbation in the task's attack
     space (``None`` for discrete attacks, which change the batch itself).

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from robustkd.registry import MODELS, register_task
-from robustkd.task import Batch, ContinuousTask, DataNotFoundError
+from robustkd.task import Batch, ContinuousTask, DataNotFoundError, pick_column
 from robustkd.threat import ThreatModel
 
 from . import image_models
@@ -77,21 +77,9 @@ IMAGE_COLUMNS = ("img", "image", "pixel_values")
 LABEL_COLUMNS = ("label", "labels", "fine_label")
 
 
-def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str) -> str:
-    if wanted:
-        if wanted not in columns:
-            raise ValueError(f"no {what} column {wanted!r}; the data has columns {columns}")
-        return wanted
-    for c in candidates:
-        if c in columns:
-            return c
-    raise ValueError(f"no {what} column among {list(candidates)}; the data has columns {columns}: "
-                     f"name it with {what}_column=...")
-
-
 def _decode_hf(ds: Any, image_column: str | None, label_column: str | None, size: int | None) -> tuple[Tensor, Tensor]:
     cols = list(ds.column_names)
-    icol, lcol = _pick(cols, image_column, IMAGE_COLUMNS, "image"), _pick(cols, label_column, LABEL_COLUMNS, "label")
+    icol, lcol = pick_column(cols, image_column, IMAGE_COLUMNS, "image"), pick_column(cols, label_column, LABEL_COLUMNS, "label")
     images = [_pil_to_array(img, size) for img in ds[icol]]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds[lcol], dtype=torch.long)
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from robustkd.registry import register_task
-from robustkd.task import Batch, DataNotFoundError, Task
+from robustkd.task import Batch, DataNotFoundError, Task, pick_column
 from robustkd.threat import ThreatModel
 
 SPLIT_ALIASES = {"test": ("validation", "test", "valid", "val", "dev"), "train": ("train",)}
@@ -90,19 +90,6 @@ def load_raw_split(data_dir: str | None, hub_name: str | None, hub_config: str |
         if name in ds:
             return ds[name]
     raise DataNotFoundError(f"{hub_name!r} has splits {list(ds)}, none of them {split!r}")
-
-
-def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str) -> str:
-    if wanted:
-        if wanted not in columns:
-            raise ValueError(f"no {what} column {wanted!r}; the data has columns {columns}: pass "
-                             f"{what}_column=<one of them>")
-        return wanted
-    for c in candidates:
-        if c in columns:
-            return c
-    raise ValueError(f"no {what} column among {list(candidates)}; the data has columns {columns}: "
-                     f"name it with {what}_column=...")
 
 
 class TextDataset(Dataset):
@@ -223,7 +210,7 @@ class TextClassification(Task):
 
     def columns(self, split: str = "train") -> tuple[str, str]:
         cols = list(self.raw(split).column_names)
-        return (_pick(cols, self.text_column, TEXT_COLUMNS, "text"), _pick(cols, self.label_column, LABEL_COLUMNS, "label"))
+        return (pick_column(cols, self.text_column, TEXT_COLUMNS, "text"), pick_column(cols, self.label_column, LABEL_COLUMNS, "label"))
 
     @property
     def num_classes(self) -> int:  # type: ignore[override]
