@@ -258,6 +258,9 @@ class ImageClassification(ContinuousTask):
         return [e.name for e in MODELS.entries() if getattr(e.obj, "_robustkd_modality", None) == "image"]
 
     def threat_model(self, eps: float | None = None, norm: str | None = None, **kwargs: Any) -> ThreatModel:
+        if kwargs:
+            raise TypeError(f"unknown threat-model options {sorted(kwargs)} for {self.name}: image budgets take "
+                            "eps and norm (linf or l2)")
         norm = norm or self.norm
         if eps is None:
             eps = self.eps if norm == self.norm else {"linf": 8 / 255, "l2": 0.5}[norm]

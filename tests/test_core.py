@@ -292,3 +292,10 @@ def test_registry_rejects_two_sources_for_one_name():
         reg.add("w", second, source="other-package")
     assert reg.entry("w").description == "first widget"
     assert "adr" in METHODS and "pgd" in ATTACKS
+
+
+def test_fgsm_variants_pass_threat_options_to_the_task(cifar_task):
+    assert create_attack("fgsm:norm=l2", cifar_task, eps=0.5).threat.norm == "l2"
+    assert create_attack("fgsm_rs", cifar_task, eps=2 / 255).threat.eps == pytest.approx(2 / 255)
+    with pytest.raises(TypeError, match="bad options for attack"):
+        create_attack("fgsm:snr_db=30", cifar_task)  # images have no SNR budget: an error, not a silent default

@@ -107,18 +107,31 @@ class PGD(Attack):
                 "random_start": self.random_start, "restarts": self.restarts, "loss": self.loss_name}
 
 
+_PGD_OPTIONS = ("steps", "step_size", "rel_step_size", "random_start", "init_std", "restarts", "loss")
+
+
+def _threat(task: Task, threat: ThreatModel | None, eps: float | None, norm: str | None,
+            kwargs: dict[str, Any]) -> ThreatModel:
+    """The given threat model, or the task's built from ``eps``/``norm`` and every option that is not
+    PGD's own (e.g. ``snr_db``), which are taken out of ``kwargs``."""
+    threat_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in _PGD_OPTIONS}
+    return threat if threat is not None else task.threat_model(eps=eps, norm=norm, **threat_kwargs)
+
+
 @register_attack("fgsm")
-def fgsm(task: Task, threat: ThreatModel | None = None, *, eps: float | None = None, **kwargs: Any) -> PGD:
+def fgsm(task: Task, threat: ThreatModel | None = None, *, eps: float | None = None, norm: str | None = None,
+         **kwargs: Any) -> PGD:
     """Fast gradient sign method (Goodfellow et al.): one step of size eps from the clean input."""
-    threat = threat if threat is not None else task.threat_model(eps=eps)
+    threat = _threat(task, threat, eps, norm, kwargs)
     kwargs.setdefault("rel_step_size", 1.0)
     return PGD(task, threat, steps=1, random_start="zero", **kwargs)
 
 
 @register_attack("fgsm_rs")
-def fgsm_rs(task: Task, threat: ThreatModel | None = None, *, eps: float | None = None, **kwargs: Any) -> PGD:
+def fgsm_rs(task: Task, threat: ThreatModel | None = None, *, eps: float | None = None, norm: str | None = None,
+            **kwargs: Any) -> PGD:
     """FGSM with a uniform random start and step 1.25 eps (Wong et al. 2020, "fast is better than free")."""
-    threat = threat if threat is not None else task.threat_model(eps=eps)
+    threat = _threat(task, threat, eps, norm, kwargs)
     kwargs.setdefault("rel_step_size", 1.25)
     return PGD(task, threat, steps=1, random_start="uniform", **kwargs)
 
@@ -126,5 +139,4 @@ def fgsm_rs(task: Task, threat: ThreatModel | None = None, *, eps: float | None 
 @register_attack("pgd_l2")
 def pgd_l2(task: Task, threat: ThreatModel | None = None, *, eps: float | None = None, **kwargs: Any) -> PGD:
     """PGD in an L2 ball (eps 0.5 on CIFAR by convention)."""
-    threat = threat if threat is not None else task.threat_model(eps=eps, norm="l2")
-    return PGD(task, threat, **kwargs)
+    return PGD(task, _threat(task, threat, eps, "l2", kwargs), **kwargs)
