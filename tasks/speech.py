@@ -12,6 +12,8 @@ signal's, clamped to [-1, 1]); ``threat_model(eps=..., norm="linf")`` gives an a
 """
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import functools
 import hashlib
 import re
@@ -180,9 +182,9 @@ class SpeechClassification(ContinuousTask):
         return int(round(self.sample_rate * self.clip_seconds))
 
     # -- data ---------------------------------------------------------------------------------
+    @abstractmethod
     def split_files(self, split: str) -> tuple[list[Path], list[int], list[dict]]:
-        """The files of ``split``, their class indices and per-file metadata."""
-        raise NotImplementedError
+        """The files of ``split``, their class indices and per-file metadata (each data set's layout)."""
 
     def dataset(self, split: str) -> WaveformDataset:
         if split not in self._datasets:
