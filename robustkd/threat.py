@@ -119,16 +119,6 @@ class ThreatModel:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.describe().items() if k != 'type')})"
 
 
-def Linf(eps: float, domain: tuple[float, float] | None = (0.0, 1.0)) -> ThreatModel:
-    """An L-inf ball clamped to a domain ([0, 1] pixels by default)."""
-    return ThreatModel(eps, "linf", domain=domain)
-
-
-def L2(eps: float, domain: tuple[float, float] | None = (0.0, 1.0)) -> ThreatModel:
-    """An L2 ball clamped to a domain ([0, 1] pixels by default)."""
-    return ThreatModel(eps, "l2", domain=domain)
-
-
 class SNRBall(ThreatModel):
     """Perturbations whose energy is at least ``snr_db`` below each clean signal's (an L2 ball of
     radius ``||x|| * 10^(-snr_db / 20)`` per example), clamped to ``domain`` ([-1, 1] audio)."""
