@@ -29,7 +29,7 @@ import logging
 import sys
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 CONFIG_FILE = "config.yaml"
 logger = logging.getLogger(__name__)
@@ -162,6 +162,9 @@ class Recipe:
     default_preset: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     extra: tuple[type, ...] = ()
+    #: Called with the resolved settings before they are validated, printed or used (e.g. to fold
+    #: a recipe's own flags into ``method_kwargs``); may raise :class:`ConfigError`.
+    finalize: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def dataclasses(self) -> tuple[type, ...]:
@@ -408,6 +411,8 @@ def resolve(recipe: Recipe, argv: Sequence[str] | None = None) -> RunConfig:
     for key in ("eps", "attack_step_size"):
         if settings.get(key) is not None:
             settings[key] = str(settings[key])
+    if recipe.finalize is not None:
+        recipe.finalize(settings)
     validate(settings)
 
     if preset is not None:
@@ -495,7 +500,7 @@ def eval_attack_defaults(s: dict[str, Any]) -> dict[str, Any]:
 
 def build_attacks(specs: Sequence[str], task: Any, defaults: dict[str, Any]) -> dict[str, Any]:
     """Evaluation attacks in the run's threat model: ``defaults`` (eps, norm) apply to an attack whose
-    spec names no budget of its own and whose factory takes them."""
+    spec names no budget of its own and that takes both (the rest keep their own threat model)."""
     import inspect
 
     from .attacks.base import create_attack, parse_attack_spec
@@ -507,9 +512,11 @@ def build_attacks(specs: Sequence[str], task: Any, defaults: dict[str, Any]) -> 
         name, options = parse_attack_spec(spec)
         extra: dict[str, Any] = {}
         if not (set(options) & threat_keys) and name in ATTACKS:
+            # only an attack that takes the whole threat model (eps and norm) gets the run's; one with a
+            # norm of its own (pgd_l2, snr_pgd, ...) keeps its defaults
             params = inspect.signature(ATTACKS.get(name)).parameters
-            takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-            extra = {k: v for k, v in defaults.items() if k in params or takes_any}
+            if all(k in params for k in defaults):
+                extra = dict(defaults)
         attacks[spec] = create_attack(spec, task, **extra)
     return attacks
 
@@ -523,6 +530,8 @@ def build_method(s: dict[str, Any] | argparse.Namespace, task: Any, *, threat: A
     ``relative_step``); its objective, start and mode are the settings' when given (a preset gives
     them) and otherwise the method's own (``robustkd/presets/methods.yaml``). Teachers named by
     ``clean_teacher`` / ``robust_teacher`` are loaded with :func:`robustkd.teachers.load_teacher`.
+    Settings left out take their defaults: ``build_method({"method": "pgd_at", "attack_steps": 2},
+    task, threat=task.threat_model())`` is the method in the task's own threat model.
     """
     from .attacks.pgd import PGD
     from .presets import method_defaults
@@ -546,11 +555,11 @@ def build_method(s: dict[str, Any] | argparse.Namespace, task: Any, *, threat: A
         if init_std is None:
             init_std = atk_defaults.get("init_std", 0.001)
         loss = s.get("attack_loss") or atk_defaults.get("loss", "ce")
-        attack = PGD(task, threat, steps=s["attack_steps"], step_size=None if relative_step else step,
+        attack = PGD(task, threat, steps=s.get("attack_steps", 10), step_size=None if relative_step else step,
                      rel_step_size=step if relative_step else None, random_start=start, init_std=init_std, loss=loss)
         mode = s.get("attack_mode") or atk_defaults.get("mode")
     kwargs = {**own.get("method_kwargs", {}), **(s.get("method_kwargs") or {})}
-    if name in ("trades", "adr_trades"):
+    if name in ("trades", "adr_trades") and s.get("beta") is not None:
         kwargs.setdefault("beta", s["beta"])
     _check_method_kwargs(name, factory, kwargs)
     if own.get("teachers"):
