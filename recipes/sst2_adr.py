@@ -12,8 +12,6 @@ validation split, and accuracy under a TextAttack recipe (DeepWordBug by default
 ``--attack-step-size`` is relative to each token's radius here. The TextAttack result is the
 report's ``textattack`` section (``ema/report.json`` for the EMA copy).
 """
-from __future__ import annotations
-
 import random
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
