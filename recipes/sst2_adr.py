@@ -42,20 +42,19 @@ RECIPE = Recipe(__doc__.split("\n\n")[0], defaults=dict(
     lr_schedule="constant", eval_batch_size=64, robust_teacher="ema"), extra=(TextArgs,))
 
 
-def textattack_section(s: dict[str, Any], task):
+def textattack_section(s: dict[str, Any]):
     """The report's ``textattack`` section: a TextAttack recipe on a seeded random sample of the
-    validation split (rows are sorted by label: sample, do not slice)."""
-    data = task.dataset("test")
-    idx = list(range(len(data)))
-    random.Random(s["seed"]).shuffle(idx)
-    idx = idx[:s["textattack_examples"]]
-    texts, labels = [data.texts[i] for i in idx], [data.labels[i] for i in idx]
+    validation split (rows are sorted by label: sample, do not slice), for each evaluated model."""
 
     def sections(trainer, which, model, attacks) -> dict[str, Any]:
         if s["textattack_recipe"].lower() == "none" or (which == "ema" and s["textattack_on"] == "student"):
             return {}
-        result = textattack_evaluate(task, model, texts, labels, s["textattack_recipe"],
-                                     query_budget=s["textattack_query_budget"])
+        data = trainer.task.dataset("test")
+        idx = list(range(len(data)))
+        random.Random(s["seed"]).shuffle(idx)
+        idx = idx[:s["textattack_examples"]]
+        result = textattack_evaluate(trainer.task, model, [data.texts[i] for i in idx], [data.labels[i] for i in idx],
+                                     s["textattack_recipe"], query_budget=s["textattack_query_budget"])
         return {"textattack": {"recipe": s["textattack_recipe"], "sample": "seeded random", **result}}
     return sections
 
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     task = build_task(s, max_length=s["max_length"],
                       **{k: s[k] for k in ("text_column", "label_column") if s[k]})
     # --attack-step-size is relative to each token's radius here
-    return run_recipe(cfg, task=task, relative_step=True, sections=textattack_section(s, task))
+    return run_recipe(cfg, task=task, relative_step=True, sections=textattack_section(s))
 
 
 if __name__ == "__main__":
