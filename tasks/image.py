@@ -240,19 +240,24 @@ class ImageClassification(ContinuousTask):
                 "assume raw pixels. Remove Normalize from your data pipeline; robustkd models normalise inside."
             )
 
-    def build_model(self, name: str, **kwargs: Any) -> nn.Module:
-        """A registered image model or ``timm:<name>``, preceded by this data set's normalisation."""
+    def build_model(self, name: str, *, normalize: bool = True, **kwargs: Any) -> nn.Module:
+        """A registered image model or ``timm:<name>``; with ``normalize`` (default) it starts with this
+        data set's per-channel standardisation, without it the bare network (reference key layout)."""
+        from .image_models import accepts_normalize, with_normalization
+
+        mean, std = self.stats
         if name.startswith("timm:"):
             import timm
 
-            net = timm.create_model(name[5:], num_classes=self.num_classes, **kwargs)
-        else:
-            factory = MODELS.get(name)
-            if getattr(factory, "_robustkd_modality", None) != "image":
-                raise ValueError(f"the model {name!r} is not an image model; image models: {', '.join(self.model_names())}, "
-                                 "or timm:<name>")
-            net = factory(num_classes=self.num_classes, **kwargs)
-        return nn.Sequential(Normalize(*self.stats), net)
+            return with_normalization(timm.create_model(name[5:], num_classes=self.num_classes, **kwargs),
+                                      normalize, mean, std)
+        factory = MODELS.get(name)
+        if getattr(factory, "_robustkd_modality", None) != "image":
+            raise ValueError(f"the model {name!r} is not an image model; image models: {', '.join(self.model_names())}, "
+                             "or timm:<name>")
+        if accepts_normalize(factory):
+            return factory(num_classes=self.num_classes, normalize=normalize, mean=mean, std=std, **kwargs)
+        return with_normalization(factory(num_classes=self.num_classes, **kwargs), normalize, mean, std)
 
     def model_names(self) -> list[str]:
         return [e.name for e in MODELS.entries() if getattr(e.obj, "_robustkd_modality", None) == "image"]
