@@ -262,6 +262,13 @@ class ImageClassification(ContinuousTask):
     def model_names(self) -> list[str]:
         return [e.name for e in MODELS.entries() if getattr(e.obj, "_robustkd_modality", None) == "image"]
 
+    def load_pretrained(self, spec: str, **options: Any) -> nn.Module | None:
+        """A pretrained image model for this task (the ``Task.load_pretrained`` hook): see
+        :mod:`tasks.image_pretrained` (``autoattack-example:resnet18``, ``robustbench:NAME``, ``ARCH:PATH``)."""
+        from .image_pretrained import load_image_pretrained
+
+        return load_image_pretrained(spec, self, **options)
+
     def threat_model(self, eps: float | None = None, norm: str | None = None, **kwargs: Any) -> ThreatModel:
         if kwargs:
             raise TypeError(f"unknown threat-model options {sorted(kwargs)} for {self.name}: image budgets take "

@@ -11,8 +11,9 @@ The official runtime checks (randomised defence, probabilities instead of logits
 behaviour, class count, Square beating the white-box attacks, zero gradients) are logged and
 recorded in :meth:`AutoAttack.describe` under ``runtime_checks``, so they reach the report.
 
-Long evaluations resume from the official state file through :func:`run_autoattack`
-(``robustkd eval --robustbench --aa-state FILE``).
+Long evaluations resume: with ``resume_dir`` every finished batch's adversarial inputs are kept, and a
+rerun of the same evaluation skips those batches (``robustkd eval --robustbench`` keeps them under its
+output directory). :func:`run_autoattack` passes the official state file through for whole-set runs.
 """
 from __future__ import annotations
 
@@ -112,7 +113,8 @@ class AutoAttack(Attack):
     def __init__(self, task: Task, threat: ThreatModel | None = None, *, eps: float | None = None,
                  norm: str | None = None, version: str = "standard", attacks: Sequence[str] | str | None = None,
                  seed: int = 0, steps: int | None = None, n_restarts: int | None = None,
-                 n_queries: int | None = None, n_target_classes: int | None = None, verbose: bool = False):
+                 n_queries: int | None = None, n_target_classes: int | None = None, verbose: bool = False,
+                 resume_dir: str | Path | None = None):
         super().__init__(task)
         if not isinstance(task, ContinuousTask):
             raise TypeError(f"AutoAttack needs a task whose inputs are a tensor in a box; {task.name!r} is not")
@@ -134,6 +136,7 @@ class AutoAttack(Attack):
         if attacks and (unknown := [a for a in attacks if a not in COMPONENTS]):
             raise ValueError(f"unknown AutoAttack components {unknown}; known: {', '.join(COMPONENTS)}")
         self.version, self.attacks, self.seed, self.verbose, self.knobs = version, attacks, seed, verbose, knobs
+        self.resume_dir = Path(resume_dir) if resume_dir is not None else None
         self.components = tuple(self.official(nn.Identity(), "cpu").attacks_to_run)  # what the version runs
         self.runtime_checks: list[str] = []
 
@@ -152,19 +155,46 @@ class AutoAttack(Attack):
             raise ValueError("AutoAttack needs hard labels")
         x = batch["inputs"].detach()
         lo, hi = self.threat.domain
-        was_training = model.training
-        net = _UnitBoxModel(self.task, model, lo, hi).eval()
-        try:
-            adversary = self.official(net, x.device)
-            z_adv, _, messages = run_autoattack(adversary, (x - lo) / (hi - lo), y, batch_size=len(x))
-        finally:
-            model.train(was_training)
-        for msg in messages:
-            if msg not in self.runtime_checks:
-                self.runtime_checks.append(msg)
-                logging.getLogger(__name__).warning("AutoAttack runtime check: %s", msg)
+        saved = self._resume_file(model, x, y)
+        if saved is not None and saved.exists():
+            z_adv = torch.load(saved, map_location=x.device, weights_only=True)
+        else:
+            was_training = model.training
+            net = _UnitBoxModel(self.task, model, lo, hi).eval()
+            try:
+                adversary = self.official(net, x.device)
+                z_adv, _, messages = run_autoattack(adversary, (x - lo) / (hi - lo), y, batch_size=len(x))
+            finally:
+                model.train(was_training)
+            for msg in messages:
+                if msg not in self.runtime_checks:
+                    self.runtime_checks.append(msg)
+                    logging.getLogger(__name__).warning("AutoAttack runtime check: %s", msg)
+            if saved is not None:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(z_adv.cpu(), saved.with_suffix(".tmp"))
+                saved.with_suffix(".tmp").replace(saved)
         delta = (lo + (hi - lo) * z_adv) - x
         return Adversarial(batch, self.threat.project(x, delta))
+
+    def _resume_file(self, model: nn.Module, x: Tensor, y: Tensor) -> Path | None:
+        """With ``resume_dir``: the file that keeps this batch's adversarial inputs once it is done, named by
+        the batch's content, the model's weights and the attack's settings, so a rerun skips finished batches. (The official
+        state file restores only verdicts, not the adversarial inputs of points fooled before a restart,
+        which the report's calibration and consistency metrics need.)"""
+        if self.resume_dir is None:
+            return None
+        import hashlib
+
+        h = hashlib.sha1()
+        with torch.no_grad():
+            weights = torch.stack([p.detach().double().sum() for p in model.parameters()]) if any(
+                True for _ in model.parameters()) else torch.zeros(1)
+        for t in (x, y, weights):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        settings = {k: v for k, v in self.describe().items() if k != "runtime_checks"}
+        h.update(repr(sorted(settings.items())).encode())
+        return self.resume_dir / f"autoattack-{h.hexdigest()[:20]}.pt"
 
     def describe(self) -> dict[str, Any]:
         return {"attack": "autoattack", "backend": f"pyautoattack {official_version()}", "version": self.version,
