@@ -89,15 +89,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model_meta = {"name": meta.get("model", type(model).__name__), "checkpoint": str(Path(args.checkpoint)),
                       "which": which, "method": meta.get("method"), "epochs": meta.get("epochs"),
                       **({"preset": meta["preset"]} if meta.get("preset") else {})}
-    device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
+    # under `accelerate launch` / torchrun this joins the process group: the points are split over processes
+    from accelerate import PartialState
+
+    state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
+    device = state.device
     factors = ([float(f) for f in args.curve_factors.split(",")] if args.curve_factors else DEFAULT_FACTORS)
     ev = run_evaluation(
         task, model, attacks, loader=loader, split=args.split, max_samples=args.max_eval_samples,
         batch_size=args.batch_size, seed=args.seed, device=device, curve_factors=factors, curve_steps=args.curve_steps,
         output_dir=args.output_dir, history=load_history(args.checkpoint) if args.checkpoint else None,
         data_dir=data_dir, model_meta=model_meta, progress=not args.no_progress)
-    print(summary_text(ev.report))
-    print(f"report: {ev.files['report']}\npage:   {ev.files['html']}")
+    if state.is_main_process:
+        print(summary_text(ev.report))
+        print(f"report: {ev.files['report']}\npage:   {ev.files['html']}")
     return 0 if ev.passed else EXIT_SANITY_FAILED
 
 
@@ -238,9 +243,78 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 1 if (args.strict and listing["problems"]) else 0
 
 
+# -- export ------------------------------------------------------------------------------------
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write an evaluation in another project's format (robustbench: model_info JSON)",
+                       description="robustkd export robustbench EVAL_DIR writes RobustBench's "
+                                   "model_info/<dataset>/<threat>/<name>.json from a `robustkd eval --robustbench` report.")
+    p.add_argument("format", choices=["robustbench"])
+    p.add_argument("eval_dir", help="the --output-dir of `robustkd eval --robustbench` (or its report.json)")
+    p.add_argument("--name", default=None, help="the leaderboard entry's model name (file name); default: the eval "
+                   "directory's name")
+    p.add_argument("--paper", default="", help="the entry's title (RobustBench's 'name' field)")
+    p.add_argument("--link", default="")
+    p.add_argument("--authors", default="")
+    p.add_argument("--venue", default="")
+    p.add_argument("--architecture", default="", help="e.g. WideResNet-34-10; default: the model's name")
+    p.add_argument("--additional-data", action="store_true", help="trained with data beyond the training split")
+    p.add_argument("--output-dir", default=None, help="where model_info/ goes; default: EVAL_DIR")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from .eval.report import read_report
+    from .robustbench import model_info, write_model_info
+
+    report = read_report(args.eval_dir)
+    base = Path(args.eval_dir)
+    base = base.parent if base.is_file() else base
+    info, threat, notes = model_info(report, name=args.paper, link=args.link, authors=args.authors, venue=args.venue,
+                                     architecture=args.architecture, additional_data=args.additional_data)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    path = write_model_info(info, args.output_dir or base, args.name or base.name, threat)
+    print(json.dumps(info, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+# -- push ----------------------------------------------------------------------------------------
+def add_push_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help="put a run on the Hugging Face Hub: weights, robustkd.json, reports, model card",
+                       description="Write a Hub folder for a recipe's output directory (model.safetensors, "
+                                   "ema.safetensors, robustkd.json, report.json, README.md model card with the measured "
+                                   "accuracies in model-index metadata) and push it. Offline (HF_HUB_OFFLINE=1) it only "
+                                   "writes the folder and says how to push it later.")
+    p.add_argument("run", help="a recipe's --output-dir")
+    p.add_argument("--repo-id", required=True, help="the Hub repository, e.g. me/cifar10-adr")
+    p.add_argument("--eval", default=None, help="the --output-dir of `robustkd eval` for this run: its accuracies and "
+                   "ECE go into the model card")
+    p.add_argument("--folder", default=None, help="where the Hub folder is written; default: RUN/hub")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=cmd_push)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_run
+
+    folder, url = push_run(args.run, args.repo_id, eval_dir=args.eval, folder=args.folder,
+                           private=args.private or None)
+    files = ", ".join(sorted(p.name for p in folder.iterdir()))
+    if url is None:
+        print(f"offline (HF_HUB_OFFLINE=1): wrote a ready-to-push folder {folder} ({files}). Push it when online with:\n"
+              f"  robustkd push {args.run} --repo-id {args.repo_id}\n"
+              f"  (or: huggingface-cli upload {args.repo_id} {folder} .)")
+    else:
+        print(f"pushed {folder} ({files}) to {args.repo_id}: {url}")
+    return 0
+
+
 # -- the parser ----------------------------------------------------------------------------------
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_eval_parser, add_compare_parser,
-                                                                  add_list_parser]
+                                                                  add_list_parser, add_export_parser, add_push_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

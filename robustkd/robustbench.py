@@ -110,38 +110,51 @@ def load_robustbench(spec: str, dataset: str, model_dir: str | Path | None = Non
 
 
 # -- the leaderboard's model_info JSON -------------------------------------------------------------
-def model_info(report: dict[str, Any], *, name: str, paper: str = "", venue: str = "", architecture: str = "",
-               training_data: str = "", eps: str | None = None, footnote: str = "") -> dict[str, Any]:
-    """RobustBench's ``model_info/<dataset>/<threat>/<name>.json`` from a robustkd evaluation report
-    (``robustkd eval --robustbench``): clean and AutoAttack accuracy in percent, as strings."""
-    metrics = report["metrics"]
+# The fields of robustbench.utils.ModelInfo (1.1.1), which RobustBench's own update_json writes.
+MODEL_INFO_FIELDS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
+                     "architecture", "eps", "clean_acc", "reported", "corruptions_acc", "corruptions_acc_3d",
+                     "corruptions_mce", "corruptions_mce_3d", "autoattack_acc", "footnote")
+
+
+def model_info(report: dict[str, Any], *, name: str = "", link: str = "", authors: str = "", venue: str = "",
+               architecture: str = "", additional_data: bool = False, reported: str | None = None,
+               footnote: str | None = None) -> tuple[dict[str, Any], str, list[str]]:
+    """RobustBench's ``model_info`` entry from a robustkd evaluation report (``robustkd eval --robustbench``):
+    returns (the JSON fields, the threat model, warnings). Accuracies are percent strings rounded to two
+    decimals and ``eps`` a float, as RobustBench's ``update_json`` writes them."""
     aa = [k for k, d in report["attacks"].items() if d.get("attack") == "autoattack"]
     if not aa:
-        raise ValueError("the report has no AutoAttack result: evaluate with `robustkd eval --robustbench` "
-                         "(or --attacks autoattack) first")
+        raise ValueError("the report has no AutoAttack result: evaluate with `robustkd eval --robustbench` first")
     desc = report["attacks"][aa[0]]
     if desc.get("version") != "standard":
         raise ValueError(f"RobustBench lists AutoAttack version standard; this report ran version "
                          f"{desc.get('version')!r}: re-evaluate with `robustkd eval --robustbench`")
-    threat = {"linf": "Linf", "l2": "L2"}.get(desc.get("norm", ""), desc.get("norm"))
-    eps_value = desc.get("eps")
-    if eps is None and eps_value is not None:
-        eps = f"{round(eps_value * 255)}/255" if threat == "Linf" else f"{eps_value:g}"
-    acc = metrics["adversarial"][aa[0]]["accuracy"]
-    return {
-        "link": "", "name": paper or name, "authors": "", "additional_data": training_data not in ("", None),
-        "number_forward_passes": 1, "dataset": report["task"]["name"], "venue": venue,
-        "architecture": architecture or report["model"].get("name", ""), "eps": eps,
-        "clean_acc": f"{100 * metrics['clean']['accuracy']:.2f}", "reported": f"{100 * acc:.2f}",
-        "autoattack_acc": f"{100 * acc:.2f}", "footnote": footnote,
-        "unreliable": False,
-        "robustkd": {"threat_model": threat, "num_examples": report["task"]["num_examples"],
-                     "autoattack": desc.get("backend"), "date": datetime.date.today().isoformat()},
-    }
+    threat = {"linf": "Linf", "l2": "L2"}.get(str(desc.get("norm")), str(desc.get("norm")))
+    dataset = report["task"]["name"]
+    notes: list[str] = []
+    protocol = PROTOCOL.get((dataset, threat))
+    if protocol is None:
+        raise ValueError(f"RobustBench has no {threat} leaderboard for {dataset!r}")
+    if abs(float(desc.get("eps", -1)) - protocol["eps"]) > 1e-9:
+        raise ValueError(f"the report's budget eps={desc.get('eps')} is not the leaderboard's {protocol['eps']:.6g}: "
+                         "re-evaluate with `robustkd eval --robustbench`")
+    n = int(report["task"]["num_examples"])
+    if n < protocol["n_ex"]:
+        notes.append(f"evaluated on {n} points, not the leaderboard's {protocol['n_ex']}: an estimate, not an entry")
+        footnote = footnote or f"AutoAttack on the first {n} test points only."
+    clean = str(round(report["metrics"]["clean"]["accuracy"] * 100, 2))
+    robust = str(round(report["metrics"]["adversarial"][aa[0]]["accuracy"] * 100, 2))
+    info = dict.fromkeys(MODEL_INFO_FIELDS)
+    info.update(link=link, name=name, authors=authors, additional_data=additional_data, number_forward_passes=1,
+                dataset=dataset, venue=venue, architecture=architecture or report["model"].get("name", ""),
+                eps=protocol["eps"], clean_acc=clean, reported=reported if reported is not None else robust,
+                autoattack_acc=robust, footnote=footnote)
+    return info, threat, notes
 
 
-def write_model_info(info: dict[str, Any], out_dir: str | Path, name: str, dataset: str, threat: str) -> Path:
-    path = Path(out_dir) / "model_info" / dataset / threat / f"{name}.json"
+def write_model_info(info: dict[str, Any], out_dir: str | Path, model_name: str, threat: str) -> Path:
+    """``OUT/model_info/<dataset>/<threat>/<model_name>.json``, RobustBench's layout."""
+    path = Path(out_dir) / "model_info" / info["dataset"] / threat / f"{model_name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info, indent=2) + "\n")
     return path
