@@ -100,9 +100,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seed=args.seed, device=device, curve_factors=factors, curve_steps=args.curve_steps,
         output_dir=args.output_dir, history=load_history(args.checkpoint) if args.checkpoint else None,
         data_dir=data_dir, model_meta=model_meta, progress=not args.no_progress)
-    if state.is_main_process:
-        print(summary_text(ev.report))
-        print(f"report: {ev.files['report']}\npage:   {ev.files['html']}")
+    if not state.is_main_process:
+        return 0  # the main process reports (and sets the exit status; a launcher turns 3 into its own failure)
+    print(summary_text(ev.report))
+    print(f"report: {ev.files['report']}\npage:   {ev.files['html']}")
     return 0 if ev.passed else EXIT_SANITY_FAILED
 
 
