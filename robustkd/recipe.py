@@ -76,7 +76,10 @@ def common_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: only at the end)")
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    run.add_argument("--log-with", default=None, help="an Accelerate tracker (tensorboard, wandb, ...)")
+    run.add_argument("--log-with", default=None, help="log metrics to an Accelerate tracker: tensorboard (pip install "
+                     "'robustkd[tensorboard]'; logs under --output-dir) or wandb (pip install 'robustkd[wandb]')")
+    run.add_argument("--run-name", default=None, help="the tracker run's name (default: the --output-dir's name)")
+    run.add_argument("--tags", default="", help="comma-separated tracker tags (wandb)")
     run.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is present")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
@@ -113,7 +116,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         awp_gamma=args.awp_gamma if args.awp else None, awp_warmup=args.awp_warmup,
         eval_every=args.eval_every, eval_attacks=_specs(args.eval_attacks), max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples, seed=args.seed, output_dir=args.output_dir, resume=args.resume,
-        cpu=args.cpu, log_with=args.log_with, progress=not args.no_progress)
+        cpu=args.cpu, log_with=args.log_with, run_name=args.run_name,
+        tags=[t for t in args.tags.split(",") if t], progress=not args.no_progress)
 
 
 _specs = split_attack_specs

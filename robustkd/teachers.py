@@ -203,6 +203,8 @@ def load_teacher(spec: "str | Path", task: Task, *, which: str = "auto", probe: 
                              f"{task.name!r} has {task.num_classes}: its classifier head would be random. Fine-tune "
                              "it on this task first (e.g. recipes/cifar_adr.py --method standard --model "
                              f"{spec}) and pass that run's output directory.")
+    elif (hooked := task.load_pretrained(spec)) is not None:  # autoattack-example:, robustbench:, ARCH:PATH, ...
+        model = hooked
     else:
         path = Path(spec).expanduser()
         if not path.exists():

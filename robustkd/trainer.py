@@ -60,6 +60,9 @@ class TrainConfig:
     resume: bool = False
     cpu: bool = False
     log_with: str | None = None  # any Accelerate tracker: tensorboard, wandb, ...
+    # ecosystem: the tracker run's name (default: the output directory's name) and tags (wandb)
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
     progress: bool = True
     keep_checkpoints: int = 1
 
@@ -121,6 +124,7 @@ class Trainer:
         if config.awp_gamma is not None and config.grad_accum > 1:
             raise ValueError("AWP perturbs the weights once per optimizer step and cannot be combined with "
                              "gradient accumulation: use --grad-accum 1 or drop --awp")
+        check_trackers(config.log_with)
         self.accelerator = Accelerator(
             cpu=config.cpu or not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum, log_with=config.log_with,
@@ -231,7 +235,9 @@ class Trainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if c.log_with:
-            acc.init_trackers(self.output_dir.name, config=_flat_config(self.run_config()))
+            name = c.run_name or self.output_dir.name
+            acc.init_trackers(name, config=_flat_config(self.run_config()),
+                              init_kwargs={"wandb": {"name": name, "tags": list(c.tags)}})
         for epoch in range(self.state.epoch, c.epochs):
             if hasattr(self.train_loader, "set_epoch"):
                 self.train_loader.set_epoch(epoch)
@@ -355,3 +361,15 @@ def _summary_line(record: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def check_trackers(log_with: str | None) -> None:
+    """Refuse a named tracker whose package is missing (Accelerate would skip it without a word)."""
+    if not log_with:
+        return
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    for name in (n.strip() for n in str(log_with).split(",")):
+        if name and name != "all" and name not in available:
+            raise ValueError(f"--log-with {name}: the {name} package is not installed (pip install "
+                             f"'robustkd[{name}]' or pip install {name}); installed trackers: "
+                             f"{', '.join(sorted(available)) or 'none'}")

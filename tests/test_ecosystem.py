@@ -308,3 +308,15 @@ def test_two_process_evaluation_equals_one_process(cifar_task, cifar_dir, tmp_pa
     assert one["task"]["num_examples"] == two["task"]["num_examples"] == 20
     assert one["metrics"] == two["metrics"] and one["curve"] == two["curve"]
     assert proc.stdout.count("report:") == 1  # only the main process prints and writes
+
+
+# -- trackers -----------------------------------------------------------------------------------
+def test_a_named_tracker_that_is_not_installed_is_refused_with_the_extra(monkeypatch):
+    import accelerate.tracking
+
+    from robustkd.trainer import check_trackers
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
+    with pytest.raises(ValueError, match=r"robustkd\[tensorboard\]"):
+        check_trackers("tensorboard")
+    check_trackers(None)
