@@ -51,6 +51,13 @@ class TrainConfig:
     ema_warmup: bool = False  # timm's decay ramp min(decay, (1+t)/(10+t)); not in ADR's reference
     awp_gamma: float | None = None  # enable AWP with this gamma (5e-3 in the papers)
     awp_warmup: int = 0
+    # -- fidelity (docs/fidelity.md): optimizer, schedule and AWP settings of the reference code --
+    nesterov: bool = False  # Nesterov momentum (ADR's SGD configs: True; its AWP configs: False)
+    lr_warmup_epochs: float = 0  # linear warm-up over this many epochs (fractions allowed: ADR uses 2.5), then the schedule
+    lr_warmup_init: float = 0.0  # the LR the warm-up starts from (ADR's PreAct configs: 1e-6)
+    lr_min: float = 0.0  # the cosine schedule's final LR
+    drop_last: bool = False  # drop the last partial training batch (ADR's reference does)
+    awp_style: str = "adr"  # adr: every parameter, BN statistics from the unperturbed pass | wu2020: see awp.py
     eval_every: int = 1
     eval_attacks: list[str] = field(default_factory=lambda: ["pgd20"])
     max_train_samples: int | None = None
@@ -129,7 +136,7 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         acc = self.accelerator
         self.train_loader = task.dataloader("train", config.batch_size, max_samples=config.max_train_samples,
-                                            seed=config.seed, drop_last=False)
+                                            seed=config.seed, drop_last=config.drop_last)
         self.eval_loader = task.dataloader("test", config.eval_batch_size, max_samples=config.max_eval_samples,
                                            seed=config.seed, shuffle=False)
         if len(self.train_loader) == 0:
@@ -138,7 +145,8 @@ class Trainer:
         self.optimizer = self._make_optimizer(model)
         decay = config.ema_decay if config.ema_decay is not None else (0.995 if method.needs_ema else None)
         self.ema = EMATeacher(model, decay, warmup=config.ema_warmup) if decay is not None else None
-        self.awp = AWP(config.awp_gamma, config.awp_warmup) if config.awp_gamma is not None else None
+        self.awp = AWP(config.awp_gamma, config.awp_warmup, style=config.awp_style) \
+            if config.awp_gamma is not None else None
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(
             model, self.optimizer, self.train_loader, self.eval_loader)
         if self.ema is not None:
@@ -166,22 +174,28 @@ class Trainer:
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         c = self.config
         if c.optimizer == "sgd":
-            return torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+            return torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                                   nesterov=c.nesterov)
+        if c.nesterov:
+            raise ValueError(f"nesterov applies to the SGD optimizer only, not {c.optimizer!r}: drop --nesterov")
         if c.optimizer == "adamw":
             return torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         raise ValueError(f"unknown optimizer {c.optimizer!r}: use 'sgd' or 'adamw'")
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
-        """Per-iteration schedulers (stepped once per optimizer step)."""
-        c, opt = self.config, self.optimizer
-        if c.lr_schedule == "multistep":
-            steps = [m * self.steps_per_epoch for m in c.resolved_milestones()]
-            return torch.optim.lr_scheduler.MultiStepLR(opt, steps, gamma=c.lr_gamma)
-        if c.lr_schedule == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.total_steps, 1))
-        if c.lr_schedule == "constant":
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-        raise ValueError(f"unknown LR schedule {c.lr_schedule!r}: use multistep, cosine or constant")
+        """Per-iteration schedulers (stepped once per optimizer step); see :func:`lr_factor`."""
+        c = self.config
+        if c.lr_schedule not in ("multistep", "cosine", "constant"):
+            raise ValueError(f"unknown LR schedule {c.lr_schedule!r}: use multistep, cosine or constant")
+        if c.lr_warmup_epochs < 0 or c.lr_warmup_init < 0 or c.lr_min < 0:
+            raise ValueError("lr_warmup_epochs, lr_warmup_init and lr_min must be >= 0")
+        milestones = [m * self.steps_per_epoch for m in c.resolved_milestones()]
+        warmup = int(c.lr_warmup_epochs * self.steps_per_epoch)
+        if c.lr_schedule == "multistep" and not warmup:
+            return torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, gamma=c.lr_gamma)
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: lr_factor(
+            k, c.lr_schedule, lr=c.lr, total=max(self.total_steps, 1), milestones=milestones, gamma=c.lr_gamma,
+            warmup=warmup, warmup_init=c.lr_warmup_init, lr_min=c.lr_min))
 
     def progress(self) -> Progress:
         milestones = [m * self.steps_per_epoch for m in self.config.resolved_milestones()] \
@@ -206,11 +220,13 @@ class Trainer:
         with acc.accumulate(model):
             loss, logs = method.loss(model, batch, prepared, progress)
             acc.backward(loss)
+            if v is not None and self.awp.restores_before_step:  # the gradient at w + v updates w
+                self.awp.restore(victim, v)
             if self.config.max_grad_norm is not None and acc.sync_gradients:
                 acc.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if v is not None:
+        if v is not None and not self.awp.restores_before_step:
             self.awp.restore(victim, v)
         if acc.sync_gradients:
             self.scheduler.step()
@@ -355,3 +371,22 @@ def _summary_line(record: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def lr_factor(k: int, schedule: str, *, lr: float, total: int, milestones: list[int], gamma: float = 0.1,
+              warmup: int = 0, warmup_init: float = 0.0, lr_min: float = 0.0) -> float:
+    """The LR of optimizer step ``k`` (0-based) as a fraction of ``lr``, as ADR's reference sets it:
+    a timm scheduler stepped after each iteration with that iteration's index, so step ``k`` runs
+    at ``f(max(k - 1, 0))`` where ``f(t)`` is a linear warm-up from ``warmup_init`` for ``t < warmup``
+    and then the schedule at ``t`` (the cosine spans all ``total`` steps, warm-up included, as
+    timm's ``warmup_prefix=False``). Milestones take effect at step ``k = m`` (timm compares them
+    with ``t + 1``), as PyTorch's MultiStepLR.
+    """
+    t = max(k - 1, 0)
+    if t < warmup:
+        return (warmup_init + t * (lr - warmup_init) / warmup) / lr
+    if schedule == "cosine":
+        if t >= total:
+            return lr_min / lr
+        return (lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * t / total))) / lr
+    if schedule == "multistep":
+        return gamma ** sum(k >= m for m in milestones)
+    return 1.0

@@ -29,6 +29,8 @@ from .image_models import Normalize
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# TinyImageNet's own statistics, as ADR's reference uses them (src/model/create_model.py:16-17)
+TINY_IMAGENET_STATS = ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262))
 
 SPLIT_ALIASES = {"test": ("test", "validation", "valid", "val"), "train": ("train",)}
 
@@ -285,7 +287,7 @@ def cifar100(data_dir: str | None = None, **kwargs: Any) -> ImageClassification:
 @register_task("tinyimagenet")
 def tinyimagenet(data_dir: str | None = None, **kwargs: Any) -> ImageClassification:
     """TinyImageNet-200: 200 classes of 64x64 images (hub: zh-plus/tiny-imagenet)."""
-    return ImageClassification("tinyimagenet", 200, 64, IMAGENET_STATS, data_dir=data_dir, hub_name="zh-plus/tiny-imagenet", **kwargs)
+    return ImageClassification("tinyimagenet", 200, 64, TINY_IMAGENET_STATS, data_dir=data_dir, hub_name="zh-plus/tiny-imagenet", **kwargs)
 
 
 @register_task("imagefolder")

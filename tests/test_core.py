@@ -121,7 +121,7 @@ def test_awp_perturbs_each_weight_by_gamma_times_its_norm_and_restores_it():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     original = [p.detach().clone() for p in model.parameters()]
-    awp = AWP(gamma=0.01)
+    awp = AWP(gamma=0.01, style="wu2020")  # the weight-matrices-only style; the reference style: test_fidelity.py
     v = awp.compute(model, lambda m: F.cross_entropy(m(x), y))
     loss_before = F.cross_entropy(model(x), y).item()
     awp.perturb(model, v)
