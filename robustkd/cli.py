@@ -175,9 +175,60 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 1 if (args.strict and listing["problems"]) else 0
 
 
+# -- presets -------------------------------------------------------------------------------------
+def add_presets_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("presets", help="list the reference configurations (presets) recipes can start from",
+                       description="Every reference configuration as a preset: each ADR config file and MTARD / "
+                                   "B-MTARD CIFAR script, with its source file and settings. Start a recipe from "
+                                   "one with --preset NAME; a flag given with it overrides one setting.")
+    p.add_argument("name", nargs="?", default=None, help="show this preset's every setting (or a prefix, e.g. "
+                   "adr/cifar100, to list those)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_presets)
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    import json
+
+    from .presets import get_preset, list_presets
+
+    if args.name and not args.name.endswith("/") and not list_presets(args.name + "/"):
+        preset = get_preset(args.name)
+        if args.json:
+            print(json.dumps(preset.to_dict(), indent=2))
+            return 0
+        print(f"{preset.name}: {preset.description}\nsource: {preset.source}")
+        width = max(len(k) for k in preset.settings)
+        for key, value in preset.settings.items():
+            print(f"  {key:<{width}}  {json.dumps(value)}" + (f"    # {line}" if key in preset.lines else ""))
+        for kw in ("tau", "lam", "eta", "beta", "kl_scale", "temp_lr", "t_min", "t_max", "decay"):
+            if kw in preset.lines:
+                print(f"  {'':<{width}}  method_kwargs.{kw}: line {preset.lines[kw]}")
+        if "attack" in preset.lines:
+            print(f"  attack: {preset.lines['attack']}")
+        for title, items in (("teachers", [f"{k}: {v}" for k, v in preset.teachers.items()]),
+                             ("notes", preset.notes), ("not reproduced by robustkd", preset.unsupported)):
+            if items:
+                print(f"{title}:")
+                for item in items:
+                    print(f"  - {item}")
+        return 0
+    presets = list_presets(args.name.rstrip("/") + "/" if args.name else "")
+    if args.json:
+        print(json.dumps([{"name": p.name, "source": p.source, "description": p.description,
+                           "settings": p.settings} for p in presets], indent=2))
+        return 0
+    width = max(len(p.name) for p in presets)
+    for p in presets:
+        print(f"{p.name:<{width}}  {p.source}")
+        print(f"{'':<{width}}  {p.key_settings()}" + ("  [differs: see robustkd presets NAME]" if p.unsupported else ""))
+    print(f"\n{len(presets)} presets; `robustkd presets NAME` shows every setting with its source line.")
+    return 0
+
+
 # -- the parser ----------------------------------------------------------------------------------
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_eval_parser, add_compare_parser,
-                                                                  add_list_parser]
+                                                                  add_list_parser, add_presets_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,17 +53,18 @@ class RobustConfig:
 
 
 def _build_attack(config: RobustConfig, task: Task) -> Attack | None:
-    if config.method == "standard":
+    """The method's training attack: ``config.attack`` with the method's own objective and start
+    (robustkd/presets/methods.yaml, the one table of them); None for a method without one."""
+    from .presets import method_defaults
+
+    own = method_defaults(config.method).get("attack")
+    if own is None:
         return None
-    trades_like = config.method in ("trades", "adr_trades")
     overrides: dict[str, Any] = {}
     name = config.attack.split(":")[0]
     if name in ("embedding_pgd", "pgd"):
-        overrides = {"eps": config.eps, "norm": config.norm, "steps": config.attack_steps}
-        if trades_like:
-            overrides.update(loss="kl", random_start="normal")
-        elif config.method == "mtard":
-            overrides.update(random_start="normal")
+        overrides = {"eps": config.eps, "norm": config.norm, "steps": config.attack_steps,
+                     **{k: own[k] for k in ("loss", "random_start", "init_std") if k in own}}
     return create_attack(config.attack, task, **overrides)
 
 
@@ -75,12 +76,18 @@ class RobustCallback(TrainerCallback):
     def __init__(self, model: nn.Module, tokenizer: Any, config: RobustConfig | None = None, task: Task | None = None):
         from tasks.text import TextClassification
 
+        from .presets import method_defaults
+
         self.config = config or RobustConfig()
         self.task = task or TextClassification.for_model(model, tokenizer, max_length=self.config.max_length,
                                                          **({"eps": self.config.eps} if self.config.eps is not None else {}),
                                                          **({"norm": self.config.norm} if self.config.norm else {}))
+        own = method_defaults(self.config.method)
         self.method: Method = create_method(self.config.method, self.task, _build_attack(self.config, self.task),
-                                            **self.config.method_kwargs)
+                                            **{**own["method_kwargs"], **self.config.method_kwargs})
+        mode = (own.get("attack") or {}).get("mode")
+        if mode is not None:
+            self.method.attack_mode = mode  # the method's own (robustkd/presets/methods.yaml)
         decay = self.config.ema_decay if self.config.ema_decay is not None else (0.995 if self.method.needs_ema else None)
         self.ema_decay = decay
         self.ema: EMATeacher | None = None

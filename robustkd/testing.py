@@ -504,12 +504,12 @@ def _task_check_fns(ctx: _TaskContext, distributed: bool) -> list[tuple[str, Cal
         return f"defaults {specs} build; attacks for {task.modality}: {', '.join(available)}"
 
     def train_step() -> str:
-        from .attacks.pgd import PGD
-        from .distill.methods import Progress, create_method
+        from .config import build_method
+        from .distill.methods import Progress
 
         batch = ctx.batch("train")
         student = copy.deepcopy(ctx.model()).train()
-        method = create_method("pgd_at", task, PGD(task, steps=2))
+        method = build_method({"method": "pgd_at", "attack_steps": 2}, task, threat=task.threat_model())
         method.setup(student, None)
         progress = Progress(0, 1, 0, 0)
         torch.manual_seed(ctx.seed)
@@ -858,8 +858,7 @@ def _run_two_processes(task: Task, model: nn.Module, batch_size: int, seed: int,
 
 
 def _worker(payload_path: str, out_dir: str) -> None:
-    from .attacks.pgd import PGD
-    from .distill.methods import create_method
+    from .config import build_method
     from .teachers import unwrap
     from .trainer import TrainConfig, Trainer
 
@@ -869,7 +868,7 @@ def _worker(payload_path: str, out_dir: str) -> None:
                          lr=0.01, max_train_samples=payload["n_train"], max_eval_samples=2 * payload["batch_size"],
                          eval_attacks=[], seed=payload["seed"], output_dir=str(Path(out_dir) / "run"), cpu=True,
                          progress=False)
-    method = create_method("adr", task, PGD(task, steps=2))
+    method = build_method({"method": "adr", "attack_steps": 2}, task, threat=task.threat_model())
     trainer = Trainer(task, model, method, config)
     history = trainer.fit()
     acc = trainer.accelerator

@@ -44,7 +44,7 @@ class TrainConfig:
     lr_schedule: str = "multistep"  # multistep | cosine | constant
     milestones: list[int] | None = None  # epochs; default: 50 % and 75 % of the run (ADR's 100/150 of 200)
     lr_gamma: float = 0.1
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str | None = None  # no | fp16 | bf16; None: Accelerate's setting (accelerate launch --mixed_precision, accelerate config)
     grad_accum: int = 1
     max_grad_norm: float | None = None
     ema_decay: float | None = None  # keep an EMA (WA) model; methods that need one default to 0.995

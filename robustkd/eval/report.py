@@ -129,8 +129,10 @@ def _finite(obj: Any) -> Any:
 
 def build_report(*, task: Task, model: dict[str, Any], attacks: Mapping[str, Attack], metrics: dict[str, Any],
                  sweep: Any, checks: Sequence[Any], seed: int, split: str, seconds: float, device: str,
-                 version: str, history: list[dict[str, Any]] | None = None, data_dir: str | None = None) -> dict[str, Any]:
-    """Assemble a schema-valid report from the evaluation's parts."""
+                 version: str, history: list[dict[str, Any]] | None = None, data_dir: str | None = None,
+                 sections: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Assemble a schema-valid report from the evaluation's parts; ``sections`` add top-level sections
+    (a recipe's run configuration, ...) that may not replace the schema's own."""
     import torch
 
     report = {
@@ -152,6 +154,10 @@ def build_report(*, task: Task, model: dict[str, Any], attacks: Mapping[str, Att
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": device},
         "seconds": float(seconds),
     }
+    clash = sorted(set(sections or {}) & set(report))
+    if clash:
+        raise ValueError(f"report sections {clash} would replace the report's own")
+    report.update(sections or {})
     report = _finite(json.loads(json.dumps(report, default=str)))
     validate_report(report)
     return report
