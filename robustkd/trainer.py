@@ -25,7 +25,8 @@ from .checkpoint import atomic_write_text, save_model_dir
 from .distill.methods import Method, Progress
 from .eval.robustness import evaluate
 from .task import Task
-from .teachers import EMATeacher, average_across_processes, unwrap
+from .distributed import reduce_
+from .teachers import EMATeacher, unwrap
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -195,10 +196,7 @@ class Trainer:
         acc, method, model = self.accelerator, self.method, self.model
         progress = self.progress()
         victim = unwrap(model)
-        if method.attack_mode == "eval":
-            victim.eval()
-        prepared = method.prepare(victim, batch, progress)
-        victim.train()
+        prepared = method.prepare(victim, batch, progress)  # the attack sets and restores the victim's mode
         v = None
         if self.awp is not None and self.awp.active(self.state.epoch):
             v = self.awp.compute(victim, lambda m: method.loss(m, batch, prepared, progress)[0])
@@ -252,7 +250,7 @@ class Trainer:
                                       **self.method.log_values(self.progress())}
             self.state.epoch = epoch + 1
             # batch-norm statistics drift apart per process: make them identical before eval/checkpoint
-            average_across_processes([b for b in unwrap(self.model).buffers() if b.is_floating_point()])
+            reduce_([b for b in unwrap(self.model).buffers() if b.is_floating_point()])
             if c.eval_every and ((epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs):
                 record.update(self.evaluate_all(prefix_ema="ema_"))
             self.state.history.append(record)
