@@ -452,7 +452,14 @@ class HFAudioTask(Task):
     def logits(self, model: nn.Module, batch: Batch, delta: Tensor | None = None) -> Tensor:
         x = batch["input_values"]
         kwargs = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
-        return model(input_values=x if delta is None else x + delta.to(x.dtype), **kwargs).logits
+        try:
+            return model(input_values=x if delta is None else x + delta.to(x.dtype), **kwargs).logits
+        except RuntimeError as exc:
+            if "leaf variables" not in str(exc):
+                raise
+            raise RuntimeError("the model's feature encoder marks its input as requiring grad in train mode, which "
+                               "fails on a perturbed input: freeze it (model.freeze_feature_encoder(), as Hugging "
+                               "Face's audio-classification example does) or attack in eval mode") from exc
 
     def threat_model(self, eps: float | None = None, norm: str | None = None, snr_db: float | None = None,
                      **kwargs: Any) -> ThreatModel:
