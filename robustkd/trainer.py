@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.logging import get_logger
 from torch import nn
 
 from .attacks.base import Attack, create_attack
@@ -29,6 +30,7 @@ from .distributed import reduce_
 from .teachers import EMATeacher, unwrap
 
 CHECKPOINT_DIR = "checkpoints"
+logger = get_logger(__name__)  # Accelerate's multi-process logger: main process only by default
 
 
 @dataclass
@@ -91,19 +93,6 @@ class _TrainState:
         self.history = json.loads(state["history"])
 
 
-class _Stateful:
-    """Adapts an object with state_dict/load_state_dict for Accelerate's checkpointing."""
-
-    def __init__(self, obj: Any):
-        self.obj = obj
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.obj.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.obj.load_state_dict(state)
-
-
 # Fields that must match to resume a checkpoint (others, e.g. eval settings or epochs, may change).
 _RESUME_KEYS = ("task", "model", "num_classes", "method", "batch_size", "optimizer", "grad_accum", "awp_gamma",
                 "ema_decay", "ema_warmup", "max_train_samples", "seed")
@@ -151,7 +140,8 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = self._make_scheduler()
         self.state = _TrainState()
-        for obj in (self.scheduler, self.state, _Stateful(self.method)) + ((self.ema,) if self.ema else ()):
+        # Accelerate needs only state_dict/load_state_dict, which the method, EMA and counters all have
+        for obj in (self.scheduler, self.state, self.method) + ((self.ema,) if self.ema else ()):
             acc.register_for_checkpointing(obj)
         self.eval_attacks = {spec: create_attack(spec, task) for spec in config.eval_attacks}
 
@@ -257,7 +247,7 @@ class Trainer:
             if acc.is_main_process:
                 with open(self.output_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-                acc.print(_summary_line(record))
+                logger.info(_summary_line(record))
             if c.log_with:
                 acc.log({k: v for k, v in _flat_config(record).items() if isinstance(v, (int, float))}, step=epoch + 1)
             self.save_checkpoint()
@@ -308,7 +298,7 @@ class Trainer:
         """Load the latest checkpoint under ``output_dir`` (if any); refuse one from another configuration."""
         pointer = self.output_dir / CHECKPOINT_DIR / "latest"
         if not pointer.exists():
-            self.accelerator.print(f"no checkpoint under {self.output_dir}: starting from scratch")
+            logger.info(f"no checkpoint under {self.output_dir}: starting from scratch")
             return False
         ckpt = pointer.parent / pointer.read_text().strip()
         saved = json.loads((ckpt / "run_config.json").read_text())
@@ -319,7 +309,7 @@ class Trainer:
             raise ConfigMismatchError(f"the checkpoint {ckpt} was made with another configuration ({detail}). "
                                       "Resume with the same settings, or use a new --output-dir.")
         self.accelerator.load_state(str(ckpt))
-        self.accelerator.print(f"resumed from {ckpt} (epoch {self.state.epoch}, step {self.state.step})")
+        logger.info(f"resumed from {ckpt} (epoch {self.state.epoch}, step {self.state.step})")
         return True
 
     def save_final(self) -> None:

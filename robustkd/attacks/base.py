@@ -127,14 +127,14 @@ class Attack(ABC):
         return {"attack": type(self).__name__}
 
 
-def check_capabilities(factory: Any, task: Task) -> None:
-    """Refuse ``task`` when it lacks a capability ``factory.requires`` lists."""
+def check_capabilities(factory: Any, task: Task, name: str | None = None) -> None:
+    """Refuse ``task`` when it lacks a capability ``factory.requires`` lists (``name``: the registered name)."""
     missing = missing_capabilities(task, getattr(factory, "requires", ()))
     if missing:
-        name = getattr(factory, "__name__", type(factory).__name__)
+        name = name or getattr(factory, "__name__", type(factory).__name__)
         raise RegistryError(
-            f"the attack {name} needs a task that provides {', '.join(missing)}; {task.name!r} does not. "
-            f"Attacks for {task.name!r}: {', '.join(attacks_for(task)) or '(none)'}.")
+            f"the attack {name!r} does not work on the task {task.name!r}: it needs {', '.join(missing)}, which the "
+            f"task does not provide. Attacks for {task.name!r}: {', '.join(attacks_for(task)) or '(none)'}.")
 
 
 def attacks_for(task: Task) -> list[str]:
@@ -299,7 +299,7 @@ def create_attack(spec: str, task: Task, **defaults: Any) -> Attack:
     take are skipped, so one set of defaults serves every attack in a list."""
     name, kwargs = parse_attack_spec(spec)
     factory = ATTACKS.get(name)
-    check_capabilities(factory, task)
+    check_capabilities(factory, task, name)
     for key, value in defaults.items():
         if key not in kwargs and value is not None and (key == "mode" or _accepts(factory, key)):
             kwargs[key] = value
