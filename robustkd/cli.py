@@ -10,6 +10,7 @@ Known user errors (missing data or checkpoint, unknown attack, mismatched model)
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -243,12 +244,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show robustkd's library messages (Accelerate's logger; main process only) on stderr, once per process.
+    For entry points (this CLI, the recipes); a library user configures ``logging`` as they like."""
+    root = logging.getLogger("robustkd")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``robustkd`` console script; returns the exit status."""
     from .registry import RegistryError
     from .task import DataNotFoundError
 
     args = build_parser().parse_args(argv)
+    configure_logging()
     try:
         return int(args.func(args) or 0)
     except (DataNotFoundError, FileNotFoundError, RegistryError, ValueError) as exc:

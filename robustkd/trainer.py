@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.logging import get_logger
 from torch import nn
 
 from .attacks.base import Attack, create_attack
@@ -25,9 +26,11 @@ from .checkpoint import atomic_write_text, save_model_dir
 from .distill.methods import Method, Progress
 from .eval.robustness import evaluate
 from .task import Task
-from .teachers import EMATeacher, average_across_processes, unwrap
+from .distributed import reduce_
+from .teachers import EMATeacher, unwrap
 
 CHECKPOINT_DIR = "checkpoints"
+logger = get_logger(__name__)  # Accelerate's multi-process logger: main process only by default
 
 
 @dataclass
@@ -97,19 +100,6 @@ class _TrainState:
         self.history = json.loads(state["history"])
 
 
-class _Stateful:
-    """Adapts an object with state_dict/load_state_dict for Accelerate's checkpointing."""
-
-    def __init__(self, obj: Any):
-        self.obj = obj
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.obj.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.obj.load_state_dict(state)
-
-
 # Fields that must match to resume a checkpoint (others, e.g. eval settings or epochs, may change).
 _RESUME_KEYS = ("task", "model", "num_classes", "method", "batch_size", "optimizer", "grad_accum", "awp_gamma",
                 "ema_decay", "ema_warmup", "max_train_samples", "seed")
@@ -158,7 +148,8 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = self._make_scheduler()
         self.state = _TrainState()
-        for obj in (self.scheduler, self.state, _Stateful(self.method)) + ((self.ema,) if self.ema else ()):
+        # Accelerate needs only state_dict/load_state_dict, which the method, EMA and counters all have
+        for obj in (self.scheduler, self.state, self.method) + ((self.ema,) if self.ema else ()):
             acc.register_for_checkpointing(obj)
         self.eval_attacks = {spec: create_attack(spec, task) for spec in config.eval_attacks}
 
@@ -209,10 +200,7 @@ class Trainer:
         acc, method, model = self.accelerator, self.method, self.model
         progress = self.progress()
         victim = unwrap(model)
-        if method.attack_mode == "eval":
-            victim.eval()
-        prepared = method.prepare(victim, batch, progress)
-        victim.train()
+        prepared = method.prepare(victim, batch, progress)  # the attack sets and restores the victim's mode
         v = None
         if self.awp is not None and self.awp.active(self.state.epoch):
             v = self.awp.compute(victim, lambda m: method.loss(m, batch, prepared, progress)[0])
@@ -268,14 +256,14 @@ class Trainer:
                                       **self.method.log_values(self.progress())}
             self.state.epoch = epoch + 1
             # batch-norm statistics drift apart per process: make them identical before eval/checkpoint
-            average_across_processes([b for b in unwrap(self.model).buffers() if b.is_floating_point()])
+            reduce_([b for b in unwrap(self.model).buffers() if b.is_floating_point()])
             if c.eval_every and ((epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs):
                 record.update(self.evaluate_all(prefix_ema="ema_"))
             self.state.history.append(record)
             if acc.is_main_process:
                 with open(self.output_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-                acc.print(_summary_line(record))
+                logger.info(_summary_line(record))
             if c.log_with:
                 acc.log({k: v for k, v in _flat_config(record).items() if isinstance(v, (int, float))}, step=epoch + 1)
             self.save_checkpoint()
@@ -326,7 +314,7 @@ class Trainer:
         """Load the latest checkpoint under ``output_dir`` (if any); refuse one from another configuration."""
         pointer = self.output_dir / CHECKPOINT_DIR / "latest"
         if not pointer.exists():
-            self.accelerator.print(f"no checkpoint under {self.output_dir}: starting from scratch")
+            logger.info(f"no checkpoint under {self.output_dir}: starting from scratch")
             return False
         ckpt = pointer.parent / pointer.read_text().strip()
         saved = json.loads((ckpt / "run_config.json").read_text())
@@ -337,7 +325,7 @@ class Trainer:
             raise ConfigMismatchError(f"the checkpoint {ckpt} was made with another configuration ({detail}). "
                                       "Resume with the same settings, or use a new --output-dir.")
         self.accelerator.load_state(str(ckpt))
-        self.accelerator.print(f"resumed from {ckpt} (epoch {self.state.epoch}, step {self.state.step})")
+        logger.info(f"resumed from {ckpt} (epoch {self.state.epoch}, step {self.state.step})")
         return True
 
     def save_final(self) -> None:

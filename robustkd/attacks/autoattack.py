@@ -58,15 +58,13 @@ class AutoAttack(Attack):
     """AutoAttack: APGD-CE, APGD-T, FAB-T, Square (``standard``), ``rand``, or a custom list;
     official package when installed, else torchattacks' port with the official settings."""
 
-    modalities = ("image", "audio")
+    requires = (ContinuousTask,)
 
     def __init__(self, task: Task, threat: ThreatModel | None = None, *, eps: float | None = None,
                  norm: str | None = None, version: str = "standard", attacks: list[str] | str | None = None,
                  backend: str = "auto", seed: int = 0, steps: int = 100, n_queries: int = 5000,
                  n_target_classes: int = 9, verbose: bool = False):
         super().__init__(task)
-        if not isinstance(task, ContinuousTask):
-            raise TypeError(f"AutoAttack needs a task whose inputs are a tensor in a box; {task.name!r} is not")
         self.threat = threat if threat is not None else task.threat_model(eps=eps, norm=norm)
         if self.threat.relative or self.threat.domain is None:
             raise ValueError("AutoAttack needs a fixed-radius L-inf or L2 ball in a bounded domain")
@@ -94,7 +92,7 @@ class AutoAttack(Attack):
             _warn_port()
 
     # -- running --------------------------------------------------------------------------
-    def __call__(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
+    def perturb(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
         y = self.task.labels(batch) if targets is None else targets
         if y.dim() != 1:
             raise ValueError("AutoAttack needs hard labels")
@@ -102,15 +100,10 @@ class AutoAttack(Attack):
         lo, hi = self.threat.domain
         z = (x - lo) / (hi - lo)
         eps = self.threat.eps / (hi - lo)
-        # eval(): torchattacks restores the wrapper's mode after each attack, and a wrapper left in train
-        # mode would switch the model to train mode (batch-norm statistics updated by the attack).
-        was_training = model.training  # before the wrapper's eval(), which reaches the model too
-        net = _UnitBoxModel(self.task, model, lo, hi).eval()
-        model.eval()
-        try:
-            z_adv = self._run_official(net, z, y, eps) if self.backend == "official" else self._run_port(net, z, y, eps)
-        finally:
-            model.train(was_training)
+        # the wrapper takes the victim's mode (Attack.__call__ set it): torchattacks restores the wrapper's
+        # mode after each component, and that reaches the model too.
+        net = _UnitBoxModel(self.task, model, lo, hi).train(model.training)
+        z_adv = self._run_official(net, z, y, eps) if self.backend == "official" else self._run_port(net, z, y, eps)
         delta = (lo + (hi - lo) * z_adv) - x
         return Adversarial(batch, self.threat.project(x, delta))
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks.base import Attack, create_attack
+from ..attacks.base import Attack, build_attacks, victim_mode
 from ..task import Task
 
 
@@ -45,31 +45,35 @@ def evaluate_predictions(task: Task, model: nn.Module, loader, attacks: dict[str
     """Run the model clean and under each attack; gather per-example probabilities (all ranks)."""
     from tqdm.auto import tqdm
 
-    was_training = model.training
-    model.eval()
     labels, clean, adv = [], [], {name: [] for name in attacks}
     show = progress and (accelerator is None or accelerator.is_local_main_process)
-    for batch in tqdm(loader, desc="evaluating", leave=False, disable=not show):
-        y = task.labels(batch)
-        with torch.no_grad():
-            clean_logits = task.logits(model, batch)
-        ys, cs = [y], [clean_logits.float().softmax(1)]
-        advs: dict[str, Tensor] = {}
-        for name, attack in attacks.items():
-            result = attack(model, batch, y)
-            with torch.no_grad():
-                advs[name] = task.logits(model, *result).float().softmax(1)
-        if accelerator is not None:
-            ys = [accelerator.gather_for_metrics(y)]
-            cs = [accelerator.gather_for_metrics(cs[0])]
-            advs = {k: accelerator.gather_for_metrics(v) for k, v in advs.items()}
-        labels += ys
-        clean += cs
-        for k, v in advs.items():
-            adv[k].append(v)
-    model.train(was_training)
+    with victim_mode(model, "eval"):  # each attack sets (and restores) its own mode on top
+        for batch in tqdm(loader, desc="evaluating", leave=False, disable=not show):
+            _evaluate_batch(task, model, batch, attacks, accelerator, labels, clean, adv)
     return EvalResult(torch.cat(labels).cpu(), torch.cat(clean).cpu(),
                       {k: torch.cat(v).cpu() for k, v in adv.items()})
+
+
+def _evaluate_batch(task: Task, model: nn.Module, batch: Any, attacks: dict[str, Attack], accelerator: Any,
+                    labels: list, clean: list, adv: dict[str, list]) -> None:
+    """One batch: clean and per-attack probabilities, gathered across processes."""
+    y = task.labels(batch)
+    with torch.no_grad():
+        clean_logits = task.logits(model, batch)
+    ys, cs = [y], [clean_logits.float().softmax(1)]
+    advs: dict[str, Tensor] = {}
+    for name, attack in attacks.items():
+        result = attack(model, batch, y)
+        with torch.no_grad():
+            advs[name] = task.logits(model, *result).float().softmax(1)
+    if accelerator is not None:
+        ys = [accelerator.gather_for_metrics(y)]
+        cs = [accelerator.gather_for_metrics(cs[0])]
+        advs = {k: accelerator.gather_for_metrics(v) for k, v in advs.items()}
+    labels += ys
+    clean += cs
+    for k, v in advs.items():
+        adv[k].append(v)
 
 
 def evaluate(task: Task, model: nn.Module, loader=None, attacks: dict[str, Attack] | list[str] | None = None,
@@ -82,5 +86,5 @@ def evaluate(task: Task, model: nn.Module, loader=None, attacks: dict[str, Attac
     if attacks is None:
         attacks = list(task.default_eval_attacks)
     if not isinstance(attacks, dict):
-        attacks = {spec: create_attack(spec, task) for spec in attacks}
+        attacks = build_attacks(attacks, task)
     return evaluate_predictions(task, model, loader, attacks, accelerator, progress).summary()
