@@ -287,6 +287,14 @@ class RobustTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
-        if not _internal_call and self.robust.ema is not None and self.args.should_save:
-            target = os.path.join(output_dir or self.args.output_dir, "ema")
-            self.robust.ema.model.save_pretrained(target, safe_serialization=True)
+        if not _internal_call:
+            self._save_ema(output_dir or self.args.output_dir)
+
+    def _save_ema(self, output_dir: str) -> None:
+        if self.robust.ema is not None and self.args.should_save:
+            self.robust.ema.model.save_pretrained(os.path.join(output_dir, "ema"), safe_serialization=True)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.push_to_hub`` (it uploads ``output_dir``) with the EMA model in ``output_dir/ema`` too."""
+        self._save_ema(self.args.output_dir)
+        return super().push_to_hub(*args, **kwargs)

@@ -242,35 +242,42 @@ class ImageClassification(ContinuousTask):
                 "assume raw pixels. Remove Normalize from your data pipeline; robustkd models normalise inside."
             )
 
-    def build_model(self, name: str, **kwargs: Any) -> nn.Module:
-        """A registered image model or ``timm:<name>``, preceded by this data set's normalisation."""
+    def build_model(self, name: str, *, normalize: bool = True, **kwargs: Any) -> nn.Module:
+        """A registered image model or ``timm:<name>``; with ``normalize`` (default) it starts with this
+        data set's per-channel standardisation, without it the bare network (reference key layout)."""
+        from .image_models import accepts_normalize, with_normalization
+
+        mean, std = self.stats
         if name.startswith("timm:"):
             import timm
 
-            net = timm.create_model(name[5:], num_classes=self.num_classes, **kwargs)
-        else:
-            factory = MODELS.get(name)
-            if getattr(factory, "_robustkd_modality", None) != "image":
-                raise ValueError(f"the model {name!r} is not an image model; image models: {', '.join(self.model_names())}, "
-                                 "or timm:<name>")
-            net = factory(num_classes=self.num_classes, **kwargs)
-        return nn.Sequential(Normalize(*self.stats), net)
+            return with_normalization(timm.create_model(name[5:], num_classes=self.num_classes, **kwargs),
+                                      normalize, mean, std)
+        factory = MODELS.get(name)
+        if getattr(factory, "_robustkd_modality", None) != "image":
+            raise ValueError(f"the model {name!r} is not an image model; image models: {', '.join(self.model_names())}, "
+                             "or timm:<name>")
+        if accepts_normalize(factory):
+            return factory(num_classes=self.num_classes, normalize=normalize, mean=mean, std=std, **kwargs)
+        return with_normalization(factory(num_classes=self.num_classes, **kwargs), normalize, mean, std)
 
     def model_names(self) -> list[str]:
         return [e.name for e in MODELS.entries() if getattr(e.obj, "_robustkd_modality", None) == "image"]
 
     def load_pretrained(self, spec: str, **options: Any) -> nn.Module | None:
         """A pretrained image model for this task (the ``Task.load_pretrained`` hook): ``timm:<name>``
-        (pretrained timm weights, refused when their head has another class count) or a Hugging Face image
-        classifier directory (``config.json``; its own normalisation inside). ``None`` for anything else."""
+        (pretrained timm weights, refused when their head has another class count), a Hugging Face image
+        classifier directory (``config.json``; its own normalisation inside), or one of
+        :mod:`tasks.image_pretrained`'s forms (``autoattack-example:resnet18``, ``robustbench:NAME``,
+        ``ARCH:PATH``). ``None`` for anything else."""
+        from .image_pretrained import load_image_pretrained
+
         path = Path(str(spec)).expanduser()
         if path.is_dir() and (path / "config.json").exists():
             return load_hf_image_classifier(path, self)
         if str(spec).startswith("timm:"):
             return load_timm_pretrained(str(spec), self)
-        # robustbench:NAME, autoattack-example:resnet18 and state dict + architecture specs are loaded by
-        # tasks/image_pretrained.py: ``return load_image_pretrained(spec, self, **options)`` goes here.
-        return None
+        return load_image_pretrained(spec, self, **options)
 
     def threat_model(self, eps: float | None = None, norm: str | None = None, **kwargs: Any) -> ThreatModel:
         if kwargs:

@@ -83,7 +83,7 @@ def quadrant_logits(x: torch.Tensor, scale: torch.Tensor | float = 10.0) -> torc
 
 
 class Hand(nn.Module):
-    """Base of the hand-written models: one parameter (torchattacks wants a model with parameters)."""
+    """Base of the hand-written models: one parameter (attacks read the device from a parameter)."""
 
     def __init__(self):
         super().__init__()

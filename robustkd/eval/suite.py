@@ -140,11 +140,12 @@ def run_evaluation(task: Task, model: nn.Module, attacks: str | Sequence[str] | 
 
     before = snapshot(model)
     torch.manual_seed(seed)
-    result = evaluate_predictions(task, model, loader, attacks, progress=progress)
+    # split over the processes of `accelerate launch` / torchrun (one process: all batches), per-batch seeds
+    result = evaluate_predictions(task, model, loader, attacks, progress=progress, seed=seed, split_processes=True)
     metrics = compute_metrics(result, n_bins)
     summary = result.summary()
     sweep, _ = budget_sweep(task, model, loader, factors=curve_factors, steps=curve_steps, seed=seed,
-                            progress=progress)
+                            progress=progress, split_processes=True)
     changed = changed_tensors(model, before)
     checks = run_sanity_checks(task, model, first, sweep, attacks, summary.get("robust_accuracy", {}),
                                int(result.labels.numel()), changed)
@@ -154,7 +155,9 @@ def run_evaluation(task: Task, model: nn.Module, attacks: str | Sequence[str] | 
         sweep=sweep, checks=checks, seed=seed, split=split, history=history, data_dir=data_dir,
         seconds=time.perf_counter() - started, device=str(device), version=__version__, sections=extra)
     files: dict[str, Path] = {}
-    if output_dir is not None:
+    from .robustness import _process_group
+
+    if output_dir is not None and _process_group()[1] == 0:  # the main process writes
         files = write_report(report, output_dir, history=history)
     if verbose:
         announce(checks)
