@@ -7,15 +7,15 @@ ADR with embedding-space PGD (per-token L2 ball of radius eps times each token e
 padding and special tokens fixed), AdamW lr 5e-5, batch 32, max_length 64. ``--method`` switches to
 standard fine-tuning, pgd_at, trades, adr_trades, or mtard (``--clean-teacher``/``--robust-teacher``).
 Reports clean accuracy and accuracy under embedding PGD-20 and token substitution on the
-validation split, and accuracy under a TextAttack recipe (DeepWordBug by default) on
-``--textattack-examples`` randomly sampled validation sentences, for the model and its EMA copy.
+validation split, and accuracy under a TextAttack recipe (DeepWordBug by default) on the same
+validation sentences as the other attacks (at most ``--textattack-examples`` of them), for the model
+and its EMA copy.
 ``--attack-step-size`` is relative to each token's radius here.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,9 @@ def parser() -> argparse.ArgumentParser:
     text.add_argument("--label-column", default=None, help="label column (default: label)")
     text.add_argument("--textattack-recipe", default="deepwordbug", help="TextAttack recipe for the final report "
                       "('none' to skip)")
-    text.add_argument("--textattack-examples", type=int, default=200, help="validation sentences (random sample)")
+    text.add_argument("--textattack-examples", type=int, default=200,
+                      help="at most this many of the evaluation sentences: the seeded sample every other attack of "
+                      "the report uses (--max-eval-samples), or its first N when that is larger or not set")
     text.add_argument("--textattack-query-budget", type=int, default=None)
     text.add_argument("--textattack-on", default="both", choices=["both", "student"],
                       help="attack the model and its EMA copy, or the model only")
@@ -72,11 +74,13 @@ def build_text_method(args: argparse.Namespace, task: Task) -> Method:
 
 
 def textattack_report(args: argparse.Namespace, task: Task) -> dict[str, Any]:
-    """TextAttack on a seeded random sample of the validation split, for the model and its EMA copy."""
+    """TextAttack on the report's evaluation points (capped), for the model and its EMA copy."""
     data = task.dataset("test")
-    idx = list(range(len(data)))
-    random.Random(args.seed).shuffle(idx)  # validation rows are sorted by label: sample, do not slice
-    idx = idx[:args.textattack_examples]
+    # the trainer's evaluation sample (--max-eval-samples, --seed), or its prefix when capped; validation
+    # rows are sorted by label, so a cap takes a seeded random sample, never the first rows
+    cap = min(args.max_eval_samples or len(data), args.textattack_examples or len(data))
+    idx = task.sample_indices("test", cap, args.seed)
+    idx = list(range(len(data))) if idx is None else idx
     texts, labels = [data.texts[i] for i in idx], [data.labels[i] for i in idx]
     out: dict[str, Any] = {}
     for which in ("student", "ema"):
@@ -84,7 +88,7 @@ def textattack_report(args: argparse.Namespace, task: Task) -> dict[str, Any]:
             continue
         model = load_model(args.output_dir, task, which=which)
         out[which] = textattack_evaluate(task, model, texts, labels, args.textattack_recipe,
-                                         query_budget=args.textattack_query_budget)
+                                         query_budget=args.textattack_query_budget, batch_size=args.eval_batch_size)
     return out
 
 
@@ -104,8 +108,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report.setdefault("robust_accuracy", {})[spec] = ta["student"]["accuracy_under_attack"]
             if "ema" in ta and "ema" in report:
                 report["ema"].setdefault("robust_accuracy", {})[spec] = ta["ema"]["accuracy_under_attack"]
+            n_eval = min(args.max_eval_samples or len(task.dataset("test")), len(task.dataset("test")))
             report["attacks"][spec] = {"attack": "textattack", "recipe": args.textattack_recipe,
-                                       "num_examples": ta["student"]["num_examples"], "sample": "seeded random"}
+                                       "num_examples": ta["student"]["num_examples"],
+                                       "sample": "the evaluation points" if ta["student"]["num_examples"] == n_eval
+                                       else "a seeded prefix of the evaluation points"}
             out = Path(args.output_dir)
             (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
             (out / f"textattack_{args.textattack_recipe}.json").write_text(json.dumps(ta, indent=2))

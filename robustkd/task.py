@@ -86,14 +86,24 @@ class Task(ABC):
         ``num_workers`` worker processes (kept alive across epochs) collate batches; ``pin_memory``
         puts them in page-locked memory for asynchronous copies to a GPU."""
         data = self.dataset(split)
-        if max_samples is not None and max_samples < len(data):
-            g = torch.Generator().manual_seed(seed)
-            data = Subset(data, torch.randperm(len(data), generator=g)[:max_samples].tolist())
+        indices = self.sample_indices(split, max_samples, seed)
+        if indices is not None:
+            data = Subset(data, indices)
         shuffle = (split == "train") if shuffle is None else shuffle
         g = torch.Generator().manual_seed(seed)
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate_fn(split),
                           num_workers=num_workers, drop_last=drop_last, generator=g,
                           pin_memory=pin_memory and torch.cuda.is_available(), persistent_workers=num_workers > 0)
+
+    def sample_indices(self, split: str, max_samples: int | None, seed: int = 0) -> list[int] | None:
+        """The examples ``dataloader(split, max_samples=..., seed=...)`` draws (``None``: all of them, in
+        order), so that attacks run outside a loader (TextAttack) can use the very same points.
+        A smaller ``max_samples`` with the same seed gives a prefix of a larger one's sample."""
+        n = len(self.dataset(split))
+        if max_samples is None or max_samples >= n:
+            return None
+        g = torch.Generator().manual_seed(seed)
+        return torch.randperm(n, generator=g)[:max_samples].tolist()
 
     # -- models -------------------------------------------------------------------------
     @abstractmethod

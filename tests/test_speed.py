@@ -17,6 +17,7 @@ from robustkd.distill.mtard import MTARD
 from robustkd.teachers import FrozenTeacher
 from robustkd.trainer import TrainConfig, Trainer
 from tasks.image import augment_images
+from test_text import tiny  # noqa: F401 - fixture: a tiny BERT and SST-2-shaped data
 
 CUDA = torch.cuda.is_available()
 
@@ -218,3 +219,46 @@ def test_a_training_step_on_the_gpu_never_synchronises(tmp_path, name):
         trainer.train_step(batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# -- evaluations cost what was asked -----------------------------------------------------------------
+def test_textattack_in_the_sst2_report_runs_on_the_report_s_points_in_batched_queries(tiny, tmp_path, monkeypatch):
+    """--max-eval-samples binds TextAttack too, and TextAttack's queries reach the model in batches."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from robustkd.attacks.text import TextAttackAdapter
+
+    attacked, batch_sizes, query_sizes = [], [], []
+    original = TextAttackAdapter.attack_texts
+
+    def spy(self, model, texts, labels):
+        attacked.extend(texts)
+        out = original(self, model, texts, labels)
+        batch_sizes.append(self._attack.goal_function.batch_size)
+        return out
+
+    monkeypatch.setattr(TextAttackAdapter, "attack_texts", spy)
+    import textattack.goal_functions.goal_function as gf
+
+    call = gf.GoalFunction._call_model_uncached
+    monkeypatch.setattr(gf.GoalFunction, "_call_model_uncached",
+                        lambda self, texts: query_sizes.append(len(texts)) or call(self, texts))
+    spec = importlib.util.spec_from_file_location("sst2_adr", Path(__file__).resolve().parents[1] / "recipes" / "sst2_adr.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    out = tmp_path / "run"
+    recipe.main(["--model", tiny["model_dir"], "--data-dir", tiny["data_dir"], "--epochs", "1", "--batch-size", "8",
+                 "--max-train-samples", "8", "--attack-steps", "1", "--eval-attacks", "embedding_pgd1", "--eval-every", "0",
+                 "--final-attacks", "embedding_pgd2", "--max-eval-samples", "5", "--eval-batch-size", "16",
+                 "--textattack-on", "student", "--output-dir", str(out), "--cpu", "--no-progress"])
+    task = create_task("sst2", data_dir=tiny["data_dir"])
+    task.build_model(tiny["model_dir"])
+    eval_texts = list(next(iter(task.dataloader("test", 64, max_samples=5, seed=0, shuffle=False)))["text"])
+    assert attacked == eval_texts  # the very points of the report's other attacks, not TextAttack's own sample
+    assert batch_sizes == [16]
+    assert max(query_sizes) > 1  # candidate texts go to the model together
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["attacks"]["textattack:deepwordbug"]["num_examples"] == 5
+    assert saved["attacks"]["textattack:deepwordbug"]["sample"] == "the evaluation points"
