@@ -72,6 +72,12 @@ class TrainConfig:
     log_with: str | None = None  # any Accelerate tracker: tensorboard, wandb, ...
     progress: bool = True
     keep_checkpoints: int = 1
+    # -- speed modes (docs/performance.md); all off by default, none changes what is computed --
+    compile: bool = False  # torch.compile the student (the attack and the update both use it)
+    channels_last: bool = False  # NHWC memory format for the models and 4-D input tensors
+    tf32: bool = False  # TF32 matmuls and convolutions on Ampere+ GPUs (no effect on CPU)
+    num_workers: int = 0  # data-loader worker processes
+    pin_memory: bool = False  # page-locked host batches, copied to the GPU without blocking
 
     def resolved_milestones(self) -> list[int]:
         """LR decay epochs; the default (50 % and 75 % of the run) skips epoch 0 so short runs keep their LR."""
@@ -121,17 +127,22 @@ class Trainer:
         self.accelerator = Accelerator(
             cpu=config.cpu or not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum, log_with=config.log_with,
-            project_dir=config.output_dir, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+            project_dir=config.output_dir,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=config.pin_memory))
         set_seed(config.seed)
         self.output_dir = Path(config.output_dir)
         acc = self.accelerator
+        _set_tf32(config.tf32, acc.device)
+        loader_options = {"num_workers": config.num_workers, "pin_memory": config.pin_memory}
         self.train_loader = task.dataloader("train", config.batch_size, max_samples=config.max_train_samples,
-                                            seed=config.seed, drop_last=config.drop_last)
+                                            seed=config.seed, drop_last=config.drop_last, **loader_options)
         self.eval_loader = task.dataloader("test", config.eval_batch_size, max_samples=config.max_eval_samples,
-                                           seed=config.seed, shuffle=False)
+                                           seed=config.seed, shuffle=False, **loader_options)
         if len(self.train_loader) == 0:
             raise ValueError("the training split is empty: check --data-dir and --max-train-samples")
         self._validate(model)
+        if config.channels_last:  # before the optimizer and the EMA copy: both see the same tensors
+            model = model.to(memory_format=torch.channels_last)
         self.optimizer = self._make_optimizer(model)
         decay = config.ema_decay if config.ema_decay is not None else (0.995 if method.needs_ema else None)
         self.ema = EMATeacher(model, decay, warmup=config.ema_warmup) if decay is not None else None
@@ -139,11 +150,15 @@ class Trainer:
             if config.awp_gamma is not None else None
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(
             model, self.optimizer, self.train_loader, self.eval_loader)
+        if config.compile:  # in place (nn.Module.compile): same module, same state-dict names for EMA and saving
+            unwrap(self.model).compile()
         if self.ema is not None:
             self.ema.to(acc.device)
         self.method.setup(self.model, self.ema)
         for teacher in getattr(self.method, "teachers", []):
             teacher.to(acc.device)
+            if config.channels_last:
+                teacher.model.to(memory_format=torch.channels_last)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / config.grad_accum)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = self._make_scheduler()
@@ -198,9 +213,12 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """One micro-batch: attack, loss, backward; optimizer step at accumulation boundaries."""
         acc, method, model = self.accelerator, self.method, self.model
+        batch = self._on_device(batch)
         progress = self.progress()
         victim = unwrap(model)
-        prepared = method.prepare(victim, batch, progress)  # the attack sets and restores the victim's mode
+        # the attack sets and restores the victim's mode; it and the teachers run in the run's precision
+        with acc.autocast():
+            prepared = method.prepare(victim, batch, progress)
         v = None
         if self.awp is not None and self.awp.active(self.state.epoch):
             v = self.awp.compute(victim, lambda m: method.loss(m, batch, prepared, progress)[0])
@@ -223,6 +241,16 @@ class Trainer:
                 self.ema.update(model)
             method.after_step(model, self.progress())
         return logs
+
+    def _on_device(self, batch: dict) -> dict:
+        """The task's batched augmentation, on the device the batch is on; 4-D float tensors in
+        channels-last format when that mode is on."""
+        batch = self.task.augment_batch(batch)
+        if self.config.channels_last:
+            batch = {k: v.contiguous(memory_format=torch.channels_last)
+                     if isinstance(v, torch.Tensor) and v.dim() == 4 and v.is_floating_point() else v
+                     for k, v in batch.items()}
+        return batch
 
     # -- the loop -----------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:
@@ -247,7 +275,7 @@ class Trainer:
                 logs = self.train_step(batch)
                 loss_sum += logs["loss"].float()
                 n += 1
-                if i % 10 == 0:
+                if i % 10 == 0 and not bar.disable:  # a host sync: only when the bar is shown
                     bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
             record: dict[str, Any] = {"epoch": epoch + 1, "step": self.state.step,
                                       "lr": self.optimizer.param_groups[0]["lr"],
@@ -336,6 +364,14 @@ class Trainer:
                     "method": self.method.name, "epochs": self.state.epoch}
             save_model_dir(self.output_dir, unwrap(self.model), self.ema.model if self.ema else None, meta)
         acc.wait_for_everyone()
+
+
+def _set_tf32(enabled: bool, device: torch.device) -> None:
+    """TF32 for float32 matmuls and cuDNN convolutions on Ampere+ GPUs; a no-op elsewhere."""
+    if not enabled or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+        return
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
 
 
 def _flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Data comes from a local directory (Hugging Face parquet layout, torchvision's CIFAR folder, or
 an ImageFolder tree with ``train/`` and ``test/`` or ``val/``) or, when online, a hub name.
 Images are decoded once to a uint8 tensor; augmentation (4-pixel pad + random crop,
-horizontal flip) runs batched in the collate function.
+horizontal flip) runs on whole batches where the batch is (the trainer calls
+``augment_batch`` on the training device), as batched tensor operations.
 """
 from __future__ import annotations
 
@@ -58,19 +59,30 @@ def collate_eval(examples: list[Batch]) -> Batch:
     return batch
 
 
-def collate_augment(examples: list[Batch], pad: int = 4, flip: bool = True) -> Batch:
-    """Random crop after ``pad``-pixel zero padding and a random horizontal flip, per example."""
-    batch = torch.utils.data.default_collate(examples)
-    x = batch["inputs"]
-    n, _, h, w = x.shape
+def augment_images(x: Tensor, pad: int = 4, flip: bool = True, generator: torch.Generator | None = None) -> Tensor:
+    """Per image of the batch ``x`` (N, C, H, W): a random H x W crop of the image zero-padded by
+    ``pad`` pixels (offsets uniform in 0..2*pad) and a horizontal flip with probability 1/2
+    (torchvision's ``RandomCrop(padding=pad)`` + ``RandomHorizontalFlip()``), all images at once
+    on ``x``'s device, with no host synchronisation."""
+    n, c, h, w = x.shape
+    dev = x.device
     if pad:
         padded = F.pad(x, (pad, pad, pad, pad))
-        offsets = torch.randint(0, 2 * pad + 1, (n, 2))
-        x = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
+        offsets = torch.randint(0, 2 * pad + 1, (n, 2), device=dev, generator=generator)
+        rows = offsets[:, 0, None] + torch.arange(h, device=dev)  # (N, H)
+        cols = offsets[:, 1, None] + torch.arange(w, device=dev)  # (N, W)
+        x = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                   rows[:, None, :, None], cols[:, None, None, :]]
     if flip:
-        mask = torch.rand(n) < 0.5
+        mask = torch.rand(n, device=dev, generator=generator) < 0.5
         x = torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
-    batch["inputs"] = _to_float(x)
+    return x
+
+
+def collate_augment(examples: list[Batch], pad: int = 4, flip: bool = True) -> Batch:
+    """:func:`collate_eval` then :func:`augment_images`: for loops that augment on the CPU."""
+    batch = collate_eval(examples)
+    batch["inputs"] = augment_images(batch["inputs"], pad, flip)
     return batch
 
 
@@ -226,7 +238,14 @@ class ImageClassification(ContinuousTask):
                              f"{self.num_classes} classes: this is not {self.name} data (pick the matching --dataset).")
 
     def collate_fn(self, split: str) -> Callable[[list[Batch]], Batch]:
-        return collate_augment if (split == "train" and self.augment) else collate_eval
+        return collate_eval  # training augmentation runs batched on the device: augment_batch
+
+    def augment_batch(self, batch: Batch) -> Batch:
+        """4-pixel pad + random crop and horizontal flip of every image (:func:`augment_images`)
+        when the task augments (``augment=True``, the default for real data)."""
+        if not self.augment:
+            return batch
+        return {**batch, "inputs": augment_images(batch["inputs"])}
 
     def validate_batch(self, batch: Batch) -> None:
         super().validate_batch(batch)
