@@ -120,3 +120,19 @@ def test_grid_crosses_variants_and_seeds(tmp_path):
 
     cmd = cell_command(study, cells[0])
     assert cmd[cmd.index("--epochs") + 1] == "2" and cmd[cmd.index("--ema-decay") + 1] == "0.99"
+
+
+def test_accelerate_launcher_wraps_each_cell(tmp_path):
+    from robustkd.sweep import cell_command
+
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump({"recipe": str(REPO / "recipes/cifar_adr.py"), "seeds": [3],
+                                    "output_dir": str(tmp_path / "o"), "launcher": "accelerate",
+                                    "launch_args": ["--num_processes", 2, "--mixed_precision", "bf16"],
+                                    "flags": {"preset": "adr/short-schedule"},
+                                    "variants": {"adr": {"flags": {"method": "adr"}}}}, sort_keys=False))
+    study = load_study(path)
+    cell, = study.cells()
+    assert cell_command(study, cell) == [
+        "accelerate", "launch", "--num_processes", "2", "--mixed_precision", "bf16", str(REPO / "recipes/cifar_adr.py"),
+        "--preset", "adr/short-schedule", "--method", "adr", "--seed", "3", "--output-dir", str(tmp_path / "o/adr/seed3")]
