@@ -10,6 +10,7 @@ Known user errors (missing data or checkpoint, unknown attack, mismatched model)
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -62,7 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .checkpoint import read_meta
     from .eval.curves import DEFAULT_FACTORS
-    from .eval.report import load_history
+    from .eval.schema import load_history
     from .eval.suite import load_checkpoint, run_evaluation, split_attack_specs
     from .registry import TASKS
 
@@ -163,19 +164,71 @@ def summary_text(report: dict) -> str:
 
 # -- compare -------------------------------------------------------------------------------------
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="print a table of the differences between two evaluation reports")
-    p.add_argument("a", help="report.json or the --output-dir of `robustkd eval`")
-    p.add_argument("b", help="report.json or the --output-dir of `robustkd eval`")
+    p = sub.add_parser("compare", help="print a table of the differences between two reports (run or eval directories)",
+                       description="Compare two reports: a recipe's --output-dir, the --output-dir of `robustkd eval`, "
+                                   "or a report.json, in any combination. Settings that differ are listed first.")
+    p.add_argument("a", help="a run directory, an eval directory or a report.json")
+    p.add_argument("b", help="a run directory, an eval directory or a report.json")
     p.set_defaults(func=cmd_compare)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .eval.report import compare, format_comparison, read_report
+    from .eval.compare import compare, format_comparison
+    from .eval.schema import read_report
 
     settings, metrics = compare(read_report(args.a), read_report(args.b))
     print(f"A = {args.a}\nB = {args.b}\n")
     print(format_comparison(settings, metrics))
     return 0
+
+
+# -- sweep ---------------------------------------------------------------------------------------
+def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="run a study (variants x grid x seeds of a recipe), resumably; --report "
+                       "aggregates it", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Run every unfinished cell of a study file (one recipe run per cell, each an "
+                                   "ordinary run directory under the study's output_dir); finished cells are "
+                                   "skipped and interrupted ones resume. With --report, aggregate the cells' "
+                                   "report.json files into results.json, results.md (mean ± std, n) and plots "
+                                   "instead. See docs/results.md and studies/*.yaml.")
+    p.add_argument("study", help="the study's YAML file, e.g. studies/cifar_subset.yaml")
+    p.add_argument("--report", action="store_true", help="aggregate the finished cells; run nothing")
+    p.add_argument("--output-dir", default=None, help="where the cells and results go (default: the study's "
+                   "output_dir, else runs/studies/<study name>)")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at the same time (each is one process, or one "
+                   "`accelerate launch`)")
+    p.add_argument("--dry-run", action="store_true", help="print the command of every unfinished cell and exit")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import logging
+    import shlex
+
+    from .sweep import load_study, run_sweep, write_results
+
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    study = load_study(args.study, args.output_dir)
+    if args.report:
+        command = shlex.join(["robustkd", "sweep", str(args.study), "--report",
+                              *(["--output-dir", args.output_dir] if args.output_dir else [])])
+        files = write_results(study, command)
+        print(files["markdown"].read_text())
+        print("\n".join(f"{k}: {v}" for k, v in files.items()))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    outcome = run_sweep(study, jobs=args.jobs, dry_run=args.dry_run, progress=not args.no_progress)
+    if args.dry_run:
+        return 0
+    print(f"{len(outcome.ran)} run, {len(outcome.skipped)} already finished (skipped), {len(outcome.failed)} failed "
+          f"in {outcome.seconds:.0f} s; cells in {study.output_dir}")
+    for key, rc, log in outcome.failed:
+        print(f"  FAILED {key} (exit {rc}): {log}", file=sys.stderr)
+    if not outcome.failed:
+        print(f"aggregate: robustkd sweep {args.study} --report")
+    return 1 if outcome.failed else 0
 
 
 # -- list ----------------------------------------------------------------------------------------
@@ -242,6 +295,56 @@ def cmd_list(args: argparse.Namespace) -> int:
             for line in listing["problems"]:
                 print(f"  {line}")
     return 1 if (args.strict and listing["problems"]) else 0
+
+
+# -- presets -------------------------------------------------------------------------------------
+def add_presets_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("presets", help="list the reference configurations (presets) recipes can start from",
+                       description="Every reference configuration as a preset: each ADR config file and MTARD / "
+                                   "B-MTARD CIFAR script, with its source file and settings. Start a recipe from "
+                                   "one with --preset NAME; a flag given with it overrides one setting.")
+    p.add_argument("name", nargs="?", default=None, help="show this preset's every setting (or a prefix, e.g. "
+                   "adr/cifar100, to list those)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_presets)
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    import json
+
+    from .presets import get_preset, list_presets
+
+    if args.name and not args.name.endswith("/") and not list_presets(args.name + "/"):
+        preset = get_preset(args.name)
+        if args.json:
+            print(json.dumps(preset.to_dict(), indent=2))
+            return 0
+        print(f"{preset.name}: {preset.description}\nsource: {preset.source}")
+        width = max(len(k) for k in preset.settings)
+        for key, value in preset.settings.items():
+            print(f"  {key:<{width}}  {json.dumps(value)}" + (f"    # {line}" if key in preset.lines else ""))
+        for kw in ("tau", "lam", "eta", "beta", "kl_scale", "temp_lr", "t_min", "t_max", "decay"):
+            if kw in preset.lines:
+                print(f"  {'':<{width}}  method_kwargs.{kw}: line {preset.lines[kw]}")
+        if "attack" in preset.lines:
+            print(f"  attack: {preset.lines['attack']}")
+        for title, items in (("teachers", [f"{k}: {v}" for k, v in preset.teachers.items()]),
+                             ("notes", preset.notes), ("not reproduced by robustkd", preset.unsupported)):
+            if items:
+                print(f"{title}:")
+                for item in items:
+                    print(f"  - {item}")
+        return 0
+    presets = list_presets(args.name.rstrip("/") + "/" if args.name else "")
+    if args.json:
+        print(json.dumps([{"name": p.name, "source": p.source, "description": p.description,
+                           "settings": p.settings} for p in presets], indent=2))
+        return 0
+    width = max(len(p.name) for p in presets)
+    for p in presets:
+        print(f"{p.name:<{width}}  {p.source}")
+        print(f"{'':<{width}}  {p.key_settings()}" + ("  [differs: see robustkd presets NAME]" if p.unsupported else ""))
+    print(f"\n{len(presets)} presets; `robustkd presets NAME` shows every setting with its source line.")
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -315,7 +418,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 # -- the parser ----------------------------------------------------------------------------------
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_eval_parser, add_compare_parser,
-                                                                  add_list_parser, add_export_parser, add_push_parser]
+                                                                  add_list_parser, add_presets_parser, add_export_parser,
+                                                                  add_push_parser, add_sweep_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -330,12 +434,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show robustkd's library messages (Accelerate's logger; main process only) on stderr, once per process.
+    For entry points (this CLI, the recipes); a library user configures ``logging`` as they like."""
+    root = logging.getLogger("robustkd")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``robustkd`` console script; returns the exit status."""
     from .registry import RegistryError
     from .task import DataNotFoundError
 
     args = build_parser().parse_args(argv)
+    configure_logging()
     try:
         return int(args.func(args) or 0)
     except (DataNotFoundError, FileNotFoundError, RegistryError, ValueError) as exc:

@@ -108,7 +108,7 @@ class AutoAttack(Attack):
     """AutoAttack, the official pyautoattack: version standard (default), plus, rand, or custom with
     attacks=apgd-ce+square; steps/n_restarts/n_queries/n_target_classes change a custom run only."""
 
-    modalities = ("image", "audio")
+    requires = (ContinuousTask,)
 
     def __init__(self, task: Task, threat: ThreatModel | None = None, *, eps: float | None = None,
                  norm: str | None = None, version: str = "standard", attacks: Sequence[str] | str | None = None,
@@ -116,8 +116,6 @@ class AutoAttack(Attack):
                  n_queries: int | None = None, n_target_classes: int | None = None, verbose: bool = False,
                  resume_dir: str | Path | None = None):
         super().__init__(task)
-        if not isinstance(task, ContinuousTask):
-            raise TypeError(f"AutoAttack needs a task whose inputs are a tensor in a box; {task.name!r} is not")
         self.threat = threat if threat is not None else task.threat_model(eps=eps, norm=norm)
         if self.threat.relative or self.threat.domain is None or self.threat.norm not in NORMS:
             raise ValueError("AutoAttack needs a fixed-radius L-inf, L2 or L1 ball in a bounded domain")
@@ -149,7 +147,7 @@ class AutoAttack(Attack):
         return adversary
 
     # -- running --------------------------------------------------------------------------
-    def __call__(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
+    def perturb(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
         y = self.task.labels(batch) if targets is None else targets
         if y.dim() != 1:
             raise ValueError("AutoAttack needs hard labels")
@@ -159,13 +157,10 @@ class AutoAttack(Attack):
         if saved is not None and saved.exists():
             z_adv = torch.load(saved, map_location=x.device, weights_only=True)
         else:
-            was_training = model.training
-            net = _UnitBoxModel(self.task, model, lo, hi).eval()
-            try:
-                adversary = self.official(net, x.device)
-                z_adv, _, messages = run_autoattack(adversary, (x - lo) / (hi - lo), y, batch_size=len(x))
-            finally:
-                model.train(was_training)
+            # the wrapper takes the victim's mode (Attack.__call__ set it)
+            net = _UnitBoxModel(self.task, model, lo, hi).train(model.training)
+            adversary = self.official(net, x.device)
+            z_adv, _, messages = run_autoattack(adversary, (x - lo) / (hi - lo), y, batch_size=len(x))
             for msg in messages:
                 if msg not in self.runtime_checks:
                     self.runtime_checks.append(msg)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks.base import Attack, create_attack
+from ..attacks.base import Attack, build_attacks, victim_mode
 from ..task import Task
 
 
@@ -57,28 +57,11 @@ def evaluate_predictions(task: Task, model: nn.Module, loader, attacks: dict[str
     if split_processes and accelerator is not None:
         raise ValueError("split_processes splits an unsharded loader; an accelerator-prepared loader is sharded already")
     n_proc, rank = _process_group() if split_processes else (1, 0)
-    was_training = model.training
-    model.eval()
-    rows: list[tuple[int, Tensor, Tensor, dict[str, Tensor]]] = []
     show = progress and (accelerator is None or accelerator.is_local_main_process) and rank == 0
-    for i, batch in enumerate(tqdm(loader, desc="evaluating", leave=False, disable=not show)):
-        if i % n_proc != rank:
-            continue
-        if seed is not None:
-            torch.manual_seed(seed + i)
-        y = task.labels(batch)
-        with torch.no_grad():
-            clean = task.logits(model, batch).float().softmax(1)
-        advs: dict[str, Tensor] = {}
-        for name, attack in attacks.items():
-            result = attack(model, batch, y)
-            with torch.no_grad():
-                advs[name] = task.logits(model, *result).float().softmax(1)
-        if accelerator is not None:
-            y, clean = accelerator.gather_for_metrics(y), accelerator.gather_for_metrics(clean)
-            advs = {k: accelerator.gather_for_metrics(v) for k, v in advs.items()}
-        rows.append((i, y.cpu(), clean.cpu(), {k: v.cpu() for k, v in advs.items()}))
-    model.train(was_training)
+    with victim_mode(model, "eval"):  # each attack sets (and restores) its own mode on top
+        rows = [_evaluate_batch(task, model, i, batch, attacks, accelerator, seed)
+                for i, batch in enumerate(tqdm(loader, desc="evaluating", leave=False, disable=not show))
+                if i % n_proc == rank]
     if n_proc > 1:
         from accelerate.utils import gather_object
 
@@ -98,6 +81,25 @@ def _process_group() -> tuple[int, int]:
     return 1, 0
 
 
+def _evaluate_batch(task: Task, model: nn.Module, index: int, batch: Any, attacks: dict[str, Attack],
+                    accelerator: Any, seed: int | None) -> tuple[int, Tensor, Tensor, dict[str, Tensor]]:
+    """One batch: labels, clean and per-attack probabilities (gathered across an accelerator's processes)."""
+    if seed is not None:
+        torch.manual_seed(seed + index)
+    y = task.labels(batch)
+    with torch.no_grad():
+        clean = task.logits(model, batch).float().softmax(1)
+    advs: dict[str, Tensor] = {}
+    for name, attack in attacks.items():
+        result = attack(model, batch, y)
+        with torch.no_grad():
+            advs[name] = task.logits(model, *result).float().softmax(1)
+    if accelerator is not None:
+        y, clean = accelerator.gather_for_metrics(y), accelerator.gather_for_metrics(clean)
+        advs = {k: accelerator.gather_for_metrics(v) for k, v in advs.items()}
+    return index, y.cpu(), clean.cpu(), {k: v.cpu() for k, v in advs.items()}
+
+
 def evaluate(task: Task, model: nn.Module, loader=None, attacks: dict[str, Attack] | list[str] | None = None,
              accelerator: Any = None, progress: bool = False) -> dict[str, Any]:
     """Clean accuracy, robust accuracy per attack and their worst case, as fractions in [0, 1].
@@ -108,5 +110,5 @@ def evaluate(task: Task, model: nn.Module, loader=None, attacks: dict[str, Attac
     if attacks is None:
         attacks = list(task.default_eval_attacks)
     if not isinstance(attacks, dict):
-        attacks = {spec: create_attack(spec, task) for spec in attacks}
+        attacks = build_attacks(attacks, task)
     return evaluate_predictions(task, model, loader, attacks, accelerator, progress).summary()
