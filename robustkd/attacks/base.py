@@ -102,6 +102,14 @@ class Attack(ABC):
     requires: tuple[type, ...] = ()
     mode: str | None = "eval"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__call__" in cls.__dict__ and "perturb" not in cls.__dict__ and not any(
+                "perturb" in b.__dict__ for b in cls.__mro__[1:-1] if b is not Attack):
+            raise TypeError(f"{cls.__qualname__} overrides __call__: an Attack implements perturb(model, batch, "
+                            "targets) instead, and Attack.__call__ runs it with the victim in the attack's mode "
+                            "(rename the method)")
+
     def __init__(self, task: Task):
         check_capabilities(type(self), task)
         self.task = task
