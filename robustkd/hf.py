@@ -89,15 +89,17 @@ def task_for_model(model: nn.Module, processor: Any = None, config: RobustConfig
 
 
 def _build_attack(config: RobustConfig, task: Task) -> Attack | None:
-    if config.method == "standard":
+    """The method's training attack: ``config.attack`` with the method's own objective and start
+    (robustkd/presets/methods.yaml, the one table of them); None for a method without one."""
+    from .presets import method_defaults
+
+    own = method_defaults(config.method).get("attack")
+    if own is None:
         return None
     spec = config.attack or task.default_train_attack
     defaults: dict[str, Any] = {"steps": config.attack_steps}
     if parse_attack_spec(spec)[0] in ("embedding_pgd", "pgd"):
-        if config.method in ("trades", "adr_trades"):
-            defaults.update(loss="kl", random_start="normal")
-        elif config.method == "mtard":
-            defaults.update(random_start="normal")
+        defaults.update({k: own[k] for k in ("loss", "random_start", "init_std") if k in own})
     return create_attack(spec, task, **defaults)
 
 
@@ -108,10 +110,16 @@ class RobustCallback(TrainerCallback):
 
     def __init__(self, model: nn.Module, processor: Any = None, config: RobustConfig | None = None,
                  task: Task | None = None):
+        from .presets import method_defaults
+
         self.config = config or RobustConfig()
         self.task = task or task_for_model(model, processor, self.config)
+        own = method_defaults(self.config.method)
         self.method: Method = create_method(self.config.method, self.task, _build_attack(self.config, self.task),
-                                            **self.config.method_kwargs)
+                                            **{**own["method_kwargs"], **self.config.method_kwargs})
+        mode = (own.get("attack") or {}).get("mode")
+        if mode is not None:
+            self.method.attack_mode = mode  # the method's own (robustkd/presets/methods.yaml)
         decay = self.config.ema_decay if self.config.ema_decay is not None else (0.995 if self.method.needs_ema else None)
         self.ema_decay = decay
         self.ema: EMATeacher | None = None
@@ -279,6 +287,14 @@ class RobustTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
-        if not _internal_call and self.robust.ema is not None and self.args.should_save:
-            target = os.path.join(output_dir or self.args.output_dir, "ema")
-            self.robust.ema.model.save_pretrained(target, safe_serialization=True)
+        if not _internal_call:
+            self._save_ema(output_dir or self.args.output_dir)
+
+    def _save_ema(self, output_dir: str) -> None:
+        if self.robust.ema is not None and self.args.should_save:
+            self.robust.ema.model.save_pretrained(os.path.join(output_dir, "ema"), safe_serialization=True)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.push_to_hub`` (it uploads ``output_dir``) with the EMA model in ``output_dir/ema`` too."""
+        self._save_ema(self.args.output_dir)
+        return super().push_to_hub(*args, **kwargs)

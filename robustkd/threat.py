@@ -60,15 +60,21 @@ class ThreatModel:
     # -- the three operations PGD needs -------------------------------------------------
     def init(self, x: Tensor, mode: str = "uniform", mask: Tensor | None = None,
              std: float = 0.001) -> Tensor:
-        """A starting perturbation: ``uniform`` in the ball, ``normal`` (std * N(0, 1)) or ``zero``."""
+        """A starting perturbation: ``uniform`` in the ball, ``normal`` (``std * N(0, 1)``, TRADES'
+        original code and MTARD's), ``trades`` (``std * U[0, 1)``, the TRADES attack of ADR's
+        reference, src/util/trades_attack.py:20) or ``zero``.
+
+        The two small starts are not clamped to the input domain, as in their reference code (the
+        first step's projection does it); they are kept inside the ball and the mask."""
         if mode == "zero" or self.eps == 0:
             delta = torch.zeros_like(x)
-        elif mode == "normal":
-            delta = std * torch.randn_like(x)
+        elif mode in ("normal", "trades"):
+            delta = std * (torch.randn_like(x) if mode == "normal" else torch.rand_like(x))
+            return self.project(x, delta, mask, clamp_domain=False)
         elif mode == "uniform":
             r = self.radius(x)
-            if self.norm == "linf":
-                delta = (torch.rand_like(x) * 2 - 1) * r
+            if self.norm == "linf":  # a float radius draws as ADR's reference PGD does (src/util/pgd_attack.py:21)
+                delta = torch.empty_like(x).uniform_(-r, r) if isinstance(r, float) else (torch.rand_like(x) * 2 - 1) * r
             else:  # uniform direction, radius scaled by u^(1/d) for a uniform draw in the ball
                 direction = torch.randn_like(x)
                 direction = direction / self._norm(direction, "l2").clamp_min(1e-12)
@@ -77,7 +83,7 @@ class ThreatModel:
                 u = torch.rand(shape, device=x.device, dtype=x.dtype) ** (1.0 / d)
                 delta = direction * u * r
         else:
-            raise ValueError(f"unknown random start {mode!r}: use 'uniform', 'normal' or 'zero'")
+            raise ValueError(f"unknown random start {mode!r}: use 'uniform', 'normal', 'trades' or 'zero'")
         return self.project(x, delta, mask)
 
     def step(self, delta: Tensor, grad: Tensor, step_size: float | Tensor) -> Tensor:
@@ -86,15 +92,15 @@ class ThreatModel:
             return delta + step_size * grad.sign()
         return delta + step_size * grad / self._norm(grad, "l2").clamp_min(1e-12)
 
-    def project(self, x: Tensor, delta: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Back into the ball, then into the input domain; masked positions are zeroed."""
+    def project(self, x: Tensor, delta: Tensor, mask: Tensor | None = None, *, clamp_domain: bool = True) -> Tensor:
+        """Back into the ball, then (``clamp_domain``) into the input domain; masked positions are zeroed."""
         r = self.radius(x)
         if self.norm == "linf":
             delta = torch.clamp(delta, -r, r) if isinstance(r, float) else torch.maximum(torch.minimum(delta, r), -r)
         else:
             n = self._norm(delta, "l2")
             delta = delta * torch.clamp(r / n.clamp_min(1e-12), max=1.0)
-        if self.domain is not None:
+        if self.domain is not None and clamp_domain:
             delta = torch.clamp(x + delta, *self.domain) - x
         if mask is not None:
             delta = delta * mask.unsqueeze(-1).to(delta.dtype) if mask.dim() < delta.dim() else delta * mask

@@ -3,7 +3,8 @@
 Data comes from a local directory (Hugging Face parquet layout, torchvision's CIFAR folder, or
 an ImageFolder tree with ``train/`` and ``test/`` or ``val/``) or, when online, a hub name.
 Images are decoded once to a uint8 tensor; augmentation (4-pixel pad + random crop,
-horizontal flip) runs batched in the collate function.
+horizontal flip) runs on whole batches where the batch is (the trainer calls
+``augment_batch`` on the training device), as batched tensor operations.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from .image_models import Normalize
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# TinyImageNet's own statistics, as ADR's reference uses them (src/model/create_model.py:16-17)
+TINY_IMAGENET_STATS = ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262))
 
 SPLIT_ALIASES = {"test": ("test", "validation", "valid", "val"), "train": ("train",)}
 
@@ -56,19 +59,30 @@ def collate_eval(examples: list[Batch]) -> Batch:
     return batch
 
 
-def collate_augment(examples: list[Batch], pad: int = 4, flip: bool = True) -> Batch:
-    """Random crop after ``pad``-pixel zero padding and a random horizontal flip, per example."""
-    batch = torch.utils.data.default_collate(examples)
-    x = batch["inputs"]
-    n, _, h, w = x.shape
+def augment_images(x: Tensor, pad: int = 4, flip: bool = True, generator: torch.Generator | None = None) -> Tensor:
+    """Per image of the batch ``x`` (N, C, H, W): a random H x W crop of the image zero-padded by
+    ``pad`` pixels (offsets uniform in 0..2*pad) and a horizontal flip with probability 1/2
+    (torchvision's ``RandomCrop(padding=pad)`` + ``RandomHorizontalFlip()``), all images at once
+    on ``x``'s device, with no host synchronisation."""
+    n, c, h, w = x.shape
+    dev = x.device
     if pad:
         padded = F.pad(x, (pad, pad, pad, pad))
-        offsets = torch.randint(0, 2 * pad + 1, (n, 2))
-        x = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
+        offsets = torch.randint(0, 2 * pad + 1, (n, 2), device=dev, generator=generator)
+        rows = offsets[:, 0, None] + torch.arange(h, device=dev)  # (N, H)
+        cols = offsets[:, 1, None] + torch.arange(w, device=dev)  # (N, W)
+        x = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                   rows[:, None, :, None], cols[:, None, None, :]]
     if flip:
-        mask = torch.rand(n) < 0.5
+        mask = torch.rand(n, device=dev, generator=generator) < 0.5
         x = torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
-    batch["inputs"] = _to_float(x)
+    return x
+
+
+def collate_augment(examples: list[Batch], pad: int = 4, flip: bool = True) -> Batch:
+    """:func:`collate_eval` then :func:`augment_images`: for loops that augment on the CPU."""
+    batch = collate_eval(examples)
+    batch["inputs"] = augment_images(batch["inputs"], pad, flip)
     return batch
 
 
@@ -224,7 +238,14 @@ class ImageClassification(ContinuousTask):
                              f"{self.num_classes} classes: this is not {self.name} data (pick the matching --dataset).")
 
     def collate_fn(self, split: str) -> Callable[[list[Batch]], Batch]:
-        return collate_augment if (split == "train" and self.augment) else collate_eval
+        return collate_eval  # training augmentation runs batched on the device: augment_batch
+
+    def augment_batch(self, batch: Batch) -> Batch:
+        """4-pixel pad + random crop and horizontal flip of every image (:func:`augment_images`)
+        when the task augments (``augment=True``, the default for real data)."""
+        if not self.augment:
+            return batch
+        return {**batch, "inputs": augment_images(batch["inputs"])}
 
     def validate_batch(self, batch: Batch) -> None:
         super().validate_batch(batch)
@@ -240,35 +261,42 @@ class ImageClassification(ContinuousTask):
                 "assume raw pixels. Remove Normalize from your data pipeline; robustkd models normalise inside."
             )
 
-    def build_model(self, name: str, **kwargs: Any) -> nn.Module:
-        """A registered image model or ``timm:<name>``, preceded by this data set's normalisation."""
+    def build_model(self, name: str, *, normalize: bool = True, **kwargs: Any) -> nn.Module:
+        """A registered image model or ``timm:<name>``; with ``normalize`` (default) it starts with this
+        data set's per-channel standardisation, without it the bare network (reference key layout)."""
+        from .image_models import accepts_normalize, with_normalization
+
+        mean, std = self.stats
         if name.startswith("timm:"):
             import timm
 
-            net = timm.create_model(name[5:], num_classes=self.num_classes, **kwargs)
-        else:
-            factory = MODELS.get(name)
-            if getattr(factory, "_robustkd_modality", None) != "image":
-                raise ValueError(f"the model {name!r} is not an image model; image models: {', '.join(self.model_names())}, "
-                                 "or timm:<name>")
-            net = factory(num_classes=self.num_classes, **kwargs)
-        return nn.Sequential(Normalize(*self.stats), net)
+            return with_normalization(timm.create_model(name[5:], num_classes=self.num_classes, **kwargs),
+                                      normalize, mean, std)
+        factory = MODELS.get(name)
+        if getattr(factory, "_robustkd_modality", None) != "image":
+            raise ValueError(f"the model {name!r} is not an image model; image models: {', '.join(self.model_names())}, "
+                             "or timm:<name>")
+        if accepts_normalize(factory):
+            return factory(num_classes=self.num_classes, normalize=normalize, mean=mean, std=std, **kwargs)
+        return with_normalization(factory(num_classes=self.num_classes, **kwargs), normalize, mean, std)
 
     def model_names(self) -> list[str]:
         return [e.name for e in MODELS.entries() if getattr(e.obj, "_robustkd_modality", None) == "image"]
 
     def load_pretrained(self, spec: str, **options: Any) -> nn.Module | None:
         """A pretrained image model for this task (the ``Task.load_pretrained`` hook): ``timm:<name>``
-        (pretrained timm weights, refused when their head has another class count) or a Hugging Face image
-        classifier directory (``config.json``; its own normalisation inside). ``None`` for anything else."""
+        (pretrained timm weights, refused when their head has another class count), a Hugging Face image
+        classifier directory (``config.json``; its own normalisation inside), or one of
+        :mod:`tasks.image_pretrained`'s forms (``autoattack-example:resnet18``, ``robustbench:NAME``,
+        ``ARCH:PATH``). ``None`` for anything else."""
+        from .image_pretrained import load_image_pretrained
+
         path = Path(str(spec)).expanduser()
         if path.is_dir() and (path / "config.json").exists():
             return load_hf_image_classifier(path, self)
         if str(spec).startswith("timm:"):
             return load_timm_pretrained(str(spec), self)
-        # robustbench:NAME, autoattack-example:resnet18 and state dict + architecture specs are loaded by
-        # tasks/image_pretrained.py: ``return load_image_pretrained(spec, self, **options)`` goes here.
-        return None
+        return load_image_pretrained(spec, self, **options)
 
     def threat_model(self, eps: float | None = None, norm: str | None = None, **kwargs: Any) -> ThreatModel:
         if kwargs:
@@ -298,7 +326,7 @@ def cifar100(data_dir: str | None = None, **kwargs: Any) -> ImageClassification:
 @register_task("tinyimagenet")
 def tinyimagenet(data_dir: str | None = None, **kwargs: Any) -> ImageClassification:
     """TinyImageNet-200: 200 classes of 64x64 images (hub: zh-plus/tiny-imagenet)."""
-    return ImageClassification("tinyimagenet", 200, 64, IMAGENET_STATS, data_dir=data_dir, hub_name="zh-plus/tiny-imagenet", **kwargs)
+    return ImageClassification("tinyimagenet", 200, 64, TINY_IMAGENET_STATS, data_dir=data_dir, hub_name="zh-plus/tiny-imagenet", **kwargs)
 
 
 @register_task("imagefolder")

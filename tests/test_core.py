@@ -121,7 +121,7 @@ def test_awp_perturbs_each_weight_by_gamma_times_its_norm_and_restores_it():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     original = [p.detach().clone() for p in model.parameters()]
-    awp = AWP(gamma=0.01)
+    awp = AWP(gamma=0.01, style="wu2020")  # the weight-matrices-only style; the reference style: test_fidelity.py
     v = awp.compute(model, lambda m: F.cross_entropy(m(x), y))
     loss_before = F.cross_entropy(model(x), y).item()
     awp.perturb(model, v)
@@ -239,20 +239,15 @@ def test_fgsm_takes_one_full_step(cifar_task, trained, eval_batch):
     assert torch.allclose(adv.delta[interior].abs(), torch.full_like(adv.delta[interior], 4 / 255), atol=1e-6)
 
 
-def test_autoattack_torchattacks_backend_is_never_above_pgd(cifar_task, trained, eval_batch):
+def test_autoattack_is_the_official_one_and_never_above_pgd(cifar_task, trained, eval_batch):
     y = eval_batch["labels"]
     eps = 2 / 255
-    import robustkd.attacks.autoattack as aa_mod
-
-    aa_mod._warned = False
-    with pytest.warns(UserWarning, match="may not match published"):
-        default = create_attack("autoattack", cifar_task, eps=eps, backend="torchattacks")
-    described = default.describe()
-    assert described["backend"] == "torchattacks" and described["components"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
-    assert (described["steps"], described["n_target_classes"], described["n_queries"]) == (100, 9, 5000)
+    described = create_attack("autoattack", cifar_task, eps=eps).describe()
+    assert described["backend"].startswith("pyautoattack ") and described["version"] == "standard"
+    assert described["components"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     # the same four components, fewer iterations, so the comparison stays fast on 2 cores
-    aa = create_attack("autoattack", cifar_task, eps=eps, backend="torchattacks", steps=20, n_target_classes=3,
-                       n_queries=200)
+    aa = create_attack("autoattack", cifar_task, eps=eps, version="custom", attacks="apgd-ce+apgd-t+fab-t+square",
+                       steps=20, n_target_classes=3, n_queries=200)
     pgd = PGD(cifar_task, eps=eps, steps=20)
     torch.manual_seed(0)
     adv_pgd, adv_aa = pgd(trained, eval_batch), aa(trained, eval_batch)

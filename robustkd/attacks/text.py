@@ -380,6 +380,9 @@ class TextAttackAdapter(Attack):
                 raise ResourceMissingError(_resource_message(self.recipe, list(TEXTATTACK_RECIPES[self.recipe][1]), exc)) from exc
             if self.query_budget is not None:
                 self._attack.goal_function.query_budget = self.query_budget
+            # TextAttack hands the model its candidate texts in chunks of the goal function's batch
+            # size; make that the wrapper's, so every query is one forward pass of ``batch_size`` texts
+            self._attack.goal_function.batch_size = self.batch_size
         self._wrapper.model = model
         self._attack.clear_cache()  # the model (or its weights) may have changed since the last call
         return self._attack
@@ -431,7 +434,7 @@ class TextAttackAdapter(Attack):
 
     def describe(self) -> dict[str, Any]:
         return {"attack": "textattack", "recipe": self.recipe, "recipe_class": TEXTATTACK_RECIPES[self.recipe][0],
-                "query_budget": self.query_budget}
+                "query_budget": self.query_budget, "model_batch_size": self.batch_size}
 
 
 def summarize_textattack(records: list[dict[str, Any]], recipe: str, keep_examples: int = 50) -> dict[str, Any]:
@@ -455,11 +458,13 @@ def summarize_textattack(records: list[dict[str, Any]], recipe: str, keep_exampl
 
 def textattack_evaluate(task: Task, model: nn.Module, texts: list[str], labels: list[int], recipe: str = "deepwordbug",
                         *, query_budget: int | None = None, output: str | Path | None = None,
-                        keep_examples: int = 50) -> dict[str, Any]:
-    """Evaluate ``model`` under a TextAttack recipe on ``texts``; the summary as a dict (and JSON file)."""
+                        keep_examples: int = 50, batch_size: int = 32) -> dict[str, Any]:
+    """Evaluate ``model`` under a TextAttack recipe on ``texts``; the summary as a dict (and JSON file).
+    The model answers TextAttack's queries ``batch_size`` texts at a time."""
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
-    adapter = TextAttackAdapter(task, recipe, query_budget=query_budget, keep_examples=keep_examples)
+    adapter = TextAttackAdapter(task, recipe, query_budget=query_budget, keep_examples=keep_examples,
+                                batch_size=batch_size)
     with victim_mode(model, adapter.mode):
         adapter.attack_texts(model, list(texts), [int(y) for y in labels])
     summary = adapter.summary()

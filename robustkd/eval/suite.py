@@ -112,11 +112,14 @@ def run_evaluation(task: Task, model: nn.Module, attacks: str | Sequence[str] | 
                    n_bins: int = DEFAULT_BINS, curve_factors: Sequence[float] = DEFAULT_FACTORS,
                    curve_steps: int = 10, output_dir: str | Path | None = None,
                    model_meta: Mapping[str, Any] | None = None, history: list[dict[str, Any]] | None = None,
-                   data_dir: str | None = None, progress: bool = False, verbose: bool = True) -> Evaluation:
+                   data_dir: str | None = None, progress: bool = False, verbose: bool = True,
+                   sections: Mapping[str, Any] | None = None) -> Evaluation:
     """Evaluate ``model`` on ``task``: clean and robust accuracy (per attack, worst case), calibration,
     consistency, the accuracy-vs-budget curve and the sanity checks; write ``report.json``, PNGs and
     ``report.html`` to ``output_dir`` when given. ``history`` (a run's ``metrics.jsonl`` rows) adds the
-    robust-overfitting analysis. Failed sanity checks are printed loudly (``verbose``) and set
+    robust-overfitting analysis. ``sections`` are extra top-level report sections (a recipe's run
+    configuration, MTARD balance, achieved SNR, ...); a value that is callable is called after the
+    attacks ran, so it can report what they measured. Failed sanity checks are printed loudly (``verbose``) and set
     ``Evaluation.passed`` to False; they never raise, so the report is always written."""
     from .. import __version__
     from .report import build_report, write_report
@@ -137,20 +140,24 @@ def run_evaluation(task: Task, model: nn.Module, attacks: str | Sequence[str] | 
 
     before = snapshot(model)
     torch.manual_seed(seed)
-    result = evaluate_predictions(task, model, loader, attacks, progress=progress)
+    # split over the processes of `accelerate launch` / torchrun (one process: all batches), per-batch seeds
+    result = evaluate_predictions(task, model, loader, attacks, progress=progress, seed=seed, split_processes=True)
     metrics = compute_metrics(result, n_bins)
     summary = result.summary()
     sweep, _ = budget_sweep(task, model, loader, factors=curve_factors, steps=curve_steps, seed=seed,
-                            progress=progress)
+                            progress=progress, split_processes=True)
     changed = changed_tensors(model, before)
     checks = run_sanity_checks(task, model, first, sweep, attacks, summary.get("robust_accuracy", {}),
                                int(result.labels.numel()), changed)
+    extra = {k: (v() if callable(v) else v) for k, v in (sections or {}).items()}
     report = build_report(
         task=task, model=model_info(model, **dict(model_meta or {})), attacks=attacks, metrics=metrics,
         sweep=sweep, checks=checks, seed=seed, split=split, history=history, data_dir=data_dir,
-        seconds=time.perf_counter() - started, device=str(device), version=__version__)
+        seconds=time.perf_counter() - started, device=str(device), version=__version__, sections=extra)
     files: dict[str, Path] = {}
-    if output_dir is not None:
+    from .robustness import _process_group
+
+    if output_dir is not None and _process_group()[1] == 0:  # the main process writes
         files = write_report(report, output_dir, history=history)
     if verbose:
         announce(checks)

@@ -72,8 +72,7 @@ def _run_two_processes(task: Task, model: nn.Module, batch_size: int, seed: int,
 
 
 def _worker(payload_path: str, out_dir: str) -> None:
-    from ..attacks.pgd import PGD
-    from ..distill.methods import create_method
+    from ..config import build_method
     from ..teachers import unwrap
     from ..trainer import TrainConfig, Trainer
 
@@ -83,7 +82,7 @@ def _worker(payload_path: str, out_dir: str) -> None:
                          lr=0.01, max_train_samples=payload["n_train"], max_eval_samples=2 * payload["batch_size"],
                          eval_attacks=[], seed=payload["seed"], output_dir=str(Path(out_dir) / "run"), cpu=True,
                          progress=False)
-    method = create_method("adr", task, PGD(task, steps=2))
+    method = build_method({"method": "adr", "attack_steps": 2}, task, threat=task.threat_model())
     trainer = Trainer(task, model, method, config)
     history = trainer.fit()
     acc = trainer.accelerator

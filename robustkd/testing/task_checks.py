@@ -269,12 +269,12 @@ def _task_check_fns(ctx: _TaskContext, distributed: bool) -> list[tuple[str, Cal
         return f"defaults {specs} build; attacks for {task.name}: {', '.join(available)}"
 
     def train_step() -> str:
-        from ..attacks.pgd import PGD
-        from ..distill.methods import Progress, create_method
+        from ..config import build_method
+        from ..distill.methods import Progress
 
         batch = ctx.batch("train")
         student = copy.deepcopy(ctx.model()).train()
-        method = create_method("pgd_at", task, PGD(task, steps=2))
+        method = build_method({"method": "pgd_at", "attack_steps": 2}, task, threat=task.threat_model())
         method.setup(student, None)
         progress = Progress(0, 1, 0, 0)
         torch.manual_seed(ctx.seed)
