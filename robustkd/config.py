@@ -258,14 +258,7 @@ def _as_milestones(value: Any) -> list[int] | None:
 def _as_specs(value: Any) -> list[str]:
     from .attacks.base import split_attack_specs
 
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [str(v).strip() for v in value if str(v).strip()]
-    text = str(value)
-    if ";" in text:
-        return [s.strip() for s in text.split(";") if s.strip()]
-    return split_attack_specs(text)
+    return split_attack_specs(value)  # the one spec language: ';' and ',' alike, lists item by item
 
 
 def _budget(value: Any, name: str) -> float:
@@ -493,7 +486,6 @@ def unapplied_settings(s: dict[str, Any] | argparse.Namespace) -> list[str]:
             out.append(f"{name}={value} is not applied: this robustkd's trainer has no {name} setting")
             logger.warning("%s", out[-1])
     return out
-    return TrainConfig(**values)
 
 
 def eval_attack_defaults(s: dict[str, Any]) -> dict[str, Any]:
@@ -504,26 +496,11 @@ def eval_attack_defaults(s: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_attacks(specs: Sequence[str], task: Any, defaults: dict[str, Any]) -> dict[str, Any]:
-    """Evaluation attacks in the run's threat model: ``defaults`` (eps, norm) apply to an attack whose
-    spec names no budget of its own and that takes both (the rest keep their own threat model)."""
-    import inspect
+    """Evaluation attacks in the run's threat model: ``defaults`` (eps, norm) are the budget of every attack
+    whose spec names none of its own and that takes both (see :func:`robustkd.attacks.base.create_attack`)."""
+    from .attacks.base import build_attacks as _build
 
-    from .attacks.base import create_attack, parse_attack_spec
-    from .registry import ATTACKS
-
-    threat_keys = set(defaults) | set(inspect.signature(task.threat_model).parameters) - {"kwargs", "self"}
-    attacks = {}
-    for spec in specs:
-        name, options = parse_attack_spec(spec)
-        extra: dict[str, Any] = {}
-        if not (set(options) & threat_keys) and name in ATTACKS:
-            # only an attack that takes the whole threat model (eps and norm) gets the run's; one with a
-            # norm of its own (pgd_l2, snr_pgd, ...) keeps its defaults
-            params = inspect.signature(ATTACKS.get(name)).parameters
-            if all(k in params for k in defaults):
-                extra = dict(defaults)
-        attacks[spec] = create_attack(spec, task, **extra)
-    return attacks
+    return _build(specs, task, **defaults)
 
 
 def build_method(s: dict[str, Any] | argparse.Namespace, task: Any, *, threat: Any = None,

@@ -153,7 +153,7 @@ class BNQuadrantNet(Hand):
 class TrainModeAttack(Attack):
     """A broken attack plug-in: it runs the model in train mode (and returns no perturbation)."""
 
-    def __call__(self, model, batch, targets=None) -> Adversarial:
+    def perturb(self, model, batch, targets=None) -> Adversarial:
         model.train()
         model(batch["inputs"] * 0.5)
         return Adversarial(batch, torch.zeros_like(batch["inputs"]))
