@@ -7,12 +7,11 @@ ADR with embedding-space PGD (per-token L2 ball of radius eps times each token e
 padding and special tokens fixed), AdamW lr 5e-5, batch 32, max_length 64. ``--method`` switches to
 standard fine-tuning, pgd_at, trades, adr_trades, or mtard (``--clean-teacher``/``--robust-teacher``).
 Reports clean accuracy and accuracy under embedding PGD-20 and token substitution on the
-validation split, and accuracy under a TextAttack recipe (DeepWordBug by default) on
-``--textattack-examples`` randomly sampled validation sentences, for the model and its EMA copy.
-``--attack-step-size`` is relative to each token's radius here. The TextAttack result is the
-report's ``textattack`` section (``ema/report.json`` for the EMA copy).
+validation split, and accuracy under a TextAttack recipe (DeepWordBug by default) on the same
+validation sentences as the other attacks (at most ``--textattack-examples`` of them), for the model
+and its EMA copy. ``--attack-step-size`` is relative to each token's radius here. The TextAttack
+result is the report's ``textattack`` section (``ema/report.json`` for the EMA copy).
 """
-import random
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -29,7 +28,7 @@ class TextArgs:
     label_column: Optional[str] = field(default=None, metadata={"help": "label column (default: label)"})
     textattack_recipe: str = field(default="deepwordbug", metadata={
         "help": "TextAttack recipe for the final report ('none' to skip)"})
-    textattack_examples: int = field(default=200, metadata={"help": "validation sentences (random sample)"})
+    textattack_examples: int = field(default=200, metadata={"help": "at most this many of the evaluation sentences: the seeded sample every other attack of the report uses (--max-eval-samples), or its first N"})
     textattack_query_budget: Optional[int] = field(default=None, metadata={"help": "TextAttack query budget"})
     textattack_on: Literal["both", "student"] = field(default="both", metadata={
         "help": "attack the model and its EMA copy, or the model only"})
@@ -43,19 +42,26 @@ RECIPE = Recipe(__doc__.split("\n\n")[0], defaults=dict(
 
 
 def textattack_section(s: dict[str, Any]):
-    """The report's ``textattack`` section: a TextAttack recipe on a seeded random sample of the
-    validation split (rows are sorted by label: sample, do not slice), for each evaluated model."""
+    """The report's ``textattack`` section: a TextAttack recipe on the report's evaluation points
+    (``--max-eval-samples``, ``--seed``), capped at ``--textattack-examples`` (a prefix of that seeded
+    sample; validation rows are sorted by label, so never the first rows of the split). The sample is
+    drawn when the section is built, after the model (and so the tokenizer) is loaded."""
 
     def sections(trainer, which, model, attacks) -> dict[str, Any]:
         if s["textattack_recipe"].lower() == "none" or (which == "ema" and s["textattack_on"] == "student"):
             return {}
-        data = trainer.task.dataset("test")
-        idx = list(range(len(data)))
-        random.Random(s["seed"]).shuffle(idx)
-        idx = idx[:s["textattack_examples"]]
-        result = textattack_evaluate(trainer.task, model, [data.texts[i] for i in idx], [data.labels[i] for i in idx],
-                                     s["textattack_recipe"], query_budget=s["textattack_query_budget"])
-        return {"textattack": {"recipe": s["textattack_recipe"], "sample": "seeded random", **result}}
+        task = trainer.task
+        data = task.dataset("test")
+        cap = min(s["max_eval_samples"] or len(data), s["textattack_examples"] or len(data))
+        idx = task.sample_indices("test", cap, s["seed"])
+        idx = list(range(len(data))) if idx is None else idx
+        texts, labels = [data.texts[i] for i in idx], [data.labels[i] for i in idx]
+        result = textattack_evaluate(task, model, texts, labels, s["textattack_recipe"],
+                                     query_budget=s["textattack_query_budget"],
+                                     batch_size=s["eval_batch_size"])
+        sample = ("the evaluation points" if len(idx) == len(data) or len(idx) == s["max_eval_samples"]
+                  else "a seeded prefix of the evaluation points")
+        return {"textattack": {"recipe": s["textattack_recipe"], "sample": sample, **result}}
     return sections
 
 

@@ -133,7 +133,11 @@ class RunArgs:
     eval_every: int = _f(1, "evaluate every N epochs (0: only at the end)")
     curve_steps: int = _f(10, "PGD steps per budget of the final report's accuracy-vs-budget curve")
     resume: bool = _f(False, "continue from the last checkpoint in --output-dir")
-    log_with: Optional[str] = _f(None, "an Accelerate tracker (tensorboard, wandb, ...)")
+    log_with: Optional[str] = _f(None, "log metrics to an Accelerate tracker: tensorboard (pip install "
+                                 "'robustkd[tensorboard]'; logs under --output-dir) or wandb (pip install "
+                                 "'robustkd[wandb]')")
+    run_name: Optional[str] = _f(None, "the tracker run's name (default: the --output-dir's name)")
+    tags: Optional[str] = _f(None, "comma-separated tracker tags (wandb)")
     cpu: bool = _f(False, "force CPU even when a GPU is present")
     no_progress: bool = _f(False, "hide progress bars")
 
@@ -254,14 +258,7 @@ def _as_milestones(value: Any) -> list[int] | None:
 def _as_specs(value: Any) -> list[str]:
     from .attacks.base import split_attack_specs
 
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [str(v).strip() for v in value if str(v).strip()]
-    text = str(value)
-    if ";" in text:
-        return [s.strip() for s in text.split(";") if s.strip()]
-    return split_attack_specs(text)
+    return split_attack_specs(value)  # the one spec language: ';' and ',' alike, lists item by item
 
 
 def _budget(value: Any, name: str) -> float:
@@ -458,6 +455,7 @@ def train_config(s: dict[str, Any] | argparse.Namespace) -> Any:
         "awp_warmup": s["awp_warmup"], "eval_every": s["eval_every"], "eval_attacks": list(s["eval_attacks"]),
         "max_train_samples": s["max_train_samples"], "max_eval_samples": s["max_eval_samples"], "seed": s["seed"],
         "output_dir": s["output_dir"], "resume": s["resume"], "cpu": s["cpu"], "log_with": s["log_with"],
+        "run_name": s.get("run_name"), "tags": [t for t in (s.get("tags") or "").split(",") if t],
         "progress": not s["no_progress"],
     }
     known = {f.name for f in dc_fields(TrainConfig)}
@@ -488,7 +486,6 @@ def unapplied_settings(s: dict[str, Any] | argparse.Namespace) -> list[str]:
             out.append(f"{name}={value} is not applied: this robustkd's trainer has no {name} setting")
             logger.warning("%s", out[-1])
     return out
-    return TrainConfig(**values)
 
 
 def eval_attack_defaults(s: dict[str, Any]) -> dict[str, Any]:
@@ -499,26 +496,11 @@ def eval_attack_defaults(s: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_attacks(specs: Sequence[str], task: Any, defaults: dict[str, Any]) -> dict[str, Any]:
-    """Evaluation attacks in the run's threat model: ``defaults`` (eps, norm) apply to an attack whose
-    spec names no budget of its own and that takes both (the rest keep their own threat model)."""
-    import inspect
+    """Evaluation attacks in the run's threat model: ``defaults`` (eps, norm) are the budget of every attack
+    whose spec names none of its own and that takes both (see :func:`robustkd.attacks.base.create_attack`)."""
+    from .attacks.base import build_attacks as _build
 
-    from .attacks.base import create_attack, parse_attack_spec
-    from .registry import ATTACKS
-
-    threat_keys = set(defaults) | set(inspect.signature(task.threat_model).parameters) - {"kwargs", "self"}
-    attacks = {}
-    for spec in specs:
-        name, options = parse_attack_spec(spec)
-        extra: dict[str, Any] = {}
-        if not (set(options) & threat_keys) and name in ATTACKS:
-            # only an attack that takes the whole threat model (eps and norm) gets the run's; one with a
-            # norm of its own (pgd_l2, snr_pgd, ...) keeps its defaults
-            params = inspect.signature(ATTACKS.get(name)).parameters
-            if all(k in params for k in defaults):
-                extra = dict(defaults)
-        attacks[spec] = create_attack(spec, task, **extra)
-    return attacks
+    return _build(specs, task, **defaults)
 
 
 def build_method(s: dict[str, Any] | argparse.Namespace, task: Any, *, threat: Any = None,
