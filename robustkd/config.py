@@ -411,6 +411,9 @@ def resolve(recipe: Recipe, argv: Sequence[str] | None = None) -> RunConfig:
     if recipe.finalize is not None:
         recipe.finalize(settings)
     validate(settings)
+    from .registry import METHODS
+
+    _check_method_kwargs(settings["method"], METHODS.get(settings["method"]), settings["method_kwargs"])
 
     if preset is not None:
         overrides = {k: settings[k] for k in user if k in preset.settings and settings[k] != preset.settings[k]}
@@ -543,13 +546,12 @@ def build_method(s: dict[str, Any] | argparse.Namespace, task: Any, *, threat: A
     kwargs = {**own.get("method_kwargs", {}), **(s.get("method_kwargs") or {})}
     if name in ("trades", "adr_trades") and s.get("beta") is not None:
         kwargs.setdefault("beta", s["beta"])
-    _check_method_kwargs(name, factory, kwargs)
+    _check_method_kwargs(name, factory, {**kwargs, **({"attack_mode": mode} if mode else {})})
+    if mode is not None:
+        kwargs["attack_mode"] = mode
     if own.get("teachers"):
         kwargs.update(load_teachers(s, task))
-    method = factory(task, attack, **kwargs)
-    if mode is not None:
-        method.attack_mode = mode
-    return method
+    return factory(task, attack, **kwargs)
 
 
 def _check_method_kwargs(name: str, factory: Any, kwargs: dict[str, Any]) -> None:
@@ -560,13 +562,6 @@ def _check_method_kwargs(name: str, factory: Any, kwargs: dict[str, Any]) -> Non
 
     target = methods.ADR if name in ("adr", "adr_trades") else factory
     params = inspect.signature(target).parameters
-    if name in ("adr", "adr_trades") and {"tau", "lam"} & set(kwargs) and "tau" not in params:
-        # Bridge for ADR builds without the tau / lam keywords: the same schedules as a rectifier.
-        from .distill.targets import ADRRectifier
-        from .schedules import Schedule
-
-        tau, lam = kwargs.pop("tau", (2.5, 2.0)), kwargs.pop("lam", (0.7, 0.95))
-        kwargs["rectifier"] = ADRRectifier(Schedule(*tau), Schedule(*lam))
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
     unknown = sorted(set(kwargs) - set(params) - {"clean_teacher", "robust_teacher"})
