@@ -441,9 +441,10 @@ def parse(recipe: Recipe, argv: Sequence[str] | None = None) -> RunConfig:
 
 
 # -- what a configuration builds ------------------------------------------------------------------
-def train_config(s: dict[str, Any] | argparse.Namespace) -> Any:
+def train_config(s: dict[str, Any] | argparse.Namespace, eval_threat: dict[str, Any] | None = None) -> Any:
     """The :class:`~robustkd.trainer.TrainConfig` of the settings (see :func:`unapplied_settings` for
-    those a trainer of this build does not know)."""
+    those a trainer of this build does not know); ``eval_threat`` (default: the run's ``eps`` and
+    ``norm``) is the budget of the per-epoch evaluation attacks whose specs name none."""
     from dataclasses import fields as dc_fields
 
     from .trainer import TrainConfig
@@ -459,7 +460,7 @@ def train_config(s: dict[str, Any] | argparse.Namespace) -> Any:
         "max_train_samples": s["max_train_samples"], "max_eval_samples": s["max_eval_samples"], "seed": s["seed"],
         "output_dir": s["output_dir"], "resume": s["resume"], "cpu": s["cpu"], "log_with": s["log_with"],
         "run_name": s.get("run_name"), "tags": [t for t in (s.get("tags") or "").split(",") if t],
-        "progress": not s["no_progress"],
+        "progress": not s["no_progress"], "eval_threat": dict(eval_threat or eval_attack_defaults(s)),
     }
     known = {f.name for f in dc_fields(TrainConfig)}
     for name, _ in _OPTIONAL_TRAIN:

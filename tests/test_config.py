@@ -189,3 +189,20 @@ def test_the_methods_table_agrees_with_the_methods_own_constructors(name):
     assert (plain.attack.random_start, plain.attack.loss_name) == (own["random_start"], own["loss"])
     if "init_std" in own:
         assert plain.attack.init_std == own["init_std"]
+
+
+def test_a_run_is_evaluated_in_the_threat_model_it_trains_in(tmp_path):
+    from robustkd.distill.methods import create_method
+    from robustkd.trainer import Trainer
+
+    s = resolve(ADR_RECIPE, ["--model", "small_cnn", "--norm", "l2", "--eps", "0.5", "--eval-attacks",
+                             "pgd20,pgd:eps=4/255,pgd_l2", "--max-train-samples", "8", "--max-eval-samples", "8",
+                             "--batch-size", "4", "--cpu", "--output-dir", str(tmp_path / "run")]).settings
+    config = train_config(s)
+    assert config.eval_threat == {"eps": 0.5, "norm": "l2"}
+    task = TASKS.get("synthetic")()
+    trainer = Trainer(task, task.build_model("small_cnn", width=4), create_method("standard", task), config)
+    per_epoch = trainer.eval_attacks
+    assert (per_epoch["pgd20"].threat.norm, per_epoch["pgd20"].threat.eps) == ("l2", 0.5)
+    assert per_epoch["pgd:eps=4/255"].threat.eps == pytest.approx(4 / 255)
+    assert build_method(s, task).attack.threat.norm == "l2"  # the training attack
