@@ -181,8 +181,8 @@ class TRADES(Method):
         self.forward = forward
 
     def _reference(self, victim: nn.Module, batch: Batch) -> Tensor:
-        with torch.no_grad():
-            return torch.softmax(self.task.logits(victim, batch).float(), dim=1)
+        with torch.no_grad():  # exp(log_softmax): the reference hands the KL log-probabilities (log_target=True)
+            return torch.log_softmax(self.task.logits(victim, batch).float(), dim=1).exp()
 
     def prepare(self, victim, batch, progress):
         labels = self.task.labels(batch)
