@@ -22,8 +22,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
+
+from .distributed import reduce_
 
 AWP_STYLES = ("adr", "wu2020")
 
@@ -79,12 +80,7 @@ class AWP:
                     v.append(torch.zeros_like(w))
                 else:
                     v.append(g * (self.gamma * w.norm() / (g.norm() + EPS)))
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                flat = torch.cat([t.reshape(-1) for t in v])  # same v on every rank -> same weights
-                dist.all_reduce(flat)
-                flat /= dist.get_world_size()
-                v = list(torch.split(flat, [t.numel() for t in v]))
-                v = [t.view_as(w) for t, w in zip(v, params)]
+            reduce_(v)  # the same v on every rank -> the same weights
         return v
 
     @torch.no_grad()

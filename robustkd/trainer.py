@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.logging import get_logger
 from torch import nn
 
 from .attacks.base import Attack, create_attack
@@ -25,9 +26,11 @@ from .checkpoint import atomic_write_text, save_model_dir
 from .distill.methods import Method, Progress
 from .eval.robustness import evaluate
 from .task import Task
-from .teachers import EMATeacher, average_across_processes, unwrap
+from .distributed import reduce_
+from .teachers import EMATeacher, unwrap
 
 CHECKPOINT_DIR = "checkpoints"
+logger = get_logger(__name__)  # Accelerate's multi-process logger: main process only by default
 
 
 @dataclass
@@ -44,7 +47,7 @@ class TrainConfig:
     lr_schedule: str = "multistep"  # multistep | cosine | constant
     milestones: list[int] | None = None  # epochs; default: 50 % and 75 % of the run (ADR's 100/150 of 200)
     lr_gamma: float = 0.1
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str | None = None  # no | fp16 | bf16; None: Accelerate's setting (accelerate launch --mixed_precision, accelerate config)
     grad_accum: int = 1
     max_grad_norm: float | None = None
     ema_decay: float | None = None  # keep an EMA (WA) model; methods that need one default to 0.995
@@ -67,8 +70,17 @@ class TrainConfig:
     resume: bool = False
     cpu: bool = False
     log_with: str | None = None  # any Accelerate tracker: tensorboard, wandb, ...
+    # ecosystem: the tracker run's name (default: the output directory's name) and tags (wandb)
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
     progress: bool = True
     keep_checkpoints: int = 1
+    # -- speed modes (docs/performance.md); all off by default, none changes what is computed --
+    compile: bool = False  # torch.compile the student (the attack and the update both use it)
+    channels_last: bool = False  # NHWC memory format for the models and 4-D input tensors
+    tf32: bool = False  # TF32 matmuls and convolutions on Ampere+ GPUs (no effect on CPU)
+    num_workers: int = 0  # data-loader worker processes
+    pin_memory: bool = False  # page-locked host batches, copied to the GPU without blocking
 
     def resolved_milestones(self) -> list[int]:
         """LR decay epochs; the default (50 % and 75 % of the run) skips epoch 0 so short runs keep their LR."""
@@ -97,19 +109,6 @@ class _TrainState:
         self.history = json.loads(state["history"])
 
 
-class _Stateful:
-    """Adapts an object with state_dict/load_state_dict for Accelerate's checkpointing."""
-
-    def __init__(self, obj: Any):
-        self.obj = obj
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.obj.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.obj.load_state_dict(state)
-
-
 # Fields that must match to resume a checkpoint (others, e.g. eval settings or epochs, may change).
 _RESUME_KEYS = ("task", "model", "num_classes", "method", "batch_size", "optimizer", "grad_accum", "awp_gamma",
                 "ema_decay", "ema_warmup", "max_train_samples", "seed")
@@ -128,20 +127,26 @@ class Trainer:
         if config.awp_gamma is not None and config.grad_accum > 1:
             raise ValueError("AWP perturbs the weights once per optimizer step and cannot be combined with "
                              "gradient accumulation: use --grad-accum 1 or drop --awp")
+        check_trackers(config.log_with)
         self.accelerator = Accelerator(
             cpu=config.cpu or not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum, log_with=config.log_with,
-            project_dir=config.output_dir, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+            project_dir=config.output_dir,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=config.pin_memory))
         set_seed(config.seed)
         self.output_dir = Path(config.output_dir)
         acc = self.accelerator
+        _set_tf32(config.tf32, acc.device)
+        loader_options = {"num_workers": config.num_workers, "pin_memory": config.pin_memory}
         self.train_loader = task.dataloader("train", config.batch_size, max_samples=config.max_train_samples,
-                                            seed=config.seed, drop_last=config.drop_last)
+                                            seed=config.seed, drop_last=config.drop_last, **loader_options)
         self.eval_loader = task.dataloader("test", config.eval_batch_size, max_samples=config.max_eval_samples,
-                                           seed=config.seed, shuffle=False)
+                                           seed=config.seed, shuffle=False, **loader_options)
         if len(self.train_loader) == 0:
             raise ValueError("the training split is empty: check --data-dir and --max-train-samples")
         self._validate(model)
+        if config.channels_last:  # before the optimizer and the EMA copy: both see the same tensors
+            model = model.to(memory_format=torch.channels_last)
         self.optimizer = self._make_optimizer(model)
         decay = config.ema_decay if config.ema_decay is not None else (0.995 if method.needs_ema else None)
         self.ema = EMATeacher(model, decay, warmup=config.ema_warmup) if decay is not None else None
@@ -149,16 +154,21 @@ class Trainer:
             if config.awp_gamma is not None else None
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(
             model, self.optimizer, self.train_loader, self.eval_loader)
+        if config.compile:  # in place (nn.Module.compile): same module, same state-dict names for EMA and saving
+            unwrap(self.model).compile()
         if self.ema is not None:
             self.ema.to(acc.device)
         self.method.setup(self.model, self.ema)
         for teacher in getattr(self.method, "teachers", []):
             teacher.to(acc.device)
+            if config.channels_last:
+                teacher.model.to(memory_format=torch.channels_last)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / config.grad_accum)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = self._make_scheduler()
         self.state = _TrainState()
-        for obj in (self.scheduler, self.state, _Stateful(self.method)) + ((self.ema,) if self.ema else ()):
+        # Accelerate needs only state_dict/load_state_dict, which the method, EMA and counters all have
+        for obj in (self.scheduler, self.state, self.method) + ((self.ema,) if self.ema else ()):
             acc.register_for_checkpointing(obj)
         self.eval_attacks = {spec: create_attack(spec, task) for spec in config.eval_attacks}
 
@@ -207,12 +217,12 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """One micro-batch: attack, loss, backward; optimizer step at accumulation boundaries."""
         acc, method, model = self.accelerator, self.method, self.model
+        batch = self._on_device(batch)
         progress = self.progress()
         victim = unwrap(model)
-        if method.attack_mode == "eval":
-            victim.eval()
-        prepared = method.prepare(victim, batch, progress)
-        victim.train()
+        # the attack sets and restores the victim's mode; it and the teachers run in the run's precision
+        with acc.autocast():
+            prepared = method.prepare(victim, batch, progress)
         v = None
         if self.awp is not None and self.awp.active(self.state.epoch):
             v = self.awp.compute(victim, lambda m: method.loss(m, batch, prepared, progress)[0])
@@ -236,6 +246,16 @@ class Trainer:
             method.after_step(model, self.progress())
         return logs
 
+    def _on_device(self, batch: dict) -> dict:
+        """The task's batched augmentation, on the device the batch is on; 4-D float tensors in
+        channels-last format when that mode is on."""
+        batch = self.task.augment_batch(batch)
+        if self.config.channels_last:
+            batch = {k: v.contiguous(memory_format=torch.channels_last)
+                     if isinstance(v, torch.Tensor) and v.dim() == 4 and v.is_floating_point() else v
+                     for k, v in batch.items()}
+        return batch
+
     # -- the loop -----------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:
         """Train for ``config.epochs`` (continuing from the last checkpoint with ``resume``)."""
@@ -247,7 +267,9 @@ class Trainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if c.log_with:
-            acc.init_trackers(self.output_dir.name, config=_flat_config(self.run_config()))
+            name = c.run_name or self.output_dir.name
+            acc.init_trackers(name, config=_flat_config(self.run_config()),
+                              init_kwargs={"wandb": {"name": name, "tags": list(c.tags)}})
         for epoch in range(self.state.epoch, c.epochs):
             if hasattr(self.train_loader, "set_epoch"):
                 self.train_loader.set_epoch(epoch)
@@ -259,7 +281,7 @@ class Trainer:
                 logs = self.train_step(batch)
                 loss_sum += logs["loss"].float()
                 n += 1
-                if i % 10 == 0:
+                if i % 10 == 0 and not bar.disable:  # a host sync: only when the bar is shown
                     bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
             record: dict[str, Any] = {"epoch": epoch + 1, "step": self.state.step,
                                       "lr": self.optimizer.param_groups[0]["lr"],
@@ -268,14 +290,14 @@ class Trainer:
                                       **self.method.log_values(self.progress())}
             self.state.epoch = epoch + 1
             # batch-norm statistics drift apart per process: make them identical before eval/checkpoint
-            average_across_processes([b for b in unwrap(self.model).buffers() if b.is_floating_point()])
+            reduce_([b for b in unwrap(self.model).buffers() if b.is_floating_point()])
             if c.eval_every and ((epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs):
                 record.update(self.evaluate_all(prefix_ema="ema_"))
             self.state.history.append(record)
             if acc.is_main_process:
                 with open(self.output_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-                acc.print(_summary_line(record))
+                logger.info(_summary_line(record))
             if c.log_with:
                 acc.log({k: v for k, v in _flat_config(record).items() if isinstance(v, (int, float))}, step=epoch + 1)
             self.save_checkpoint()
@@ -326,7 +348,7 @@ class Trainer:
         """Load the latest checkpoint under ``output_dir`` (if any); refuse one from another configuration."""
         pointer = self.output_dir / CHECKPOINT_DIR / "latest"
         if not pointer.exists():
-            self.accelerator.print(f"no checkpoint under {self.output_dir}: starting from scratch")
+            logger.info(f"no checkpoint under {self.output_dir}: starting from scratch")
             return False
         ckpt = pointer.parent / pointer.read_text().strip()
         saved = json.loads((ckpt / "run_config.json").read_text())
@@ -337,7 +359,7 @@ class Trainer:
             raise ConfigMismatchError(f"the checkpoint {ckpt} was made with another configuration ({detail}). "
                                       "Resume with the same settings, or use a new --output-dir.")
         self.accelerator.load_state(str(ckpt))
-        self.accelerator.print(f"resumed from {ckpt} (epoch {self.state.epoch}, step {self.state.step})")
+        logger.info(f"resumed from {ckpt} (epoch {self.state.epoch}, step {self.state.step})")
         return True
 
     def save_final(self) -> None:
@@ -348,6 +370,14 @@ class Trainer:
                     "method": self.method.name, "epochs": self.state.epoch}
             save_model_dir(self.output_dir, unwrap(self.model), self.ema.model if self.ema else None, meta)
         acc.wait_for_everyone()
+
+
+def _set_tf32(enabled: bool, device: torch.device) -> None:
+    """TF32 for float32 matmuls and cuDNN convolutions on Ampere+ GPUs; a no-op elsewhere."""
+    if not enabled or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+        return
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
 
 
 def _flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -369,6 +399,20 @@ def _summary_line(record: dict[str, Any]) -> str:
                 parts.append(f"{prefix}{name} {acc:.4f}")
     parts.append(f"{record['epoch_seconds']:.1f}s")
     return " | ".join(parts)
+
+
+def check_trackers(log_with: str | None) -> None:
+    """Refuse a named tracker whose package is missing (Accelerate would skip it without a word)."""
+    if not log_with:
+        return
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    for name in (n.strip() for n in str(log_with).split(",")):
+        if name and name != "all" and name not in available:
+            raise ValueError(f"--log-with {name}: the {name} package is not installed (pip install "
+                             f"'robustkd[{name}]' or pip install {name}); installed trackers: "
+                             f"{', '.join(sorted(available)) or 'none'}")
 
 
 def lr_factor(k: int, schedule: str, *, lr: float, total: int, milestones: list[int], gamma: float = 0.1,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks.base import Attack
+from ..attacks.base import Attack, victim_mode
 from ..attacks.pgd import PGD
 from ..registry import METHODS, register_method
 from ..schedules import Schedule
@@ -74,6 +74,8 @@ class Method(ABC):
             raise ValueError(f"the method {self.name!r} needs an EMA teacher; the trainer creates one "
                              "when method.needs_ema is set")
         self.ema = ema
+        if self.attack is not None:  # Attack.__call__ puts the victim in this mode and restores it
+            self.attack.set_mode(self.attack_mode)
 
     def prepare(self, victim: nn.Module, batch: Batch, progress: Progress) -> Prepared:
         labels = self.task.labels(batch)
@@ -181,7 +183,9 @@ class TRADES(Method):
         self.forward = forward
 
     def _reference(self, victim: nn.Module, batch: Batch) -> Tensor:
-        with torch.no_grad():  # exp(log_softmax): the reference hands the KL log-probabilities (log_target=True)
+        # exp(log_softmax): the reference hands the KL log-probabilities (log_target=True); the
+        # natural prediction runs in the attack's mode, as the reference's
+        with torch.no_grad(), victim_mode(victim, self.attack_mode):
             return torch.log_softmax(self.task.logits(victim, batch).float(), dim=1).exp()
 
     def prepare(self, victim, batch, progress):
