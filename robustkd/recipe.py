@@ -76,6 +76,10 @@ def common_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: only at the end)")
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    run.add_argument("--overwrite", action="store_true", help="--output-dir holds another run: move it aside to "
+                     "NAME.old-<time> (never deleted) and start afresh")
+    run.add_argument("--max-nonfinite-steps", type=int, default=0, help="skip up to N steps whose loss is not "
+                     "finite (normal with fp16); 0: stop at the first, keeping the last good checkpoint")
     run.add_argument("--log-with", default=None, help="an Accelerate tracker (tensorboard, wandb, ...)")
     run.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is present")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -113,7 +117,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         awp_gamma=args.awp_gamma if args.awp else None, awp_warmup=args.awp_warmup,
         eval_every=args.eval_every, eval_attacks=_specs(args.eval_attacks), max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples, seed=args.seed, output_dir=args.output_dir, resume=args.resume,
-        cpu=args.cpu, log_with=args.log_with, progress=not args.no_progress)
+        cpu=args.cpu, log_with=args.log_with, progress=not args.no_progress,
+        overwrite=getattr(args, "overwrite", False), max_nonfinite_steps=getattr(args, "max_nonfinite_steps", 0))
 
 
 _specs = split_attack_specs
