@@ -14,6 +14,48 @@ from torch import Tensor, nn
 from ..attacks.base import Attack, create_attack
 from ..task import Task
 
+_NO_GRAD_ERRORS = ("does not require grad", "appears to not have been used in the graph")
+
+
+def is_no_input_gradient_error(exc: BaseException) -> bool:
+    """True for autograd's errors when a model's output does not depend differentiably on its input."""
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _NO_GRAD_ERRORS)
+
+
+def gradient_floor(model: nn.Module) -> Any:
+    """Make a model whose output is cut from its input's graph (``detach()``, a no-grad median filter)
+    return a *zero* input gradient instead of crashing gradient attacks: a forward hook adds
+    ``0 * sum(input)`` to the output (values unchanged). The attacks then find nothing, which the
+    ``input_gradient`` sanity check reports as a failure. Returns the hook handle (``.remove()``);
+    None when the model already has one."""
+    if getattr(model, "_robustkd_gradient_floor", False):
+        return None
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        grads = [t for t in (*args, *kwargs.values()) if torch.is_tensor(t) and t.requires_grad]
+        if not grads:
+            return output
+        zero = sum((t.float() * 0).sum() for t in grads)
+        if torch.is_tensor(output):
+            return output + zero.to(output.dtype)
+        if hasattr(output, "logits"):
+            output.logits = output.logits + zero.to(output.logits.dtype)
+            return output
+        if isinstance(output, tuple) and output and torch.is_tensor(output[0]):
+            return (output[0] + zero.to(output[0].dtype), *output[1:])
+        return output
+
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    model._robustkd_gradient_floor = True  # type: ignore[attr-defined]
+    remove = handle.remove
+
+    def _remove() -> None:
+        remove()
+        model._robustkd_gradient_floor = False  # type: ignore[attr-defined]
+
+    handle.remove = _remove  # type: ignore[method-assign]
+    return handle
+
 
 @dataclass
 class EvalResult:
@@ -49,14 +91,23 @@ def evaluate_predictions(task: Task, model: nn.Module, loader, attacks: dict[str
     model.eval()
     labels, clean, adv = [], [], {name: [] for name in attacks}
     show = progress and (accelerator is None or accelerator.is_local_main_process)
-    for batch in tqdm(loader, desc="evaluating", leave=False, disable=not show):
+    floor = None
+    for i, batch in enumerate(tqdm(loader, desc="evaluating", leave=False, disable=not show)):
+        if i == 0:
+            task.validate_batch(batch)  # inputs outside the task's domain (0-255 images) are refused, not attacked
         y = task.labels(batch)
         with torch.no_grad():
             clean_logits = task.logits(model, batch)
         ys, cs = [y], [clean_logits.float().softmax(1)]
         advs: dict[str, Tensor] = {}
         for name, attack in attacks.items():
-            result = attack(model, batch, y)
+            try:
+                result = attack(model, batch, y)
+            except RuntimeError as exc:  # no input gradient: attack with a zero gradient; sanity checks flag it
+                if not is_no_input_gradient_error(exc) or floor is not None:
+                    raise
+                floor = gradient_floor(model)
+                result = attack(model, batch, y)
             with torch.no_grad():
                 advs[name] = task.logits(model, *result).float().softmax(1)
         if accelerator is not None:
@@ -68,6 +119,8 @@ def evaluate_predictions(task: Task, model: nn.Module, loader, attacks: dict[str
         for k, v in advs.items():
             adv[k].append(v)
     model.train(was_training)
+    if floor is not None:
+        floor.remove()
     return EvalResult(torch.cat(labels).cpu(), torch.cat(clean).cpu(),
                       {k: torch.cat(v).cpu() for k, v in adv.items()})
 

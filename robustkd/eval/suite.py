@@ -20,8 +20,8 @@ from ..registry import ATTACKS, RegistryError
 from ..task import Batch, DataNotFoundError, Task
 from .curves import DEFAULT_FACTORS, BudgetSweep, budget_sweep
 from .metrics import DEFAULT_BINS, compute_metrics
-from .robustness import EvalResult, evaluate_predictions
-from .sanity import SanityCheck, announce, changed_tensors, run_sanity_checks, snapshot
+from .robustness import EvalResult, evaluate_predictions, gradient_floor
+from .sanity import SanityCheck, announce, changed_tensors, input_gradient_status, run_sanity_checks, snapshot
 
 
 @dataclass
@@ -161,6 +161,7 @@ def run_evaluation(task: Task, model: nn.Module, attacks: str | Sequence[str] | 
         raise DataNotFoundError(f"the {split!r} split of {task.name!r} is empty")
     task.check_model(model, first)
 
+    floor = gradient_floor(model) if input_gradient_status(task, model, first)[0] == "none" else None
     before = snapshot(model)
     torch.manual_seed(seed)
     result = evaluate_predictions(task, model, loader, attacks, progress=progress)
@@ -178,6 +179,8 @@ def run_evaluation(task: Task, model: nn.Module, attacks: str | Sequence[str] | 
     files: dict[str, Path] = {}
     if output_dir is not None:
         files = write_report(report, output_dir, history=history)
+    if floor is not None:
+        floor.remove()
     if verbose:
         announce(checks)
     return Evaluation(report, result, sweep, checks, files)
