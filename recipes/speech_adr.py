@@ -22,8 +22,8 @@ from robustkd.attacks.base import create_attack
 from robustkd.attacks.pgd import PGD
 from robustkd.attacks.speech import MeasuredAttack
 from robustkd.distill.methods import METHODS, Method
-from robustkd.eval.robustness import evaluate
-from robustkd.recipe import build_report, common_parser, main_guard, train_config, write_plots
+from robustkd.eval.robustness import evaluate, resolve_attacks
+from robustkd.recipe import build_report, common_parser, main_guard, task_kwargs, train_config, write_plots
 from robustkd.registry import TASKS
 from robustkd.task import Task
 from robustkd.teachers import unwrap
@@ -63,6 +63,7 @@ def build_speech_task(args: argparse.Namespace) -> Task:
                               "cache_dir": args.cache_dir}
     if args.sample_rate is not None:
         kwargs["sample_rate"] = args.sample_rate
+    kwargs.update(task_kwargs(args))  # --task-kwargs: e.g. {"downmix": true}
     task = TASKS.get(args.dataset)(data_dir=args.data_dir, **kwargs)
     if task.modality != "audio":
         raise ValueError(f"--dataset {args.dataset!r} is a {task.modality} task; this recipe trains audio tasks "
@@ -110,6 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_kwargs = {k: v for k, v in (("width", args.width), ("weights", args.weights)) if v is not None}
     model = task.build_model(args.model, **model_kwargs)
     method = build_speech_method(args, task)
+    resolve_attacks(_specs(args.final_attacks), task)  # typos fail now, not after training
     trainer = Trainer(task, model, method, train_config(args),
                       run_info={"model": args.model, "model_kwargs": model_kwargs, "dataset": args.dataset,
                                 "data_dir": args.data_dir, "sample_rate": task.sample_rate,

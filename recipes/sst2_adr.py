@@ -23,6 +23,7 @@ from robustkd.attacks.pgd import PGD
 from robustkd.attacks.text import textattack_evaluate
 from robustkd.checkpoint import load_model
 from robustkd.distill.methods import METHODS, Method
+from robustkd.eval.robustness import resolve_attacks
 from robustkd.recipe import build_task, common_parser, main_guard, run_recipe
 from robustkd.task import Task
 from robustkd.threat import eps_from_pixels
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
     task = build_task(args, max_length=args.max_length,
                       **{k: v for k, v in (("text_column", args.text_column), ("label_column", args.label_column)) if v})
+    if args.textattack_recipe.lower() != "none":  # an unknown or offline-unavailable recipe fails before training
+        resolve_attacks([f"textattack:{args.textattack_recipe}"], task)
     report = run_recipe(args, task=task, method=build_text_method(args, task))
     if args.textattack_recipe.lower() != "none":
         from accelerate import PartialState

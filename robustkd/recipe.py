@@ -19,6 +19,7 @@ import torch
 from . import __version__
 from .attacks.base import create_attack, split_attack_specs
 from .distill.methods import METHODS, Method
+from .eval.robustness import resolve_attacks
 from .registry import TASKS, RegistryError
 from .task import DataNotFoundError, Task
 from .trainer import ConfigMismatchError, TrainConfig, Trainer
@@ -35,6 +36,8 @@ def common_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     data.add_argument("--dataset", default=d["dataset"], help=f"task name; registered: {', '.join(TASKS.names())}")
     data.add_argument("--data-dir", default=None, help="local copy of the data (needed offline); without it the "
                       "task loads its hub data set and fails at once, with this hint, when there is no network")
+    data.add_argument("--task-kwargs", default=None, help='JSON options for the task, e.g. \'{"drop_empty": true}\', '
+                      '\'{"image_column": "img"}\', \'{"downmix": true}\', \'{"encoding": "latin-1"}\'')
     data.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded random subset")
     data.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on a seeded random subset")
     model = p.add_argument_group("model and method")
@@ -86,8 +89,20 @@ def common_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     return p
 
 
+def task_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``--task-kwargs`` as a dict (a JSON object), with a one-line error for anything else."""
+    text = getattr(args, "task_kwargs", None)
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError as exc:
+        raise ValueError(f"--task-kwargs {text!r} is not JSON ({exc}): write e.g. '{{\"drop_empty\": true}}'") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"--task-kwargs must be a JSON object like '{{\"drop_empty\": true}}', got {text!r}")
+    return value
+
+
 def build_task(args: argparse.Namespace, **kwargs: Any) -> Task:
-    return TASKS.get(args.dataset)(data_dir=args.data_dir, **kwargs)
+    return TASKS.get(args.dataset)(data_dir=args.data_dir, **{**kwargs, **task_kwargs(args)})
 
 
 def build_method(args: argparse.Namespace, task: Task, **kwargs: Any) -> Method:
@@ -133,12 +148,12 @@ def run_recipe(args: argparse.Namespace, task: Task | None = None, method: Metho
         model_kwargs = json.loads(args.model_kwargs) if getattr(args, "model_kwargs", None) else {}
     model = task.build_model(args.model, **model_kwargs)
     method = method or build_method(args, task)
+    final_attacks = resolve_attacks(_specs(args.final_attacks), task)  # typos fail now, not after training
     trainer = Trainer(task, model, method, train_config(args),
                       run_info={"model": args.model, "model_kwargs": model_kwargs, "dataset": args.dataset,
                                 "data_dir": args.data_dir})
     history = trainer.fit()
     acc = trainer.accelerator
-    final_attacks = {spec: create_attack(spec, task) for spec in _specs(args.final_attacks)}
     final = trainer.evaluate_all(final_attacks, prefix_ema="ema/")
     report = build_report(args, trainer, final, history, final_attacks, time.perf_counter() - started)
     if acc.is_main_process:

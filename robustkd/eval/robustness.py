@@ -125,6 +125,37 @@ def evaluate_predictions(task: Task, model: nn.Module, loader, attacks: dict[str
                       {k: torch.cat(v).cpu() for k, v in adv.items()})
 
 
+def resolve_attacks(specs: list[str] | tuple[str, ...], task: Task) -> dict[str, Attack]:
+    """Build every attack a run will use *before* it trains, so that a typo, a malformed option or a
+    missing offline resource fails at once in one line rather than after all training.
+    ``textattack:<recipe>`` specs are checked (known recipe, its offline resources present) but not built;
+    the others are returned, built, by spec."""
+    from ..registry import RegistryError
+    from .suite import build_attacks
+
+    specs = [s.strip() for s in specs if s and s.strip()]
+    text_specs = [s for s in specs if s.split(":", 1)[0].lower() == "textattack"]
+    built: dict[str, Attack] = {}
+    for spec in (s for s in specs if s not in text_specs):
+        try:
+            built.update(build_attacks([spec], task))
+        except RegistryError:
+            raise
+        except (TypeError, ValueError, KeyError) as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(msg if spec in msg else f"bad attack spec {spec!r}: {msg}") from exc
+    for spec in text_specs:
+        from ..attacks.text import missing_resources
+
+        recipe = spec.split(":", 1)[1] if ":" in spec else ""
+        missing = missing_resources(recipe)  # an unknown recipe raises ValueError naming the known ones
+        if missing:
+            needs = "; ".join(f"{r.name} ({r.how})" for r in missing)
+            raise ValueError(f"the TextAttack recipe {recipe!r} needs what this machine lacks: {needs}. Pick a recipe "
+                             "that works offline (deepwordbug, pruthi, input-reduction) or 'none'")
+    return built
+
+
 def evaluate(task: Task, model: nn.Module, loader=None, attacks: dict[str, Attack] | list[str] | None = None,
              accelerator: Any = None, progress: bool = False) -> dict[str, Any]:
     """Clean accuracy, robust accuracy per attack and their worst case, as fractions in [0, 1].
