@@ -194,16 +194,20 @@ class Trainer:
         if ckpt is None:
             self.run_id = uuid.uuid4().hex[:12]
             return None
+        self.run_id = self._check_resume_config(ckpt).get("run_id")
+        return ckpt
+
+    def _check_resume_config(self, ckpt: Path) -> dict[str, Any]:
+        """The checkpoint's run config; :class:`ConfigMismatchError` when a field of ``_RESUME_KEYS`` differs."""
         saved = json.loads((ckpt / "run_config.json").read_text())
         now = {**self.run_info, "task": self.task.name, "num_classes": self.task.num_classes,
-               "method": self.method.name, **asdict(c)}
+               "method": self.method.name, **asdict(self.config)}
         diffs = {k: (saved.get(k), now.get(k)) for k in _RESUME_KEYS if _norm(saved.get(k)) != _norm(now.get(k))}
         if diffs:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
             raise ConfigMismatchError(f"the checkpoint {ckpt} was made with another configuration ({detail}). "
                                       "Resume with the same settings, or use a new --output-dir.")
-        self.run_id = saved.get("run_id")
-        return ckpt
+        return saved
 
     def _claim_output_dir(self, model: nn.Module) -> None:
         """Move an old run aside (``overwrite``) on the main process; share one run id across processes."""
@@ -461,6 +465,7 @@ class Trainer:
         if ckpt is None:
             self.accelerator.print(f"no checkpoint under {self.output_dir}: starting from scratch")
             return False
+        self._check_resume_config(ckpt)  # again: the config may have been changed since __init__
         try:
             self.accelerator.load_state(str(ckpt))
         except (RuntimeError, KeyError) as exc:  # shapes or keys that passed the config check but not the load

@@ -237,7 +237,9 @@ def check_probability_outputs(task: Task, model: nn.Module, batch: Batch) -> San
 
 def input_gradient_status(task: Task, model: nn.Module, batch: Batch) -> tuple[str, float]:
     """``("none", 1.0)`` when the output is cut from the input's graph, else ``("ok" | "zero", fraction of
-    examples whose cross-entropy gradient with respect to the attacked input is exactly zero)``."""
+    the correctly classified examples -- the ones an attack must move -- whose cross-entropy gradient with
+    respect to the attacked input is exactly zero)``. Sign-based attacks move on any non-zero gradient,
+    however small, so only an exact zero masks them."""
     if getattr(model, "_robustkd_gradient_floor", False):
         return "none", 1.0  # robustness.gradient_floor was installed because the graph is cut
     was_training = model.training
@@ -250,13 +252,17 @@ def input_gradient_status(task: Task, model: nn.Module, batch: Batch) -> tuple[s
             out = task.logits(model, batch, delta)
             if not out.requires_grad:
                 return "none", 1.0
-            loss = torch.nn.functional.cross_entropy(out.float(), task.labels(batch), reduction="sum")
+            labels = task.labels(batch)
+            loss = torch.nn.functional.cross_entropy(out.float(), labels, reduction="sum")
             (grad,) = torch.autograd.grad(loss, delta, allow_unused=True)
     finally:
         model.train(was_training)
     if grad is None:
         return "none", 1.0
-    zero = (grad.flatten(1).abs().amax(1) == 0).float().mean().item()
+    correct = out.detach().argmax(1) == labels
+    if not bool(correct.any()):
+        return "ok", 0.0
+    zero = (grad.flatten(1).abs().amax(1) == 0)[correct].float().mean().item()
     return ("zero" if zero > MAX_ZERO_GRADIENT_FRACTION else "ok"), zero
 
 
@@ -271,10 +277,12 @@ def check_input_gradient(task: Task, model: nn.Module, batch: Batch) -> SanityCh
                            f"with a zero gradient and their robust accuracy means nothing. {GRADIENT_FIX}", values)
     if status == "zero":
         return SanityCheck("input_gradient", "fail",
-                           f"the loss has an exactly zero input gradient for {zero:.0%} of the examples (quantised or "
+                           f"the loss has an exactly zero input gradient for {zero:.0%} of the correctly classified "
+                           "examples (quantised or "
                            "rounded inputs, a zero-gradient layer, or logits so large the softmax saturates): gradient "
                            f"attacks cannot move them. {GRADIENT_FIX}", values)
-    return SanityCheck("input_gradient", "pass", f"non-zero input gradient for {1 - zero:.0%} of the examples", values)
+    return SanityCheck("input_gradient", "pass", f"non-zero input gradient for {1 - zero:.0%} of the correctly "
+                       "classified examples", values)
 
 
 def run_sanity_checks(task: Task, model: nn.Module, batch: Batch, sweep: BudgetSweep, attacks: Mapping[str, Attack],
