@@ -164,6 +164,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = self._make_scheduler()
         self.state = _TrainState()
+        self._reset_nonfinite()
         for obj in (self.scheduler, self.state, _Stateful(self.method)) + ((self.ema,) if self.ema else ()):
             acc.register_for_checkpointing(obj)
         self.eval_attacks = {spec: create_attack(spec, task) for spec in config.eval_attacks}
@@ -308,9 +309,7 @@ class Trainer:
                 atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in self.state.history))
             except OSError as exc:
                 raise write_failed(metrics, exc) from exc
-        self._nonfinite = torch.zeros((), dtype=torch.long, device=acc.device)
-        self._first_bad = torch.full((), -1, dtype=torch.long, device=acc.device)
-        self._skipped = 0
+        self._reset_nonfinite()
         if c.log_with:
             acc.init_trackers(self.output_dir.name, config=_flat_config(self.run_config()))
         for epoch in range(self.state.epoch, c.epochs):
@@ -357,6 +356,12 @@ class Trainer:
         return self.state.history
 
     # -- divergence ---------------------------------------------------------------------
+    def _reset_nonfinite(self) -> None:
+        device = self.accelerator.device
+        self._nonfinite = torch.zeros((), dtype=torch.long, device=device)  # non-finite losses since the start
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)  # 1-based step of the first
+        self._skipped = 0  # steps skipped under max_nonfinite_steps
+
     def _loss_ok(self, loss: torch.Tensor) -> bool:
         """Record a non-finite loss on the device (no host sync); with ``max_nonfinite_steps`` > 0 sync
         once per step to skip such a step, and stop after more than that many."""
