@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.logging import get_logger
 from torch import nn
 
 from .attacks.base import Attack, create_attack
@@ -27,9 +28,11 @@ from .checkpoint import (CheckpointError, atomic_write_text, prepare_output_dir,
 from .distill.methods import Method, Progress
 from .eval.robustness import evaluate
 from .task import Task
-from .teachers import EMATeacher, average_across_processes, unwrap
+from .distributed import reduce_
+from .teachers import EMATeacher, unwrap
 
 CHECKPOINT_DIR = "checkpoints"
+logger = get_logger(__name__)  # Accelerate's multi-process logger: main process only by default
 
 
 @dataclass
@@ -46,13 +49,20 @@ class TrainConfig:
     lr_schedule: str = "multistep"  # multistep | cosine | constant
     milestones: list[int] | None = None  # epochs; default: 50 % and 75 % of the run (ADR's 100/150 of 200)
     lr_gamma: float = 0.1
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str | None = None  # no | fp16 | bf16; None: Accelerate's setting (accelerate launch --mixed_precision, accelerate config)
     grad_accum: int = 1
     max_grad_norm: float | None = None
     ema_decay: float | None = None  # keep an EMA (WA) model; methods that need one default to 0.995
     ema_warmup: bool = False  # timm's decay ramp min(decay, (1+t)/(10+t)); not in ADR's reference
     awp_gamma: float | None = None  # enable AWP with this gamma (5e-3 in the papers)
     awp_warmup: int = 0
+    # -- fidelity (docs/fidelity.md): optimizer, schedule and AWP settings of the reference code --
+    nesterov: bool = False  # Nesterov momentum (ADR's SGD configs: True; its AWP configs: False)
+    lr_warmup_epochs: float = 0  # linear warm-up over this many epochs (fractions allowed: ADR uses 2.5), then the schedule
+    lr_warmup_init: float = 0.0  # the LR the warm-up starts from (ADR's PreAct configs: 1e-6)
+    lr_min: float = 0.0  # the cosine schedule's final LR
+    drop_last: bool = False  # drop the last partial training batch (ADR's reference does)
+    awp_style: str = "adr"  # adr: every parameter, BN statistics from the unperturbed pass | wu2020: see awp.py
     eval_every: int = 1
     eval_attacks: list[str] = field(default_factory=lambda: ["pgd20"])
     max_train_samples: int | None = None
@@ -62,8 +72,17 @@ class TrainConfig:
     resume: bool = False
     cpu: bool = False
     log_with: str | None = None  # any Accelerate tracker: tensorboard, wandb, ...
+    # ecosystem: the tracker run's name (default: the output directory's name) and tags (wandb)
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
     progress: bool = True
     keep_checkpoints: int = 1
+    # -- speed modes (docs/performance.md); all off by default, none changes what is computed --
+    compile: bool = False  # torch.compile the student (the attack and the update both use it)
+    channels_last: bool = False  # NHWC memory format for the models and 4-D input tensors
+    tf32: bool = False  # TF32 matmuls and convolutions on Ampere+ GPUs (no effect on CPU)
+    num_workers: int = 0  # data-loader worker processes
+    pin_memory: bool = False  # page-locked host batches, copied to the GPU without blocking
     # guards: output-directory safety and divergence handling
     overwrite: bool = False  # move a run already in output_dir aside (NAME.old-<time>) instead of refusing
     max_nonfinite_steps: int = 0  # skip up to N steps with a non-finite loss (mixed precision); 0: stop at the first
@@ -102,19 +121,6 @@ class _TrainState:
         self.history = json.loads(state["history"])
 
 
-class _Stateful:
-    """Adapts an object with state_dict/load_state_dict for Accelerate's checkpointing."""
-
-    def __init__(self, obj: Any):
-        self.obj = obj
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.obj.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.obj.load_state_dict(state)
-
-
 # Fields that must match to resume a checkpoint (others, e.g. eval settings or epochs, may change).
 _RESUME_KEYS = ("task", "model", "model_kwargs", "num_classes", "method", "batch_size", "optimizer", "grad_accum", "awp_gamma",
                 "ema_decay", "ema_warmup", "max_train_samples", "seed")
@@ -135,37 +141,49 @@ class Trainer:
         if config.awp_gamma is not None and config.grad_accum > 1:
             raise ValueError("AWP perturbs the weights once per optimizer step and cannot be combined with "
                              "gradient accumulation: use --grad-accum 1 or drop --awp")
+        check_trackers(config.log_with)
         self.accelerator = Accelerator(
             cpu=config.cpu or not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum, log_with=config.log_with,
-            project_dir=config.output_dir, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+            project_dir=config.output_dir,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=config.pin_memory))
         set_seed(config.seed)
         acc = self.accelerator
+        _set_tf32(config.tf32, acc.device)
+        loader_options = {"num_workers": config.num_workers, "pin_memory": config.pin_memory}
         self._claim_output_dir(model)
         self.train_loader = task.dataloader("train", config.batch_size, max_samples=config.max_train_samples,
-                                            seed=config.seed, drop_last=False)
+                                            seed=config.seed, drop_last=config.drop_last, **loader_options)
         self.eval_loader = task.dataloader("test", config.eval_batch_size, max_samples=config.max_eval_samples,
-                                           seed=config.seed, shuffle=False)
+                                           seed=config.seed, shuffle=False, **loader_options)
         if len(self.train_loader) == 0:
             raise ValueError("the training split is empty: check --data-dir and --max-train-samples")
         self._validate(model)
+        if config.channels_last:  # before the optimizer and the EMA copy: both see the same tensors
+            model = model.to(memory_format=torch.channels_last)
         self.optimizer = self._make_optimizer(model)
         decay = config.ema_decay if config.ema_decay is not None else (0.995 if method.needs_ema else None)
         self.ema = EMATeacher(model, decay, warmup=config.ema_warmup) if decay is not None else None
-        self.awp = AWP(config.awp_gamma, config.awp_warmup) if config.awp_gamma is not None else None
+        self.awp = AWP(config.awp_gamma, config.awp_warmup, style=config.awp_style) \
+            if config.awp_gamma is not None else None
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(
             model, self.optimizer, self.train_loader, self.eval_loader)
+        if config.compile:  # in place (nn.Module.compile): same module, same state-dict names for EMA and saving
+            unwrap(self.model).compile()
         if self.ema is not None:
             self.ema.to(acc.device)
         self.method.setup(self.model, self.ema)
         for teacher in getattr(self.method, "teachers", []):
             teacher.to(acc.device)
+            if config.channels_last:
+                teacher.model.to(memory_format=torch.channels_last)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / config.grad_accum)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = self._make_scheduler()
         self.state = _TrainState()
         self._reset_nonfinite()
-        for obj in (self.scheduler, self.state, _Stateful(self.method)) + ((self.ema,) if self.ema else ()):
+        # Accelerate needs only state_dict/load_state_dict, which the method, EMA and counters all have
+        for obj in (self.scheduler, self.state, self.method) + ((self.ema,) if self.ema else ()):
             acc.register_for_checkpointing(obj)
         self.eval_attacks = {spec: create_attack(spec, task) for spec in config.eval_attacks}
 
@@ -218,7 +236,7 @@ class Trainer:
         if acc.is_main_process and not c.resume:
             moved = prepare_output_dir(c.output_dir, overwrite=c.overwrite, need_bytes=self._needed_bytes(model))
             if moved is not None:
-                acc.print(f"moved the previous run in {c.output_dir} aside to {moved} (--overwrite)")
+                logger.warning(f"moved the previous run in {c.output_dir} aside to {moved} (--overwrite)")
         ids = [self.run_id]
         if acc.num_processes > 1:
             broadcast_object_list(ids)
@@ -236,22 +254,28 @@ class Trainer:
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         c = self.config
         if c.optimizer == "sgd":
-            return torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+            return torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                                   nesterov=c.nesterov)
+        if c.nesterov:
+            raise ValueError(f"nesterov applies to the SGD optimizer only, not {c.optimizer!r}: drop --nesterov")
         if c.optimizer == "adamw":
             return torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         raise ValueError(f"unknown optimizer {c.optimizer!r}: use 'sgd' or 'adamw'")
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
-        """Per-iteration schedulers (stepped once per optimizer step)."""
-        c, opt = self.config, self.optimizer
-        if c.lr_schedule == "multistep":
-            steps = [m * self.steps_per_epoch for m in c.resolved_milestones()]
-            return torch.optim.lr_scheduler.MultiStepLR(opt, steps, gamma=c.lr_gamma)
-        if c.lr_schedule == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.total_steps, 1))
-        if c.lr_schedule == "constant":
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-        raise ValueError(f"unknown LR schedule {c.lr_schedule!r}: use multistep, cosine or constant")
+        """Per-iteration schedulers (stepped once per optimizer step); see :func:`lr_factor`."""
+        c = self.config
+        if c.lr_schedule not in ("multistep", "cosine", "constant"):
+            raise ValueError(f"unknown LR schedule {c.lr_schedule!r}: use multistep, cosine or constant")
+        if c.lr_warmup_epochs < 0 or c.lr_warmup_init < 0 or c.lr_min < 0:
+            raise ValueError("lr_warmup_epochs, lr_warmup_init and lr_min must be >= 0")
+        milestones = [m * self.steps_per_epoch for m in c.resolved_milestones()]
+        warmup = int(c.lr_warmup_epochs * self.steps_per_epoch)
+        if c.lr_schedule == "multistep" and not warmup:
+            return torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, gamma=c.lr_gamma)
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: lr_factor(
+            k, c.lr_schedule, lr=c.lr, total=max(self.total_steps, 1), milestones=milestones, gamma=c.lr_gamma,
+            warmup=warmup, warmup_init=c.lr_warmup_init, lr_min=c.lr_min))
 
     def progress(self) -> Progress:
         milestones = [m * self.steps_per_epoch for m in self.config.resolved_milestones()] \
@@ -263,12 +287,12 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """One micro-batch: attack, loss, backward; optimizer step at accumulation boundaries."""
         acc, method, model = self.accelerator, self.method, self.model
+        batch = self._on_device(batch)
         progress = self.progress()
         victim = unwrap(model)
-        if method.attack_mode == "eval":
-            victim.eval()
-        prepared = method.prepare(victim, batch, progress)
-        victim.train()
+        # the attack sets and restores the victim's mode; it and the teachers run in the run's precision
+        with acc.autocast():
+            prepared = method.prepare(victim, batch, progress)
         v = None
         if self.awp is not None and self.awp.active(self.state.epoch):
             v = self.awp.compute(victim, lambda m: method.loss(m, batch, prepared, progress)[0])
@@ -277,13 +301,17 @@ class Trainer:
             loss, logs = method.loss(model, batch, prepared, progress)
             if self._loss_ok(loss):  # False only for a skipped step under --max-nonfinite-steps
                 acc.backward(loss)
+                if v is not None and self.awp.restores_before_step:  # the gradient at w + v updates w
+                    self.awp.restore(victim, v)
                 if self.config.max_grad_norm is not None and acc.sync_gradients:
                     acc.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
                 self.optimizer.step()
             else:
+                if v is not None and self.awp.restores_before_step:
+                    self.awp.restore(victim, v)
                 logs = {**logs, "skipped": True}
             self.optimizer.zero_grad(set_to_none=True)
-        if v is not None:
+        if v is not None and not self.awp.restores_before_step:
             self.awp.restore(victim, v)
         if acc.sync_gradients:
             self.scheduler.step()
@@ -292,6 +320,16 @@ class Trainer:
                 self.ema.update(model)
             method.after_step(model, self.progress())
         return logs
+
+    def _on_device(self, batch: dict) -> dict:
+        """The task's batched augmentation, on the device the batch is on; 4-D float tensors in
+        channels-last format when that mode is on."""
+        batch = self.task.augment_batch(batch)
+        if self.config.channels_last:
+            batch = {k: v.contiguous(memory_format=torch.channels_last)
+                     if isinstance(v, torch.Tensor) and v.dim() == 4 and v.is_floating_point() else v
+                     for k, v in batch.items()}
+        return batch
 
     # -- the loop -----------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:
@@ -311,7 +349,9 @@ class Trainer:
                 raise write_failed(metrics, exc) from exc
         self._reset_nonfinite()
         if c.log_with:
-            acc.init_trackers(self.output_dir.name, config=_flat_config(self.run_config()))
+            name = c.run_name or self.output_dir.name
+            acc.init_trackers(name, config=_flat_config(self.run_config()),
+                              init_kwargs={"wandb": {"name": name, "tags": list(c.tags)}})
         for epoch in range(self.state.epoch, c.epochs):
             if hasattr(self.train_loader, "set_epoch"):
                 self.train_loader.set_epoch(epoch)
@@ -325,7 +365,8 @@ class Trainer:
                     loss_sum += logs["loss"].float()
                     n += 1
                 if i % NONFINITE_CHECK_EVERY == 0:
-                    self.check_finite(epoch)
+                    self.check_finite(epoch)  # one host sync every NONFINITE_CHECK_EVERY steps
+                if i % 10 == 0 and not bar.disable:  # a host sync: only when the bar is shown
                     bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
             self.check_finite(epoch, parameters=True)
             record: dict[str, Any] = {"epoch": epoch + 1, "step": self.state.step,
@@ -335,7 +376,7 @@ class Trainer:
                                       **self.method.log_values(self.progress())}
             self.state.epoch = epoch + 1
             # batch-norm statistics drift apart per process: make them identical before eval/checkpoint
-            average_across_processes([b for b in unwrap(self.model).buffers() if b.is_floating_point()])
+            reduce_([b for b in unwrap(self.model).buffers() if b.is_floating_point()])
             if c.eval_every and ((epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs):
                 record.update(self.evaluate_all(prefix_ema="ema_"))
             record["run_id"] = self.run_id
@@ -346,7 +387,7 @@ class Trainer:
                         f.write(json.dumps(record) + "\n")
                 except OSError as exc:
                     raise write_failed(metrics, exc, self._latest_checkpoint()) from exc
-                acc.print(_summary_line(record))
+                logger.info(_summary_line(record))
             if c.log_with:
                 acc.log({k: v for k, v in _flat_config(record).items() if isinstance(v, (int, float))}, step=epoch + 1)
             self.save_checkpoint()
@@ -468,7 +509,7 @@ class Trainer:
         """Load the latest checkpoint under ``output_dir`` (if any); refuse one from another configuration."""
         ckpt = self._resume_from
         if ckpt is None:
-            self.accelerator.print(f"no checkpoint under {self.output_dir}: starting from scratch")
+            logger.info(f"no checkpoint under {self.output_dir}: starting from scratch")
             return False
         self._check_resume_config(ckpt)  # again: the config may have been changed since __init__
         try:
@@ -476,7 +517,7 @@ class Trainer:
         except (RuntimeError, KeyError) as exc:  # shapes or keys that passed the config check but not the load
             raise CheckpointError(f"the checkpoint {ckpt} does not fit this run ({str(exc).strip().splitlines()[0][:160]}"
                                   "): resume with the settings it was made with, or use a new --output-dir") from exc
-        self.accelerator.print(f"resumed from {ckpt} (epoch {self.state.epoch}, step {self.state.step})")
+        logger.info(f"resumed from {ckpt} (epoch {self.state.epoch}, step {self.state.step})")
         return True
 
     def save_final(self) -> None:
@@ -511,6 +552,14 @@ def _disk_cause(path: Path) -> str:
     return "the write failed"
 
 
+def _set_tf32(enabled: bool, device: torch.device) -> None:
+    """TF32 for float32 matmuls and cuDNN convolutions on Ampere+ GPUs; a no-op elsewhere."""
+    if not enabled or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+        return
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
 def _flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -532,3 +581,36 @@ def _summary_line(record: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def check_trackers(log_with: str | None) -> None:
+    """Refuse a named tracker whose package is missing (Accelerate would skip it without a word)."""
+    if not log_with:
+        return
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    for name in (n.strip() for n in str(log_with).split(",")):
+        if name and name != "all" and name not in available:
+            raise ValueError(f"--log-with {name}: the {name} package is not installed (pip install "
+                             f"'robustkd[{name}]' or pip install {name}); installed trackers: "
+                             f"{', '.join(sorted(available)) or 'none'}")
+
+
+def lr_factor(k: int, schedule: str, *, lr: float, total: int, milestones: list[int], gamma: float = 0.1,
+              warmup: int = 0, warmup_init: float = 0.0, lr_min: float = 0.0) -> float:
+    """The LR of optimizer step ``k`` (0-based) as a fraction of ``lr``, as ADR's reference sets it:
+    a timm scheduler stepped after each iteration with that iteration's index, so step ``k`` runs
+    at ``f(max(k - 1, 0))`` where ``f(t)`` is a linear warm-up from ``warmup_init`` for ``t < warmup``
+    and then the schedule at ``t`` (the cosine spans all ``total`` steps, warm-up included, as
+    timm's ``warmup_prefix=False``). Milestones take effect at step ``k = m`` (timm compares them
+    with ``t + 1``), as PyTorch's MultiStepLR.
+    """
+    t = max(k - 1, 0)
+    if t < warmup:
+        return (warmup_init + t * (lr - warmup_init) / warmup) / lr
+    if schedule == "cosine":
+        if t >= total:
+            return lr_min / lr
+        return (lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * t / total))) / lr
+    if schedule == "multistep":
+        return gamma ** sum(k >= m for m in milestones)
+    return 1.0
