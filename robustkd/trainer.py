@@ -23,8 +23,8 @@ from torch import nn
 
 from .attacks.base import Attack, create_attack
 from .awp import AWP
-from .checkpoint import (CheckpointError, atomic_write_text, prepare_output_dir, read_latest, save_model_dir,
-                         write_failed)
+from .checkpoint import (CheckpointError, RunDirError, atomic_write_text, prepare_output_dir, read_latest,
+                         save_model_dir, write_failed)
 from .distill.methods import Method, Progress
 from .eval.robustness import evaluate
 from .task import Task
@@ -211,6 +211,10 @@ class Trainer:
             return None
         ckpt = read_latest(self.output_dir / CHECKPOINT_DIR)
         if ckpt is None:
+            if found := run_markers(c.output_dir):  # resuming "from scratch" would overwrite that run's files
+                raise RunDirError(f"--output-dir {c.output_dir} holds a run ({', '.join(found)}) but no checkpoint to "
+                                  "resume: drop --resume and pass --overwrite to move it aside, or choose a new "
+                                  "--output-dir")
             self.run_id = uuid.uuid4().hex[:12]
             return None
         self.run_id = self._check_resume_config(ckpt).get("run_id")
@@ -409,7 +413,11 @@ class Trainer:
         bad = ~torch.isfinite(loss.detach()).all()
         self._nonfinite += bad
         self._first_bad = torch.where(bad & (self._first_bad < 0), self.state.step + 1, self._first_bad)
-        if self.config.max_nonfinite_steps <= 0 or not bool(bad):
+        if self.config.max_nonfinite_steps <= 0:
+            return True
+        if self.accelerator.num_processes > 1:  # every process must skip the same steps (DDP's all-reduce)
+            bad = self.accelerator.reduce(bad.float(), "sum") > 0
+        if not bool(bad):
             return True
         self._skipped += 1
         if self._skipped > self.config.max_nonfinite_steps:
@@ -421,7 +429,10 @@ class Trainer:
     def check_finite(self, epoch: int, parameters: bool = False) -> None:
         """Raise :class:`DivergenceError` when a loss since the last check (or, with ``parameters``, a
         weight) is non-finite. One host sync; called every few steps and before every evaluation/checkpoint."""
-        if self.config.max_nonfinite_steps <= 0 and int(self._nonfinite) > 0:
+        count = self._nonfinite
+        if self.accelerator.num_processes > 1:  # all processes stop together, or none does
+            count = self.accelerator.reduce(count.clone(), "sum")
+        if self.config.max_nonfinite_steps <= 0 and int(count) > 0:
             raise self._divergence(f"the loss became non-finite at step {int(self._first_bad)} (epoch {epoch + 1})")
         if parameters:
             params = [p.detach() for p in unwrap(self.model).parameters()]

@@ -26,7 +26,7 @@ CIFAR_RECIPE = str(REPO / "recipes" / "cifar_adr.py")
 SST2_RECIPE = str(REPO / "recipes" / "sst2_adr.py")
 TINY = ["--dataset", "synthetic", "--model", "small_cnn", "--model-kwargs", '{"width": 8}', "--batch-size", "32",
         "--max-train-samples", "64", "--max-eval-samples", "32", "--attack-steps", "1", "--eval-attacks", "fgsm",
-        "--final-attacks", "fgsm", "--no-progress", "--epochs", "1"]
+        "--final-attacks", "fgsm", "--curve-steps", "1", "--no-progress", "--epochs", "1"]
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -129,17 +129,20 @@ def test_resume_keeps_one_row_per_epoch_and_prunes_only_its_own_checkpoints(run_
     assert tree(stranger) == stranger_files  # another run's: untouched
 
 
-@pytest.mark.parametrize("case", ["model_kwargs", "empty_latest", "truncated", "truncated_optimizer"])
+@pytest.mark.parametrize("case", ["model_kwargs", "empty_latest", "truncated", "truncated_optimizer", "no_checkpoint"])
 def test_unresumable_checkpoints_fail_in_one_line_before_work(case, run_copy, capsys, monkeypatch):
     argv = [*TINY, "--output-dir", str(run_copy), "--resume"]
     ckpt = run_copy / "checkpoints"
     expect = {"model_kwargs": "model_kwargs: checkpoint {'width': 8} vs now {'width': 16}",
               "empty_latest": "latest is empty", "truncated": "model.safetensors is truncated or corrupt",
-              "truncated_optimizer": "optimizer.bin is truncated or corrupt"}[case]
+              "truncated_optimizer": "optimizer.bin is truncated or corrupt",
+              "no_checkpoint": "but no checkpoint to resume"}[case]
     if case == "model_kwargs":
         argv[argv.index("--model-kwargs") + 1] = '{"width": 16}'
     elif case == "empty_latest":
         (ckpt / "latest").write_text("")
+    elif case == "no_checkpoint":  # resuming "from scratch" would overwrite the finished run's files
+        shutil.rmtree(ckpt)
     else:
         name = "model.safetensors" if case == "truncated" else "optimizer.bin"
         f = ckpt / "epoch-1" / name
@@ -280,13 +283,14 @@ def test_recipe_refuses_bad_values_before_any_work(argv, fragments, tmp_path, ca
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="argument validation lands with the presets helper's config declaration "
-                   "(issue 10/11); remove this mark once main has it")
-@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--max-train-samples", "-5"], ["--max-eval-samples", "-1"]])
-def test_argument_parser_refuses_empty_budgets(argv, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("argv, fragment", [(["--epochs", "0"], "--epochs must be at least 1"),
+                                             (["--max-train-samples", "-5"], "--max-train-samples must be a positive"),
+                                             (["--max-eval-samples", "-1"], "--max-eval-samples must be a positive")])
+def test_the_configuration_refuses_empty_budgets(argv, fragment, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     code, err = run_script(CIFAR_RECIPE, [*TINY, "--output-dir", str(out), *argv], capsys, monkeypatch)
     assert code == 2 and not out.exists()
+    one_line_error(err, fragment)
 
 
 def test_imagefolder_split_missing_a_class_is_refused(tmp_path, capsys, monkeypatch):
@@ -386,21 +390,23 @@ def test_an_offline_textattack_recipe_fails_before_training(tmp_path, capsys, mo
     one_line_error(err, "unknown TextAttack recipe 'deepwordbugg'")
 
 
-def test_every_fix_a_message_names_is_reachable_through_task_kwargs():
-    from robustkd.recipe import build_task, common_parser
+def test_every_fix_a_message_names_is_reachable_through_task_kwargs(shared):
+    from robustkd.config import parse
+    from robustkd.recipe import build_task
 
-    p = common_parser("t")
-    text = build_task(p.parse_args(["--dataset", "text_classification", "--data-dir", "x",
-                                    "--task-kwargs", '{"drop_empty": true, "trust_remote_code": true, '
-                                    '"force_tokenizer": true, "encoding": "latin-1"}']))
+    def settings(script: str, *argv: str) -> dict:
+        recipe = runpy.run_path(script)  # the recipe module's globals, without running it
+        return recipe, parse(recipe["RECIPE"], list(argv)).settings
+
+    _, s = settings(SST2_RECIPE, "--dataset", "text_classification", "--data-dir", "x", "--task-kwargs",
+                    '{"drop_empty": true, "trust_remote_code": true, "force_tokenizer": true, "encoding": "latin-1"}')
+    text = build_task(s)
     assert text.drop_empty and text.trust_remote_code and text.force_tokenizer and text.encoding == "latin-1"
-    image = build_task(p.parse_args(["--dataset", "cifar10", "--data-dir", "x", "--task-kwargs",
-                                     '{"image_column": "picture"}']))
-    assert image.image_column == "picture"
-    from robustkd.registry import TASKS
-
-    speech = TASKS.get("fsdd")(data_dir="x", downmix=True)
-    assert speech.downmix
+    _, s = settings(CIFAR_RECIPE, "--data-dir", "x", "--task-kwargs", '{"image_column": "picture"}')
+    assert build_task(s).image_column == "picture"
+    speech_recipe, s = settings(str(REPO / "recipes" / "speech_adr.py"), "--data-dir", str(shared / "data" / "fsdd"),
+                                "--task-kwargs", '{"downmix": true}')
+    assert speech_recipe["build_speech_task"](s).downmix
 
 
 # -- evaluation that cannot be fooled: planted gradient masking ------------------------------------
