@@ -53,6 +53,8 @@ class DataArgs:
                                  "data set and fails at once, with this hint, when there is no network")
     max_train_samples: Optional[int] = _f(None, "train on a seeded random subset of this many examples")
     max_eval_samples: Optional[int] = _f(None, "evaluate on a seeded random subset of this many examples")
+    task_kwargs: Optional[str] = _f(None, 'JSON options for the task, e.g. \'{"drop_empty": true}\', '
+                                    '\'{"image_column": "img"}\', \'{"downmix": true}\', \'{"encoding": "latin-1"}\'')
 
 
 @dataclass
@@ -133,6 +135,10 @@ class RunArgs:
     eval_every: int = _f(1, "evaluate every N epochs (0: only at the end)")
     curve_steps: int = _f(10, "PGD steps per budget of the final report's accuracy-vs-budget curve")
     resume: bool = _f(False, "continue from the last checkpoint in --output-dir")
+    overwrite: bool = _f(False, "--output-dir holds another run: move it aside to NAME.old-<time> (never deleted) "
+                         "and start afresh")
+    max_nonfinite_steps: int = _f(0, "skip up to N steps whose loss is not finite (normal with fp16); 0: stop at "
+                                  "the first, keeping the last good checkpoint")
     log_with: Optional[str] = _f(None, "log metrics to an Accelerate tracker: tensorboard (pip install "
                                  "'robustkd[tensorboard]'; logs under --output-dir) or wandb (pip install "
                                  "'robustkd[wandb]')")
@@ -401,6 +407,7 @@ def resolve(recipe: Recipe, argv: Sequence[str] | None = None) -> RunConfig:
             settings["milestones"] = scaled
 
     settings["model_kwargs"] = _as_dict(settings.get("model_kwargs"), "model_kwargs")
+    settings["task_kwargs"] = _as_dict(settings.get("task_kwargs"), "task_kwargs")
     settings["method_kwargs"] = _as_dict(settings.get("method_kwargs"), "method_kwargs")
     settings["milestones"] = _as_milestones(settings.get("milestones"))
     for key in ("eval_attacks", "final_attacks"):
@@ -467,7 +474,7 @@ def train_config(s: dict[str, Any] | argparse.Namespace) -> Any:
 
 #: Trainer settings newer than some builds of the trainer, with their "off" value.
 _OPTIONAL_TRAIN = (("nesterov", False), ("drop_last", False), ("lr_warmup_epochs", 0), ("lr_warmup_init", None),
-                   ("lr_min", None))
+                   ("lr_min", None), ("overwrite", False), ("max_nonfinite_steps", 0))
 
 
 def unapplied_settings(s: dict[str, Any] | argparse.Namespace) -> list[str]:

@@ -223,7 +223,8 @@ def test_budget_grid_scales_eps_and_snr():
 def test_healthy_model_passes_every_check():
     ev = _evaluate(QuadrantNet(), ("pgd10", HEALTHY_AA))
     assert _status(ev) == {"eval_mode": "pass", "budget_zero": "pass", "monotone_budget": "pass",
-                           "strongest_vs_pgd": "pass", "large_budget": "pass"}, [c.detail for c in ev.checks]
+                           "strongest_vs_pgd": "pass", "large_budget": "pass", "probability_outputs": "pass",
+                           "input_gradient": "pass"}, [c.detail for c in ev.checks]
     assert ev.passed
     m = ev.report["metrics"]
     assert m["clean"]["accuracy"] == 1.0 and m["worst_case"]["accuracy"] == 0.0
