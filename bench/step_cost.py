@@ -163,7 +163,7 @@ def main() -> None:
     print(json.dumps(out, indent=1))
 
 
-def reference_step(ref, model, x, y, steps):
+def reference_step(ref, model, x, y, steps, device=torch.device("cpu")):
     """One step of the reference's own training loop (``AdvTrainer._train_one_epoch`` on one batch):
     ADR labels from the EMA teacher, its PGD-10 in train mode, CE on the adversarial batch, SGD,
     its scheduler step, the EMA update and its torchmetrics bookkeeping."""
@@ -172,7 +172,7 @@ def reference_step(ref, model, x, y, steps):
 
     trainer_mod, pgd_mod, _ = ref
     trainer = trainer_mod.AdvTrainer(
-        device=torch.device("cpu"), hparam={"n_class": 10}, adv_train_mode="PGD-AT", model_ema_decay=0.995,
+        device=device, hparam={"n_class": 10}, adv_train_mode="PGD-AT", model_ema_decay=0.995,
         temperature_low=0.8, temperature_high=1.8, interpolation_low=0.7, interpolation_high=0.9,
         adv_attacker=pgd_mod.PGD(eps=8, alpha=2, steps=steps))
     trainer.model_ema = ModelEmaV2(model, decay=0.995)
