@@ -114,6 +114,13 @@ class Task(ABC):
     def model_names(self) -> list[str]:
         return []
 
+    def load_pretrained(self, spec: str, **options: Any) -> nn.Module | None:
+        """A pretrained model for this task from ``spec`` (a hub name, ``timm:<name>``, a directory, ... --
+        whatever the task knows how to load), or ``None`` when the spec is not one it loads. Teachers
+        (:func:`robustkd.teachers.load_teacher`) come through this hook; a robustkd output directory is
+        loaded by the core before the hook is asked."""
+        return None
+
     def check_model(self, model: nn.Module, batch: Batch) -> None:
         """Raise a clear error if ``model`` does not fit this task (e.g. class count)."""
         with torch.no_grad():

@@ -83,7 +83,7 @@ def quadrant_logits(x: torch.Tensor, scale: torch.Tensor | float = 10.0) -> torc
 
 
 class Hand(nn.Module):
-    """Base of the hand-written models: one parameter (torchattacks wants a model with parameters)."""
+    """Base of the hand-written models: one parameter (attacks read the device from a parameter)."""
 
     def __init__(self):
         super().__init__()
@@ -153,7 +153,7 @@ class BNQuadrantNet(Hand):
 class TrainModeAttack(Attack):
     """A broken attack plug-in: it runs the model in train mode (and returns no perturbation)."""
 
-    def __call__(self, model, batch, targets=None) -> Adversarial:
+    def perturb(self, model, batch, targets=None) -> Adversarial:
         model.train()
         model(batch["inputs"] * 0.5)
         return Adversarial(batch, torch.zeros_like(batch["inputs"]))
@@ -399,7 +399,7 @@ def test_robustkd_eval_bad_input(cifar_run, cifar_dir, tmp_path, capsys):
             "--cpu", "--no-progress"]
     assert cli_main([*base, "--attacks", "token_substitution"]) == 2
     err = capsys.readouterr().err
-    assert "does not work on image tasks" in err and "autoattack" in err and "pgd" in err
+    assert "does not work on the task 'cifar10'" in err and "EmbeddingInputs" in err and "autoattack" in err
     assert cli_main([*base, "--attacks", "pgd5", "--split", "nosuchsplit"]) == 2
     assert "no 'nosuchsplit' split" in capsys.readouterr().err
     assert cli_main([*base, "--task", "cifar100", "--attacks", "pgd5"]) == 2
@@ -476,7 +476,7 @@ def test_robustkd_eval_on_text(tmp_path, capsys):
     assert status["large_budget"] == "n/a" and status["eval_mode"] == "pass" and status["budget_zero"] == "pass"
     assert cli_main(["eval", "--checkpoint", str(run), "--attacks", "autoattack", "--output-dir",
                      str(tmp_path / "x")]) == 2
-    assert "does not work on text tasks" in capsys.readouterr().err
+    assert "'autoattack' does not work on the task 'sst2'" in capsys.readouterr().err
 
 
 def test_python_api_entry_points():
@@ -486,3 +486,72 @@ def test_python_api_entry_points():
     assert summary["clean_accuracy"] == 1.0 and summary["robust_accuracy"]["pgd5"] == 0.0
     ev = robustkd.run_evaluation(Quadrants(), QuadrantNet(), "pgd5,fgsm", curve_factors=(0, 1), verbose=False)
     assert ev.passed and set(ev.report["attacks"]) == {"pgd5", "fgsm"} and ev.files == {}
+
+
+# -- sections, rendering, compare of run directories ----------------------------------------------
+def test_recipe_sections_are_validated_rendered_and_compared(tmp_path):
+    from robustkd.eval.report import build_report, write_report
+    from robustkd.attacks.base import create_attack
+
+    ev = _evaluate(QuadrantNet(), ("pgd5",), output_dir=tmp_path / "a", model_meta={"name": "quadrant"})
+    task = Quadrants()
+    parts = dict(task=task, model=ev.report["model"], attacks={"pgd5": create_attack("pgd5", task)},
+                 metrics=ev.report["metrics"], sweep=ev.sweep, checks=ev.checks, seed=0, split="test",
+                 seconds=1.0, device="cpu", version="test")
+    sections = {"mtard_balance": {"clean_weight": 0.25, "teachers": ["clean", "robust"]},
+                "run": {"method": "mtard", "lr": 0.1}}
+    report = build_report(**parts, sections=sections)
+    assert report["mtard_balance"]["clean_weight"] == 0.25 and report["run"]["method"] == "mtard"
+    files = write_report(report, tmp_path / "b")
+    page = files["html"].read_text()
+    assert "<h2>mtard_balance</h2>" in page and "clean_weight" in page and "0.2500" in page
+    assert read_report(tmp_path / "b")["mtard_balance"] == sections["mtard_balance"]
+
+    with pytest.raises(ReportSchemaError, match=r"would replace the report's own fields"):
+        build_report(**parts, sections={"metrics": {"x": 1}})
+    broken = json.loads(json.dumps(report))
+    broken["run"] = "not an object"
+    with pytest.raises(ReportSchemaError, match=r"report\.run .*must be an object"):
+        validate_report(broken)
+
+    settings, metrics = compare(read_report(tmp_path / "a"), read_report(tmp_path / "b"))
+    rows = {r.metric: r for r in metrics}
+    assert rows["mtard_balance.clean_weight"].a is None and rows["mtard_balance.clean_weight"].b == 0.25
+    assert {r.metric: r for r in settings}["run.method"].b == "mtard"
+
+
+def test_html_escapes_what_it_shows(tmp_path):
+    ev = _evaluate(QuadrantNet(), ("pgd5",), output_dir=tmp_path / "a", model_meta={"name": "<script>x</script>"})
+    page = (tmp_path / "a" / "report.html").read_text()
+    assert "<script>x</script>" not in page and "&lt;script&gt;x&lt;/script&gt;" in page
+    assert page.count("data:image/png;base64") == 2 and ev.passed
+
+
+def test_importing_the_report_modules_leaves_the_matplotlib_backend_alone():
+    import subprocess
+    import sys
+
+    code = ("import matplotlib; matplotlib.use('pdf'); import robustkd.eval.report, robustkd.eval.plots, robustkd.sweep; "
+            "import matplotlib.pyplot as plt; fig = plt.figure(); "
+            "from robustkd.eval.plots import band_figure; band_figure({'a': {'epoch': [1], 'mean': [0.5], 'std': [None]}}, 'y'); "
+            "assert matplotlib.get_backend() == 'pdf', matplotlib.get_backend(); assert plt.get_fignums() == [1]")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MPLBACKEND"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_compare_refuses_old_reports_and_unfinished_runs_clearly(tmp_path, capsys):
+    ev = _evaluate(QuadrantNet(), ("pgd5",), output_dir=tmp_path / "eval")
+    old = tmp_path / "old_run"
+    old.mkdir()
+    (old / "report.json").write_text(json.dumps({"robustkd_version": "0.1.0", "task": "cifar10", "method": "adr",
+                                                 "clean_accuracy": 0.5, "robust_accuracy": {"pgd20": 0.3}}))
+    assert cli_main(["compare", str(tmp_path / "eval"), str(old)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "unversioned report" in err and f"robustkd eval --checkpoint {old}" in err
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    assert cli_main(["compare", str(unfinished), str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert "run directory without report.json" in err and "robustkd eval --checkpoint" in err
+    assert ev.passed

@@ -280,7 +280,7 @@ def test_state_dict_round_trip_and_mismatch():
     with pytest.raises(ValueError, match="loss-balance"):
         MTARD(task, loss_balance=False, **kw).load_state_dict(state)
     with pytest.raises(ValueError, match="kl-scale"):
-        MTARD(task, kl_scale="reference", **kw).load_state_dict(state)
+        MTARD(task, kl_scale="batchmean", **kw).load_state_dict(state)
 
 
 def test_trainer_resume_restores_temperatures_and_weights(tmp_path):
@@ -419,7 +419,7 @@ def test_load_teacher_errors(tmp_path, cifar_task):
     save_model(other, str(tmp_path / "ok" / "model.safetensors"))  # weights of another architecture
     with pytest.raises(ValueError, match="do not fit the model"):
         load_teacher(tmp_path / "ok", cifar_task, probe=probe)
-    with pytest.raises(ValueError, match="could not load the pretrained timm teacher"):
+    with pytest.raises(ValueError, match="could not load the pretrained timm model"):
         load_teacher("timm:no_such_model_xyz", cifar_task, probe=probe)
     with pytest.raises(ValueError, match="'ema' is not a file teacher"):
         load_teacher("ema", cifar_task, probe=probe)

@@ -150,7 +150,7 @@ def test_kit_passes_on_builtin_image_attacks(spec, synthetic, fitted):
 class EscapingAttack(Attack):
     """Broken on purpose: steps twice the budget and never projects."""
 
-    def __call__(self, model, batch, targets=None):
+    def perturb(self, model, batch, targets=None):
         eps = self.task.threat_model().eps
         return Adversarial(batch, 2 * eps * torch.randn_like(batch["inputs"]).sign())
 
@@ -279,7 +279,7 @@ def test_duplicate_names_from_two_plugins_name_both_sources(tmp_path, monkeypatc
     with pytest.raises(RegistryError, match=r"'only_one': .*plugin_one_mod.Solo.*test_plugins.*Other"):
         @registry.register("only_one")
         class Other(Attack):
-            def __call__(self, model, batch, targets=None):
+            def perturb(self, model, batch, targets=None):
                 """Never called: only the registration matters here."""
 
 
@@ -428,3 +428,26 @@ def test_docs_walkthrough_runs(tmp_path, monkeypatch):
             assert line in documented, r
     for module in ("my_plugin", "test_my_plugin"):
         sys.modules.pop(module, None)
+
+
+# -- the core knows no modality ------------------------------------------------------------------
+def test_core_imports_no_plugin_package_and_names_no_modality():
+    import ast
+
+    core = REPO / "robustkd"
+    offenders = []
+    for path in sorted(core.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [f"{path.relative_to(REPO)}:{node.lineno} imports {n}" for n in names
+                          if n.split(".")[0] in ("tasks", "robustkd_tasks")]
+            # any comparison involving a ``.modality`` attribute is a branch on the modality
+            if isinstance(node, ast.Compare) and any(
+                    isinstance(n, ast.Attribute) and n.attr == "modality" for n in ast.walk(node)):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno} branches on .modality")
+    assert not offenders, "\n".join(offenders)

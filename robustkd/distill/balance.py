@@ -22,9 +22,10 @@ import math
 from typing import Any, Callable, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..distributed import reduce_
 
 EntropyMode = Literal["reference", "exact", "off"]
 ENTROPY_MODES = ("reference", "exact", "off")
@@ -38,8 +39,7 @@ def all_reduce_sum(t: Tensor) -> Tensor:
 
     Why: temperatures and weights are derived from these sums, so every rank computes the same values.
     """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    reduce_(t, "sum")
     return t
 
 

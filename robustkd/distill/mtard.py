@@ -65,8 +65,11 @@ class MTARD(Method):
             inputs, or ``"ema"`` for the student's EMA self-teacher (teacher-free MTARD).
         entropy_balance: ``reference`` | ``exact`` | ``off`` (see :class:`EntropyBalance`).
         loss_balance: Normalization Loss Balance on (default) or fixed weights 0.5 / 0.5.
-        kl_scale: ``batchmean`` (textbook KL) or ``reference`` (the paper code's mean over batch
-            and classes, i.e. KL / num_classes).
+        kl_scale: ``reference`` (default: the paper code's mean over batch and classes, i.e.
+            KL / num_classes, resnet18_mtard_cifar10.py:56-58,125-126) or ``batchmean`` (textbook KL,
+            num_classes times larger against the same weight decay).
+        attack: default PGD-10 on CE from ``x + 0.001 * N(0, 1)`` in eval mode (mtard_loss.py:38-49);
+            its step size is the task's default (2.5 * eps / 10 = 2/255 at eps 8/255, the reference's).
     """
 
     name = "mtard"
@@ -75,11 +78,11 @@ class MTARD(Method):
     def __init__(self, task: Task, attack: Attack | None = None, *, clean_teacher: Teacher | nn.Module,
                  robust_teacher: Teacher | nn.Module | Literal["ema"],
                  entropy_balance: EntropyMode = "reference", loss_balance: bool = True,
-                 kl_scale: KLScale = "batchmean", t_min: float = 1.0, t_max: float = 10.0, temp_lr: float = 0.001,
-                 eta: float = 0.025, beta: float = 1.0, decay: float = 0.1):
+                 kl_scale: KLScale = "reference", t_min: float = 1.0, t_max: float = 10.0, temp_lr: float = 0.001,
+                 eta: float = 0.025, beta: float = 1.0, decay: float = 0.1, attack_mode: str | None = None):
         if attack is None:
             attack = PGD(task, steps=10, random_start="normal", init_std=0.001, loss="ce")
-        super().__init__(task, attack)
+        super().__init__(task, attack, attack_mode=attack_mode)
         if kl_scale not in ("batchmean", "reference"):
             raise ValueError(f"unknown KL scale {kl_scale!r}: use 'batchmean' or 'reference'")
         if entropy_balance not in ENTROPY_MODES:

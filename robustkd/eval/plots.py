@@ -1,19 +1,36 @@
-"""Plots people would rather look at than read: training curves and method schedules."""
+"""Plots people would rather look at than read: training curves, method schedules, reliability
+diagrams, accuracy-vs-budget curves, and the sweep's study plots.
+
+Every ``*_figure`` function returns a :class:`matplotlib.figure.Figure` built without pyplot, so
+importing this module never switches matplotlib's backend and never touches a user's open figures;
+:func:`save_figure` writes one to disk. The ``plot_*`` functions are the save-to-a-path shorthands.
+"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
-def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Clean and robust accuracy (student and EMA) and training loss per epoch."""
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Write ``fig`` (any format matplotlib knows from the suffix) and return the path."""
+    fig.savefig(path, dpi=dpi)
+    return Path(path)
+
+
+def _short(name: str, width: int = 28) -> str:
+    """Attack specs can be long (``autoattack:version=custom,...``): shorten them for plot labels."""
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
+# -- training ------------------------------------------------------------------------------------
+def training_curves_figure(history: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
+    """Clean and robust accuracy (model and EMA) and training loss per epoch."""
     evaluated = [h for h in history if "clean_accuracy" in h]
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4), layout="tight")
+    ax_acc, ax_loss = fig.subplots(1, 2)
     for prefix, style in (("", "-"), ("ema_", "--")):
         rows = [h for h in evaluated if f"{prefix}clean_accuracy" in h]
         if not rows:
@@ -24,8 +41,6 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path, ti
         for name in rows[-1].get(f"{prefix}robust_accuracy", {}):
             ax_acc.plot(epochs, [h[f"{prefix}robust_accuracy"].get(name) for h in rows], style, marker="s",
                         label=f"{who} {name}")
-    from matplotlib.ticker import MaxNLocator
-
     for ax in (ax_acc, ax_loss):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
@@ -37,22 +52,182 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path, ti
     ax_loss.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return fig
 
 
-def plot_curves(curves: dict[str, Sequence[float]], x: Sequence[float], path: str | Path, xlabel: str,
-                title: str) -> Path:
+def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    return save_figure(training_curves_figure(history, title), path, dpi=110)
+
+
+def curves_figure(curves: Mapping[str, Sequence[float]], x: Sequence[float], xlabel: str, title: str) -> Figure:
     """One panel per named curve (e.g. ADR's temperature and interpolation factor per step)."""
-    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    fig = Figure(figsize=(5 * len(curves), 3.5), layout="tight")
+    axes = fig.subplots(1, len(curves), squeeze=False)
     for ax, (name, values) in zip(axes[0], curves.items()):
         ax.plot(x, values)
         ax.set(xlabel=xlabel, title=name)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return fig
+
+
+def plot_curves(curves: Mapping[str, Sequence[float]], x: Sequence[float], path: str | Path, xlabel: str,
+                title: str) -> Path:
+    return save_figure(curves_figure(curves, x, xlabel, title), path, dpi=110)
+
+
+def robust_overfitting_figure(history: Sequence[Mapping[str, Any]], analysis: Mapping[str, Any]) -> Figure:
+    """Robust accuracy per epoch from metrics.jsonl, best epoch marked: robust overfitting at a glance."""
+    fig = Figure(figsize=(5.6, 4.4), layout="tight")
+    ax = fig.subplots()
+    gaps = analysis.get("robust_overfitting", {})
+    for prefix, style in (("", "-"), ("ema_", "--")):
+        rows = [h for h in history if f"{prefix}robust_accuracy" in h]
+        who = "EMA " if prefix else ""
+        if rows and f"{prefix}clean_accuracy" in rows[0]:
+            ax.plot([h["epoch"] for h in rows], [h[f"{prefix}clean_accuracy"] for h in rows], style, color="green",
+                    alpha=0.6, label=f"{who}clean")
+        for name in (rows[-1][f"{prefix}robust_accuracy"] if rows else {}):
+            series = [(h["epoch"], h[f"{prefix}robust_accuracy"][name]) for h in rows
+                      if name in h[f"{prefix}robust_accuracy"]]
+            line, = ax.plot(*zip(*series), style, marker="o", ms=3, label=f"{who}{name}")
+            g = gaps.get(f"{prefix}{name}")
+            if g:
+                ax.plot([g["best_epoch"]], [g["best"]], "*", ms=12, color=line.get_color())
+                ax.annotate(f"best {g['best']:.3f} @ {g['best_epoch']}\nfinal {g['final']:.3f} "
+                            f"(gap {g['overfitting_gap']:.3f})", (g["best_epoch"], g["best"]), fontsize=7,
+                            xytext=(5, 5), textcoords="offset points")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel="accuracy (held-out subset)", ylim=(0, 1),
+           title="training: best vs final robust accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+# -- evaluation report -----------------------------------------------------------------------------
+def _reliability_panel(ax: Any, dist: Mapping[str, Any], title: str) -> None:
+    rel = dist["reliability"]
+    edges = rel["edges"]
+    width = edges[1] - edges[0]
+    centers = [lo + width / 2 for lo in edges[:-1]]
+    acc = [a if a is not None else 0.0 for a in rel["accuracy"]]
+    conf = [c if c is not None else lo + width / 2 for c, lo in zip(rel["confidence"], edges[:-1])]
+    filled = [n > 0 for n in rel["count"]]
+    ax.bar([c for c, f in zip(centers, filled) if f], [a for a, f in zip(acc, filled) if f], width=width,
+           edgecolor="black", color="#4C72B0", label="accuracy")
+    ax.bar([c for c, f in zip(centers, filled) if f],
+           [cf - a for cf, a, f in zip(conf, acc, filled) if f], bottom=[a for a, f in zip(acc, filled) if f],
+           width=width, edgecolor="#C44E52", color="#C44E52", alpha=0.3, hatch="//", label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
+    ax.set_title(f"{title}\naccuracy {dist['accuracy']:.3f}, ECE {dist['ece']:.3f}", fontsize=9)
+    ax.legend(loc="upper left", fontsize=7)
+    ax.grid(alpha=0.3)
+    inset = ax.inset_axes([0.58, 0.06, 0.38, 0.22])
+    inset.bar(centers, rel["count"], width=width, color="grey")
+    inset.set_xlim(0, 1)
+    inset.set_title("examples per bin", fontsize=7)
+    inset.tick_params(labelsize=6)
+
+
+def reliability_figure(report: Mapping[str, Any]) -> Figure:
+    """Reliability diagrams of the clean and the worst-case adversarial predictions, side by side."""
+    m = report["metrics"]
+    panels = [(m["clean"], "clean")]
+    if "worst_case" in m:
+        names = ", ".join(_short(n) for n in report["attacks"])
+        panels.append((m["worst_case"], f"adversarial, worst case of\n{names}"))
+    fig = Figure(figsize=(5.2 * len(panels), 4.8), layout="tight")
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    for ax, (dist, title) in zip(axes[0], panels):
+        _reliability_panel(ax, dist, title)
+    fig.suptitle(f"{report['task']['name']} / {report['model']['name']}: reliability", fontsize=10)
+    return fig
+
+
+def _threat_label(threat: Mapping[str, Any]) -> str:
+    if threat.get("snr_db") is not None:
+        return f"SNR {threat['snr_db']:g} dB"
+    return f"{threat.get('norm')} eps {threat.get('eps'):g}"
+
+
+def budget_curve_figure(report: Mapping[str, Any]) -> Figure:
+    """Robust accuracy against the budget; the task's default budget and each evaluated attack marked."""
+    curve = report["curve"]
+    pts = [p for p in curve["points"] if p["x"] is not None]
+    fig = Figure(figsize=(5.6, 4.4), layout="tight")
+    ax = fig.subplots()
+    ax.plot([p["x"] for p in pts], [p["accuracy"] for p in pts], "o-",
+            label=f"PGD-{curve['attack'].get('steps')} ({curve['attack'].get('norm')})")
+    ax.axhline(curve["clean_accuracy"], color="green", ls=":", label=f"clean {curve['clean_accuracy']:.3f}")
+    if curve["default_x"] is not None:
+        ax.axvline(curve["default_x"], color="grey", ls="--", lw=1, label="task's default budget")
+        adv = report["metrics"]["adversarial"]
+        for name, marker in zip(adv, "s^vDP*"):
+            ax.plot([curve["default_x"]], [adv[name]["accuracy"]], marker, ms=8,
+                    label=f"{_short(name)} {adv[name]['accuracy']:.3f}")
+    if curve.get("large_budget"):
+        large = curve["large_budget"]
+        ok = large["accuracy"] <= 0.05
+        ax.text(0.02, 0.97, f"whole-domain budget ({_threat_label(large['threat'])}): accuracy {large['accuracy']:.3f}",
+                transform=ax.transAxes, fontsize=7, va="top", color="black" if ok else "#c0392b",
+                fontweight="normal" if ok else "bold")
+    if curve["axis"].startswith("SNR"):
+        ax.invert_xaxis()
+    ax.set(xlabel=curve["axis"], ylabel="accuracy", ylim=(-0.02, 1.02),
+           title=f"accuracy vs budget ({report['task']['name']}, {report['task']['num_examples']} examples)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_reliability(report: Mapping[str, Any], path: str | Path) -> Path:
+    return save_figure(reliability_figure(report), path)
+
+
+def plot_budget_curve(report: Mapping[str, Any], path: str | Path) -> Path:
+    return save_figure(budget_curve_figure(report), path)
+
+
+def plot_training(history: Sequence[Mapping[str, Any]], analysis: Mapping[str, Any], path: str | Path) -> Path:
+    return save_figure(robust_overfitting_figure(history, analysis), path)
+
+
+# -- studies (robustkd sweep --report) ---------------------------------------------------------------
+def scatter_figure(rows: Sequence[Mapping[str, Any]], x: str, y: str, title: str = "") -> Figure:
+    """Robust vs clean accuracy, one point per study row at its mean, error bars one std over seeds.
+
+    ``rows`` are ``{"label", "metrics": {name: {"mean", "std", "n"}}}``; rows missing either metric are
+    left out."""
+    fig = Figure(figsize=(6.4, 4.8), layout="tight")
+    ax = fig.subplots()
+    for row in rows:
+        mx, my = row["metrics"].get(x), row["metrics"].get(y)
+        if not mx or not my or mx.get("mean") is None or my.get("mean") is None:
+            continue
+        ax.errorbar(mx["mean"], my["mean"], xerr=mx.get("std") or 0, yerr=my.get("std") or 0, fmt="o", capsize=4,
+                    label=f"{row['label']} (n={min(mx['n'], my['n'])})")
+    ax.set(xlabel=f"{x} (mean ± std over seeds)", ylabel=f"{y} (mean ± std over seeds)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def band_figure(series: Mapping[str, Mapping[str, Sequence[Any]]], ylabel: str, title: str = "") -> Figure:
+    """Per study row, the mean over seeds per epoch with a band of one std: ``series[label]`` is
+    ``{"epoch": [...], "mean": [...], "std": [...]}``."""
+    fig = Figure(figsize=(7, 4.6), layout="tight")
+    ax = fig.subplots()
+    for label, s in series.items():
+        if not s["epoch"]:
+            continue
+        line, = ax.plot(s["epoch"], s["mean"], marker="o", ms=3, label=label)
+        lo = [m - (d or 0) for m, d in zip(s["mean"], s["std"])]
+        hi = [m + (d or 0) for m, d in zip(s["mean"], s["std"])]
+        ax.fill_between(s["epoch"], lo, hi, color=line.get_color(), alpha=0.2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig

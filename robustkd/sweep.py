@@ -1,0 +1,486 @@
+"""Studies: a grid of ordinary recipe runs (variants x grid values x seeds), resumable, and the
+aggregate of their reports (mean, standard deviation and n per metric) as JSON, Markdown and plots.
+
+A study is a YAML file (see ``studies/`` and docs/results.md)::
+
+    description: PGD-AT vs ADR on the CIFAR-10 subset
+    recipe: recipes/cifar_adr.py        # run as `python RECIPE --flag value ...`, one process per cell
+    launcher: python                    # or `accelerate` (`accelerate launch [launch_args] RECIPE ...`)
+    output_dir: runs/studies/cifar      # cells go to OUTPUT_DIR/<cell>/seed<k>
+    seeds: [0, 1, 2]
+    flags: {model: small_cnn, epochs: 30, data-dir: ../shared/data/cifar10/plain_text}
+    variants:                           # a row of the table each: a method, a preset, any overrides
+      pgd_at: {label: PGD-AT, flags: {method: pgd_at}}
+      adr: {label: ADR, ema_label: ADR + WA, flags: {method: adr}}
+    grid: {epochs: [5, 30]}             # optional: crossed with the variants
+
+Flags are the recipe's own (``--method``, ``--preset``, ``--model-kwargs``, ...) and are passed
+through as given: ``true`` is a bare switch, ``false``/``null`` leave the flag out, objects and lists
+become JSON. The sweep owns ``--seed`` and ``--output-dir``. A cell is finished when its
+``report.json`` is complete; a finished cell is never run again, and an interrupted one continues
+from its last checkpoint (``--resume``).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+logger = logging.getLogger(__name__)
+
+STUDY_KEYS = {"description", "recipe", "launcher", "launch_args", "output_dir", "seeds", "flags", "variants", "grid",
+              "pgd_metric", "title"}
+VARIANT_KEYS = {"label", "ema_label", "flags"}
+OWNED_FLAGS = {"seed", "output-dir"}
+CELL_FILE = "sweep.json"
+LOG_FILE = "sweep.log"
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+SCATTER_PNG = "results_scatter.png"
+CURVES_PNG = "results_curves.png"
+
+# (key in results.json, column title); the table's columns in this order.
+METRICS = [("clean", "clean"), ("pgd20", "PGD-20"), ("autoattack", "AutoAttack"), ("ece", "ECE (clean)"),
+           ("consistency", "consistency (PGD-20 agreement)"), ("best_robust", "best robust (epoch-wise)"),
+           ("overfitting_gap", "best - final robust")]
+
+
+class StudyError(ValueError):
+    """A study file that cannot be run as written (the message names the key and the fix)."""
+
+
+@dataclass
+class Variant:
+    name: str
+    label: str
+    flags: dict[str, Any]
+    ema_label: str | None = None
+
+
+@dataclass
+class Cell:
+    """One run: a variant at one point of the grid with one seed, in its own output directory."""
+
+    variant: Variant
+    grid: dict[str, Any]
+    seed: int
+    dir: Path
+
+    @property
+    def key(self) -> str:
+        return f"{self.dir.parent.name}/{self.dir.name}"
+
+    @property
+    def label(self) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in self.grid.items())
+        return f"{self.variant.label} ({extra})" if extra else self.variant.label
+
+
+@dataclass
+class Study:
+    path: Path
+    recipe: Path
+    output_dir: Path
+    seeds: list[int]
+    variants: list[Variant]
+    flags: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    launcher: str = "python"
+    launch_args: list[str] = field(default_factory=list)
+    description: str = ""
+    title: str = ""
+    pgd_metric: str = "pgd20"
+
+    def cells(self) -> list[Cell]:
+        out = []
+        points = [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())] or [{}]
+        # seed-major: a sweep stopped early has every row with some seeds rather than some rows complete
+        for seed in self.seeds:
+            for variant in self.variants:
+                for point in points:
+                    name = "__".join([variant.name, *(f"{_slug(k)}={_slug(v)}" for k, v in point.items())])
+                    out.append(Cell(variant, point, seed, self.output_dir / name / f"seed{seed}"))
+        return out
+
+
+def _slug(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "x"
+
+
+def _flag_name(key: str) -> str:
+    return str(key).replace("_", "-").lstrip("-")
+
+
+def _check_flags(flags: Any, where: str) -> dict[str, Any]:
+    if flags is None:
+        return {}
+    if not isinstance(flags, Mapping):
+        raise StudyError(f"{where} must be a mapping of recipe flag -> value (e.g. {{method: adr, epochs: 30}}), "
+                         f"got {type(flags).__name__}")
+    out = {_flag_name(k): v for k, v in flags.items()}
+    if owned := OWNED_FLAGS & set(out):
+        raise StudyError(f"{where} sets {', '.join('--' + f for f in sorted(owned))}: the sweep sets these per cell "
+                         "(use `seeds:` and `output_dir:` instead)")
+    return out
+
+
+def load_study(path: str | Path, output_dir: str | Path | None = None) -> Study:
+    """Read and check a study file; every problem is a :class:`StudyError` raised before any work."""
+    import yaml
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no study file at {path}: pass a YAML file such as studies/cifar_subset.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise StudyError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(raw, Mapping):
+        raise StudyError(f"{path} must hold a mapping with at least `recipe`, `seeds` and `variants`")
+    if unknown := set(raw) - STUDY_KEYS:
+        raise StudyError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; a study takes "
+                         f"{', '.join(sorted(STUDY_KEYS))}")
+    for key in ("recipe", "seeds", "variants"):
+        if key not in raw:
+            raise StudyError(f"{path} has no `{key}`: a study names its recipe, its seeds and its variants")
+    recipe = Path(str(raw["recipe"])).expanduser()
+    if not recipe.is_absolute() and not recipe.exists() and (path.parent.parent / recipe).exists():
+        recipe = path.parent.parent / recipe
+    if not recipe.is_file():
+        raise StudyError(f"{path}: recipe {raw['recipe']!r} does not exist (paths are relative to the directory you "
+                         "run from, or to the study folder's parent)")
+    seeds = raw["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in seeds):
+        raise StudyError(f"{path}: `seeds` must be a non-empty list of integers, e.g. [0, 1, 2]")
+    if len(set(seeds)) != len(seeds):
+        raise StudyError(f"{path}: `seeds` lists a seed twice")
+    variants_raw = raw["variants"]
+    if not isinstance(variants_raw, Mapping) or not variants_raw:
+        raise StudyError(f"{path}: `variants` must map a name to {{label, flags}}, e.g. adr: {{flags: {{method: adr}}}}")
+    variants = []
+    for name, spec in variants_raw.items():
+        spec = spec or {}
+        if not isinstance(spec, Mapping) or (unknown := set(spec) - VARIANT_KEYS):
+            raise StudyError(f"{path}: variant {name!r} takes {', '.join(sorted(VARIANT_KEYS))}"
+                             + (f", not {', '.join(sorted(unknown))}" if isinstance(spec, Mapping) else ""))
+        variants.append(Variant(_slug(name), str(spec.get("label") or name),
+                                _check_flags(spec.get("flags"), f"variants.{name}.flags"),
+                                str(spec["ema_label"]) if spec.get("ema_label") else None))
+    grid_raw = raw.get("grid") or {}
+    if not isinstance(grid_raw, Mapping) or not all(isinstance(v, list) and v for v in grid_raw.values()):
+        raise StudyError(f"{path}: `grid` must map a recipe flag to a non-empty list of values, e.g. epochs: [5, 30]")
+    grid = {_flag_name(k): list(v) for k, v in grid_raw.items()}
+    if owned := OWNED_FLAGS & set(grid):
+        raise StudyError(f"{path}: `grid` sets {', '.join(sorted(owned))}: use `seeds:` / `output_dir:`")
+    launcher = str(raw.get("launcher", "python"))
+    if launcher not in ("python", "accelerate"):
+        raise StudyError(f"{path}: launcher must be python or accelerate, not {launcher!r}")
+    launch_args = raw.get("launch_args") or []
+    if not isinstance(launch_args, list):
+        raise StudyError(f"{path}: launch_args must be a list, e.g. [--num_processes, '2']")
+    out = Path(output_dir or raw.get("output_dir") or Path("runs/studies") / path.stem).expanduser()
+    return Study(path=path, recipe=recipe, output_dir=out, seeds=list(seeds), variants=variants,
+                 flags=_check_flags(raw.get("flags"), "flags"), grid=grid, launcher=launcher,
+                 launch_args=[str(a) for a in launch_args], description=str(raw.get("description") or ""),
+                 title=str(raw.get("title") or path.stem), pgd_metric=str(raw.get("pgd_metric") or "pgd20"))
+
+
+# -- running ---------------------------------------------------------------------------------------
+def _flag_args(flags: Mapping[str, Any]) -> list[str]:
+    args: list[str] = []
+    for key, value in flags.items():
+        if value is None or value is False:
+            continue
+        if value is True:
+            args.append(f"--{key}")
+        elif isinstance(value, (dict, list)):
+            args += [f"--{key}", json.dumps(value)]
+        else:
+            args += [f"--{key}", os.path.expandvars(str(value))]
+    return args
+
+
+def cell_command(study: Study, cell: Cell, resume: bool = False) -> list[str]:
+    """The command line that runs ``cell``: study flags, then the variant's, then the grid point's."""
+    flags = {**study.flags, **cell.variant.flags, **cell.grid}
+    head = ([sys.executable, str(study.recipe)] if study.launcher == "python" else
+            ["accelerate", "launch", *study.launch_args, str(study.recipe)])
+    return [*head, *_flag_args(flags), "--seed", str(cell.seed), "--output-dir", str(cell.dir),
+            *(["--resume"] if resume else [])]
+
+
+def read_cell_report(run_dir: str | Path) -> dict[str, Any] | None:
+    """The cell's report when it is complete, else ``None``. Complete means: ``report.json`` parses and is
+    either a valid schema-v1 report or a recipe's unversioned report with its final accuracies."""
+    from .eval.schema import ReportSchemaError, validate_report
+
+    path = Path(run_dir) / "report.json"
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return None
+    if not isinstance(report, dict):
+        return None
+    if "schema_version" in report:
+        try:
+            validate_report(report)
+        except ReportSchemaError:
+            return None
+        return report
+    return report if "clean_accuracy" in report and "robust_accuracy" in report else None
+
+
+def _run_cell(study: Study, cell: Cell) -> tuple[Cell, int, float]:
+    cell.dir.mkdir(parents=True, exist_ok=True)
+    resume = (cell.dir / "checkpoints").is_dir() and any((cell.dir / "checkpoints").iterdir())
+    cmd = cell_command(study, cell, resume=resume)
+    started = time.perf_counter()
+    with open(cell.dir / LOG_FILE, "a") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    seconds = time.perf_counter() - started
+    previous = _cell_meta(cell.dir)
+    meta = {"command": shlex.join(cmd), "returncode": rc, "seconds": seconds,
+            "seconds_total": previous.get("seconds_total", 0.0) + seconds, "resumed": resume,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (cell.dir / CELL_FILE).write_text(json.dumps(meta, indent=2))
+    return cell, rc, seconds
+
+
+def _cell_meta(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / CELL_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+@dataclass
+class SweepOutcome:
+    ran: list[str]
+    skipped: list[str]
+    failed: list[tuple[str, int, Path]]
+    seconds: float
+
+
+def run_sweep(study: Study, jobs: int = 1, dry_run: bool = False, progress: bool = True) -> SweepOutcome:
+    """Run every unfinished cell (``jobs`` at a time); finished cells are skipped, never re-run."""
+    from tqdm.auto import tqdm
+
+    cells = study.cells()
+    todo = [c for c in cells if read_cell_report(c.dir) is None]
+    skipped = [c.key for c in cells if c not in todo]
+    for key in skipped:
+        logger.info("finished already, skipped: %s", key)
+    if dry_run:
+        for cell in todo:
+            print(shlex.join(cell_command(study, cell)))
+        return SweepOutcome([], skipped, [], 0.0)
+    started = time.perf_counter()
+    ran, failed = [], []
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, \
+            tqdm(total=len(todo), desc=f"sweep {study.title}", unit="run", disable=not progress) as bar:
+        for cell, rc, seconds in pool.map(lambda c: _run_cell(study, c), todo):
+            bar.update(1)
+            if rc == 0 and read_cell_report(cell.dir) is not None:
+                ran.append(cell.key)
+                logger.info("finished %s in %.0f s", cell.key, seconds)
+            else:
+                failed.append((cell.key, rc, cell.dir / LOG_FILE))
+                logger.warning("FAILED %s (exit %d): see %s", cell.key, rc, cell.dir / LOG_FILE)
+    return SweepOutcome(ran, skipped, failed, time.perf_counter() - started)
+
+
+# -- aggregating -----------------------------------------------------------------------------------
+def _pick(adversarial: Mapping[str, Any], name: str) -> str | None:
+    if name in adversarial:
+        return name
+    return next((k for k in adversarial if k.split(":")[0] == name), None)
+
+
+def _first_auto(adversarial: Mapping[str, Any]) -> str | None:
+    return next((k for k in adversarial if k.startswith("autoattack")), None)
+
+
+def cell_metrics(report: Mapping[str, Any], view: str = "model", pgd: str = "pgd20",
+                 run_dir: str | Path | None = None) -> dict[str, float | None]:
+    """The table's numbers for one cell: ``view`` is ``model`` (the trained model) or ``ema`` (its
+    weight-averaged copy, from the run's ``ema/report.json``). Schema-v1 reports carry every metric; a
+    recipe's unversioned report (robustkd before reports were unified) has no calibration or
+    consistency, which then stay ``None`` (shown as not measured, never guessed)."""
+    ema = view == "ema"
+    out: dict[str, float | None] = {key: None for key, _ in METRICS}
+    if "schema_version" in report:
+        source = report
+        if ema:
+            sub = read_cell_report(Path(run_dir) / "ema") if run_dir is not None else None
+            if sub is None or "schema_version" not in sub:
+                return {}
+            source = sub
+        metrics = source["metrics"]
+        adversarial = metrics["adversarial"]
+        out["clean"] = metrics["clean"]["accuracy"]
+        out["ece"] = metrics["clean"]["ece"]
+        if key := _pick(adversarial, pgd):
+            out["pgd20"] = adversarial[key]["accuracy"]
+            out["consistency"] = adversarial[key]["agreement"]
+        if key := _first_auto(adversarial):
+            out["autoattack"] = adversarial[key]["accuracy"]
+        training = (report.get("training") or {}).get("robust_overfitting") or {}
+    else:
+        source = report.get("ema") if ema else report
+        if not source:
+            return {}
+        robust = source.get("robust_accuracy") or {}
+        out["clean"] = source.get("clean_accuracy")
+        out["pgd20"] = robust.get(_pick(robust, pgd) or "")
+        out["autoattack"] = robust.get(_first_auto(robust) or "")
+        training = report.get("training") or {}
+    series = [k for k in training if k.startswith("ema_") == ema]
+    if series:
+        gap = training[series[0]]
+        out["best_robust"] = gap["best"]
+        out["overfitting_gap"] = gap["overfitting_gap"]
+    return out
+
+
+def attack_names(report: Mapping[str, Any]) -> list[str]:
+    """The final attacks' specs of a cell's report (either format)."""
+    if "schema_version" in report:
+        return list(report["metrics"]["adversarial"])
+    return list(report.get("robust_accuracy") or {})
+
+
+def epoch_series(run_dir: Path, view: str = "model") -> tuple[str | None, list[tuple[int, float]]]:
+    """(attack, [(epoch, robust accuracy)]) from the cell's metrics.jsonl."""
+    from .eval.schema import load_history
+
+    key = "ema_robust_accuracy" if view == "ema" else "robust_accuracy"
+    rows = [h for h in (load_history(run_dir) or []) if h.get(key)]
+    if not rows:
+        return None, []
+    name = next(iter(rows[-1][key]))
+    return name, [(h["epoch"], h[key][name]) for h in rows if name in h[key]]
+
+
+def summarize(values: Sequence[float | None]) -> dict[str, Any]:
+    """mean, sample standard deviation (None for n < 2), n and the values themselves."""
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return {"mean": statistics.fmean(vals) if vals else None,
+            "std": statistics.stdev(vals) if len(vals) > 1 else None, "n": len(vals), "values": vals}
+
+
+def aggregate(study: Study) -> dict[str, Any]:
+    """Every cell's numbers and, per table row (variant x grid point, and its EMA view), their summary."""
+    cells_out, rows, curves = [], [], {}
+    groups: dict[tuple[str, str], list[Cell]] = {}
+    for cell in study.cells():
+        groups.setdefault((cell.variant.name, cell.dir.parent.name), []).append(cell)
+    for (_, _), cells in groups.items():
+        views = [("model", cells[0].label)]
+        if cells[0].variant.ema_label:
+            extra = ", ".join(f"{k}={v}" for k, v in cells[0].grid.items())
+            views.append(("ema", f"{cells[0].variant.ema_label} ({extra})" if extra else cells[0].variant.ema_label))
+        for view, label in views:
+            per_cell, epoch_rows, attack = [], {}, None
+            for cell in cells:
+                report = read_cell_report(cell.dir)
+                entry = {"row": label, "view": view, "variant": cell.variant.name, "grid": cell.grid,
+                         "seed": cell.seed, "dir": str(cell.dir), "finished": report is not None}
+                if report is not None:
+                    entry["report_format"] = ("schema v%s" % report["schema_version"] if "schema_version" in report
+                                              else "recipe (unversioned)")
+                    entry["metrics"] = cell_metrics(report, view, study.pgd_metric, cell.dir)
+                    entry["attacks"] = attack_names(report)
+                    meta = _cell_meta(cell.dir)
+                    entry["seconds"] = meta.get("seconds_total", report.get("seconds"))
+                    name, series = epoch_series(cell.dir, view)
+                    attack = attack or name
+                    for epoch, acc in series:
+                        epoch_rows.setdefault(epoch, []).append(acc)
+                per_cell.append(entry)
+                cells_out.append(entry)
+            done = [e for e in per_cell if e["finished"] and e["metrics"]]
+            rows.append({"label": label, "view": view, "variant": cells[0].variant.name, "grid": cells[0].grid,
+                         "n_cells": len(cells), "n_finished": len(done),
+                         "metrics": {key: summarize([e["metrics"].get(key) for e in done]) for key, _ in METRICS}})
+            epochs = sorted(epoch_rows)
+            stats = [summarize(epoch_rows[e]) for e in epochs]
+            curves[label] = {"attack": attack, "epoch": epochs, "mean": [s["mean"] for s in stats],
+                             "std": [s["std"] for s in stats], "n": [s["n"] for s in stats]}
+    seconds = sum(e.get("seconds") or 0.0 for e in cells_out if e["view"] == "model")
+    return {"study": str(study.path), "title": study.title, "description": study.description,
+            "recipe": str(study.recipe), "seeds": study.seeds, "flags": study.flags, "grid": study.grid,
+            "metrics": dict(METRICS), "rows": rows, "cells": cells_out, "curves": curves,
+            "compute_seconds": seconds}
+
+
+def _cell_text(s: Mapping[str, Any]) -> str:
+    if not s["n"]:
+        return "—"
+    if s["std"] is None:
+        return f"{s['mean']:.3f} (n={s['n']})"
+    return f"{s['mean']:.3f} ± {s['std']:.3f} (n={s['n']})"
+
+
+def markdown_table(results: Mapping[str, Any]) -> str:
+    """The results table: one row per variant (and EMA view), mean ± sample std (n) per metric; columns
+    that no cell measured are left out and named under the table."""
+    columns = [(k, t) for k, t in METRICS if any(r["metrics"][k]["n"] for r in results["rows"])]
+    missing = [t for k, t in METRICS if (k, t) not in columns]
+    lines = ["| model | " + " | ".join(t for _, t in columns) + " |",
+             "| --- |" + " --- |" * len(columns)]
+    for row in results["rows"]:
+        lines.append(f"| {row['label']} | " + " | ".join(_cell_text(row["metrics"][k]) for k, _ in columns) + " |")
+    if missing:
+        lines.append("")
+        lines.append(f"Not measured in these cells: {', '.join(missing)}.")
+    specs = sorted({a for e in results["cells"] for a in e.get("attacks", [])})
+    if specs:
+        lines.append("")
+        lines.append("Final attacks (the PGD-20 and AutoAttack columns): " + ", ".join(f"`{a}`" for a in specs) + ".")
+    return "\n".join(lines)
+
+
+def write_results(study: Study, command: str | None = None) -> dict[str, Path]:
+    """``results.json``, ``results.md`` and the two plots into the study's output directory."""
+    from .checkpoint import atomic_write_text
+    from .eval.plots import band_figure, save_figure, scatter_figure
+
+    results = aggregate(study)
+    results["command"] = command or f"robustkd sweep {study.path} --report"
+    out = study.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    finished = sum(e["finished"] for e in results["cells"] if e["view"] == "model")
+    total = sum(1 for e in results["cells"] if e["view"] == "model")
+    attack = next((c["attack"] for c in results["curves"].values() if c["attack"]), "robust")
+    save_figure(scatter_figure(results["rows"], "clean", "pgd20", title=f"{study.title}: PGD-20 vs clean"),
+                out / SCATTER_PNG)
+    save_figure(band_figure(results["curves"], f"{attack} accuracy (held-out subset)",
+                            title=f"{study.title}: robust accuracy per epoch, mean ± std over seeds"), out / CURVES_PNG)
+    atomic_write_text(out / RESULTS_JSON, json.dumps(results, indent=2))
+    md = [f"## {study.title}", "", results["description"].strip(), "",
+          f"{finished} of {total} runs finished; seeds {', '.join(map(str, study.seeds))}; "
+          f"compute {results['compute_seconds'] / 60:.1f} min (sum of the runs' wall time).", "",
+          markdown_table(results), "",
+          f"Per-epoch robust accuracy is the recipe's `--eval-attacks` ({attack}) on the held-out subset; "
+          "± is the sample standard deviation over seeds.", "", "```bash", results["command"], "```", ""]
+    atomic_write_text(out / RESULTS_MD, "\n".join(line for line in md if line is not None))
+    return {"json": out / RESULTS_JSON, "markdown": out / RESULTS_MD, "scatter": out / SCATTER_PNG,
+            "curves": out / CURVES_PNG}

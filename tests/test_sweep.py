@@ -1,0 +1,138 @@
+"""`robustkd sweep`: a tiny study of two real recipe runs (small_cnn, 64 CIFAR-10 images, one epoch),
+resumed without re-running what finished, and the aggregate recomputed from the cells' reports."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from robustkd.cli import main as cli_main
+from robustkd.sweep import cell_metrics, load_study, read_cell_report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def study_file(tmp_path, cifar_dir, monkeypatch) -> Path:
+    # the cells are subprocesses: they must import this checkout's robustkd, as the test does
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    study = {
+        "description": "two seeds of PGD-AT, tiny",
+        "recipe": str(REPO / "recipes" / "cifar_adr.py"),
+        "output_dir": str(tmp_path / "study"),
+        "seeds": [0, 1],
+        "flags": {"data-dir": cifar_dir, "model": "small_cnn", "model-kwargs": {"width": 8}, "epochs": 1,
+                  "batch-size": 32, "max-train-samples": 64, "max-eval-samples": 16, "attack-steps": 1,
+                  "eval-attacks": "pgd2", "final-attacks": "pgd20", "cpu": True, "no-progress": True,
+                  "awp": False},
+        "variants": {"pgd_at": {"label": "PGD-AT", "flags": {"method": "pgd_at"}}},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def test_sweep_runs_resumes_and_aggregates(study_file, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert cli_main(["sweep", str(study_file), "--dry-run"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 2 and all("--method pgd_at" in line and '--model-kwargs \'{"width": 8}\'' in line
+                                     for line in printed)
+    assert "--seed 1" in printed[1] and f"--output-dir {out}/pgd_at/seed1" in printed[1]
+    assert "--awp" not in printed[0] and "--cpu" in printed[0]  # false leaves a switch out, true gives it
+    assert not out.exists()  # a dry run does no work
+
+    assert cli_main(["sweep", str(study_file), "--no-progress"]) == 0
+    cells = [out / "pgd_at" / "seed0", out / "pgd_at" / "seed1"]
+    reports = [read_cell_report(c) for c in cells]
+    assert all(r is not None for r in reports)
+    stamp = (cells[0] / "report.json").stat().st_mtime_ns
+
+    # an interrupted sweep: seed 1's report is gone (its checkpoint is still there); seed 0 is finished
+    (cells[1] / "report.json").unlink()
+    capsys.readouterr()
+    assert cli_main(["sweep", str(study_file), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "1 run, 1 already finished (skipped), 0 failed" in text
+    assert (cells[0] / "report.json").stat().st_mtime_ns == stamp  # never re-run
+    meta = json.loads((cells[1] / "sweep.json").read_text())
+    assert meta["returncode"] == 0 and meta["resumed"] and "--resume" in meta["command"]
+    assert read_cell_report(cells[1]) is not None
+
+    assert cli_main(["sweep", str(study_file), "--report"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    row, = results["rows"]
+    assert row["label"] == "PGD-AT" and row["n_finished"] == 2
+    for key in ("clean", "pgd20", "overfitting_gap"):
+        values = [cell_metrics(read_cell_report(c))[key] for c in cells]
+        assert row["metrics"][key]["n"] == 2
+        assert row["metrics"][key]["mean"] == pytest.approx(statistics.fmean(values))
+        assert row["metrics"][key]["std"] == pytest.approx(statistics.stdev(values))
+    clean = [read_cell_report(c) for c in cells]
+    assert row["metrics"]["clean"]["values"] == pytest.approx(
+        [r["metrics"]["clean"]["accuracy"] if "schema_version" in r else r["clean_accuracy"] for r in clean])
+    md = (out / "results.md").read_text()
+    m = row["metrics"]["clean"]
+    assert f"{m['mean']:.3f} ± {m['std']:.3f} (n=2)" in md and "robustkd sweep" in md
+    assert (out / "results_scatter.png").stat().st_size > 1000 and (out / "results_curves.png").stat().st_size > 1000
+    assert results["curves"]["PGD-AT"]["epoch"] == [1] and results["curves"]["PGD-AT"]["n"] == [2]
+
+
+def test_bad_study_files_are_refused_before_any_work(tmp_path, capsys, cifar_dir):
+    assert cli_main(["sweep", str(tmp_path / "missing.yaml")]) == 2
+    assert "no study file" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    cases = [
+        ({"recipe": "recipes/cifar_adr.py", "seeds": [0], "variants": {"a": {}}, "seed": 3}, "unknown key(s) seed"),
+        ({"recipe": "recipes/nope.py", "seeds": [0], "variants": {"a": {}}}, "does not exist"),
+        ({"recipe": str(REPO / "recipes/cifar_adr.py"), "seeds": [0, 0], "variants": {"a": {}}}, "a seed twice"),
+        ({"recipe": str(REPO / "recipes/cifar_adr.py"), "seeds": [0], "variants": {"a": {"flags": {"seed": 1}}}},
+         "the sweep sets these"),
+        ({"recipe": str(REPO / "recipes/cifar_adr.py"), "seeds": [0], "variants": {"a": {}},
+          "output_dir": str(tmp_path / "o"), "grid": {"epochs": []}}, "non-empty list"),
+    ]
+    for study, message in cases:
+        bad.write_text(yaml.safe_dump(study))
+        assert cli_main(["sweep", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_grid_crosses_variants_and_seeds(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"recipe": str(REPO / "recipes/cifar_adr.py"), "seeds": [0, 1],
+                                    "output_dir": str(tmp_path / "o"),
+                                    "variants": {"adr": {"flags": {"method": "adr"}, "ema_label": "ADR + WA"},
+                                                 "pgd": {"flags": {"method": "pgd_at"}}},
+                                    "grid": {"epochs": [2, 8], "ema_decay": [0.99]}}, sort_keys=False))
+    study = load_study(path)
+    cells = study.cells()
+    assert len(cells) == 2 * 2 * 2
+    assert {c.dir.parent.name for c in cells} == {"adr__epochs=2__ema-decay=0.99", "adr__epochs=8__ema-decay=0.99",
+                                                  "pgd__epochs=2__ema-decay=0.99", "pgd__epochs=8__ema-decay=0.99"}
+    from robustkd.sweep import cell_command
+
+    cmd = cell_command(study, cells[0])
+    assert cmd[cmd.index("--epochs") + 1] == "2" and cmd[cmd.index("--ema-decay") + 1] == "0.99"
+
+
+def test_accelerate_launcher_wraps_each_cell(tmp_path):
+    from robustkd.sweep import cell_command
+
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump({"recipe": str(REPO / "recipes/cifar_adr.py"), "seeds": [3],
+                                    "output_dir": str(tmp_path / "o"), "launcher": "accelerate",
+                                    "launch_args": ["--num_processes", 2, "--mixed_precision", "bf16"],
+                                    "flags": {"preset": "adr/short-schedule"},
+                                    "variants": {"adr": {"flags": {"method": "adr"}}}}, sort_keys=False))
+    study = load_study(path)
+    cell, = study.cells()
+    assert cell_command(study, cell) == [
+        "accelerate", "launch", "--num_processes", "2", "--mixed_precision", "bf16", str(REPO / "recipes/cifar_adr.py"),
+        "--preset", "adr/short-schedule", "--method", "adr", "--seed", "3", "--output-dir", str(tmp_path / "o/adr/seed3")]
