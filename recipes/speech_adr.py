@@ -10,8 +10,6 @@ amplitude ball (``--eps``). Reports clean accuracy and PGD-20 robust accuracy at
 example actually achieved. ``--method`` picks standard, pgd_at, trades, adr, adr_trades, or
 mtard (with ``--clean-teacher`` and ``--robust-teacher``).
 """
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
