@@ -76,9 +76,12 @@ class ModelArgs:
     ema_warmup: bool = _f(False, "ramp the EMA decay as timm does, min(decay, (1+t)/(10+t)), so short runs get a "
                           "useful teacher (not in ADR's reference)")
     clean_teacher: Optional[str] = _f(None, "MTARD: the naturally trained teacher: a recipe --output-dir, "
-                                      "timm:<name>, or a Hugging Face model directory")
+                                      "timm:<name>, a Hugging Face model directory, or what the task loads by "
+                                      "name (images: autoattack-example:resnet18, robustbench:NAME, ARCH:WEIGHTS.pt)")
     robust_teacher: Optional[str] = _f(None, "MTARD: the adversarially trained teacher (same forms), or 'ema' for "
                                        "the student's EMA self-teacher (teacher-free MTARD)")
+    teacher_model_dir: Optional[str] = _f(None, "where robustbench:NAME teachers live (RobustBench's layout "
+                                          "DIR/<dataset>/<threat>/<NAME>.pt)")
     teacher_weights: Literal["auto", "student", "ema"] = _f("auto", "which weights of a recipe output dir to use "
                                                             "as teacher (auto: the EMA model when it kept one)")
 
@@ -590,9 +593,10 @@ def load_teachers(s: dict[str, Any], task: Any) -> dict[str, Any]:
         raise ConfigError(f"--method {s['method']} needs --clean-teacher and --robust-teacher (a recipe "
                           "--output-dir, timm:<name>, a Hugging Face model directory; the robust one may be 'ema')")
     which = s.get("teacher_weights", "auto")
-    clean = load_teacher(s["clean_teacher"], task, which=which, name="clean")
+    options = {"model_dir": s["teacher_model_dir"]} if s.get("teacher_model_dir") else {}
+    clean = load_teacher(s["clean_teacher"], task, which=which, name="clean", **options)
     robust = "ema" if s["robust_teacher"] == "ema" else load_teacher(s["robust_teacher"], task, which=which,
-                                                                       name="robust")
+                                                                       name="robust", **options)
     return {"clean_teacher": clean, "robust_teacher": robust}
 
 
