@@ -370,8 +370,9 @@ def test_example_plugin_from_a_recipe_and_robustkd_list(tabular_installed, tmp_p
         capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["task"] == "tabular_blobs" and report["model"] == "tabular_mlp" and report["method"] == "adr"
-    assert set(report["robust_accuracy"]) == {"pgd:steps=3", "random_search16"}
+    assert report["task"]["name"] == "tabular_blobs" and report["model"]["name"] == "tabular_mlp"
+    assert report["method"]["method"] == "adr"
+    assert set(report["metrics"]["adversarial"]) == {"pgd:steps=3", "random_search16"}
     assert report["attacks"]["random_search16"] == {"attack": "random_search", "type": "ThreatModel", "norm": "linf",
                                                     "eps": 0.05, "domain": [0.0, 1.0], "per_token": False,
                                                     "relative": False, "samples": 16}
