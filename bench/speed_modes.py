@@ -57,7 +57,7 @@ def main() -> None:
 
     from robustkd import TrainConfig, Trainer, create_method, create_task
     from robustkd.attacks.pgd import PGD
-    from tasks.image import augment_images
+    from robustkd_tasks.image import augment_images
 
     task = create_task("cifar10", data_dir=args.data_dir, augment=False)
     batch = next(iter(task.dataloader("train", args.batch_size, seed=0)))

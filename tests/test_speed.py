@@ -17,7 +17,7 @@ from robustkd.attacks.pgd import PGD
 from robustkd.distill.mtard import MTARD
 from robustkd.teachers import FrozenTeacher
 from robustkd.trainer import TrainConfig, Trainer
-from tasks.image import augment_images
+from robustkd_tasks.image import augment_images
 from test_text import tiny  # noqa: F401 - fixture: a tiny BERT and SST-2-shaped data
 
 CUDA = torch.cuda.is_available()
