@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 
 from robustkd.attacks.text import textattack_evaluate
 from robustkd.config import Recipe, parse
+from robustkd.eval.robustness import resolve_attacks
 from robustkd.recipe import build_task, main_guard, run_recipe
 
 
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     s = cfg.settings
     task = build_task(s, max_length=s["max_length"],
                       **{k: s[k] for k in ("text_column", "label_column") if s[k]})
+    if s["textattack_recipe"].lower() != "none":  # an unknown or offline-unavailable recipe fails before training
+        resolve_attacks([f"textattack:{s['textattack_recipe']}"], task)
     # --attack-step-size is relative to each token's radius here
     return run_recipe(cfg, task=task, relative_step=True, sections=textattack_section(s))
 

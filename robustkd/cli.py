@@ -67,6 +67,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.suite import load_checkpoint, run_evaluation, split_attack_specs
     from .registry import TASKS
 
+    from .checkpoint import check_writable
+
+    check_writable(args.output_dir)  # a file, read-only or full location fails now, not after the evaluation
     meta = read_meta(args.checkpoint) if args.checkpoint else {}
     task_name = args.task or meta.get("task")
     if not task_name:

@@ -53,6 +53,8 @@ class DataArgs:
                                  "data set and fails at once, with this hint, when there is no network")
     max_train_samples: Optional[int] = _f(None, "train on a seeded random subset of this many examples")
     max_eval_samples: Optional[int] = _f(None, "evaluate on a seeded random subset of this many examples")
+    task_kwargs: Optional[str] = _f(None, 'JSON options for the task, e.g. \'{"drop_empty": true}\', '
+                                    '\'{"image_column": "img"}\', \'{"downmix": true}\', \'{"encoding": "latin-1"}\'')
 
 
 @dataclass
@@ -74,9 +76,12 @@ class ModelArgs:
     ema_warmup: bool = _f(False, "ramp the EMA decay as timm does, min(decay, (1+t)/(10+t)), so short runs get a "
                           "useful teacher (not in ADR's reference)")
     clean_teacher: Optional[str] = _f(None, "MTARD: the naturally trained teacher: a recipe --output-dir, "
-                                      "timm:<name>, or a Hugging Face model directory")
+                                      "timm:<name>, a Hugging Face model directory, or what the task loads by "
+                                      "name (images: autoattack-example:resnet18, robustbench:NAME, ARCH:WEIGHTS.pt)")
     robust_teacher: Optional[str] = _f(None, "MTARD: the adversarially trained teacher (same forms), or 'ema' for "
                                        "the student's EMA self-teacher (teacher-free MTARD)")
+    teacher_model_dir: Optional[str] = _f(None, "where robustbench:NAME teachers live (RobustBench's layout "
+                                          "DIR/<dataset>/<threat>/<NAME>.pt)")
     teacher_weights: Literal["auto", "student", "ema"] = _f("auto", "which weights of a recipe output dir to use "
                                                             "as teacher (auto: the EMA model when it kept one)")
 
@@ -133,6 +138,10 @@ class RunArgs:
     eval_every: int = _f(1, "evaluate every N epochs (0: only at the end)")
     curve_steps: int = _f(10, "PGD steps per budget of the final report's accuracy-vs-budget curve")
     resume: bool = _f(False, "continue from the last checkpoint in --output-dir")
+    overwrite: bool = _f(False, "--output-dir holds another run: move it aside to NAME.old-<time> (never deleted) "
+                         "and start afresh")
+    max_nonfinite_steps: int = _f(0, "skip up to N steps whose loss is not finite (normal with fp16); 0: stop at "
+                                  "the first, keeping the last good checkpoint")
     log_with: Optional[str] = _f(None, "log metrics to an Accelerate tracker: tensorboard (pip install "
                                  "'robustkd[tensorboard]'; logs under --output-dir) or wandb (pip install "
                                  "'robustkd[wandb]')")
@@ -401,6 +410,7 @@ def resolve(recipe: Recipe, argv: Sequence[str] | None = None) -> RunConfig:
             settings["milestones"] = scaled
 
     settings["model_kwargs"] = _as_dict(settings.get("model_kwargs"), "model_kwargs")
+    settings["task_kwargs"] = _as_dict(settings.get("task_kwargs"), "task_kwargs")
     settings["method_kwargs"] = _as_dict(settings.get("method_kwargs"), "method_kwargs")
     settings["milestones"] = _as_milestones(settings.get("milestones"))
     for key in ("eval_attacks", "final_attacks"):
@@ -471,7 +481,7 @@ def train_config(s: dict[str, Any] | argparse.Namespace, eval_threat: dict[str, 
 
 #: Trainer settings newer than some builds of the trainer, with their "off" value.
 _OPTIONAL_TRAIN = (("nesterov", False), ("drop_last", False), ("lr_warmup_epochs", 0), ("lr_warmup_init", None),
-                   ("lr_min", None))
+                   ("lr_min", None), ("overwrite", False), ("max_nonfinite_steps", 0))
 
 
 def unapplied_settings(s: dict[str, Any] | argparse.Namespace) -> list[str]:
@@ -579,9 +589,10 @@ def load_teachers(s: dict[str, Any], task: Any) -> dict[str, Any]:
         raise ConfigError(f"--method {s['method']} needs --clean-teacher and --robust-teacher (a recipe "
                           "--output-dir, timm:<name>, a Hugging Face model directory; the robust one may be 'ema')")
     which = s.get("teacher_weights", "auto")
-    clean = load_teacher(s["clean_teacher"], task, which=which, name="clean")
+    options = {"model_dir": s["teacher_model_dir"]} if s.get("teacher_model_dir") else {}
+    clean = load_teacher(s["clean_teacher"], task, which=which, name="clean", **options)
     robust = "ema" if s["robust_teacher"] == "ema" else load_teacher(s["robust_teacher"], task, which=which,
-                                                                       name="robust")
+                                                                       name="robust", **options)
     return {"clean_teacher": clean, "robust_teacher": robust}
 
 

@@ -223,7 +223,8 @@ def test_budget_grid_scales_eps_and_snr():
 def test_healthy_model_passes_every_check():
     ev = _evaluate(QuadrantNet(), ("pgd10", HEALTHY_AA))
     assert _status(ev) == {"eval_mode": "pass", "budget_zero": "pass", "monotone_budget": "pass",
-                           "strongest_vs_pgd": "pass", "large_budget": "pass"}, [c.detail for c in ev.checks]
+                           "strongest_vs_pgd": "pass", "large_budget": "pass", "probability_outputs": "pass",
+                           "input_gradient": "pass"}, [c.detail for c in ev.checks]
     assert ev.passed
     m = ev.report["metrics"]
     assert m["clean"]["accuracy"] == 1.0 and m["worst_case"]["accuracy"] == 0.0
@@ -344,7 +345,7 @@ def test_split_attack_specs():
 # -- bad input ------------------------------------------------------------------------------------
 def test_bad_attack_names_and_missing_splits_are_clear():
     task = Quadrants()
-    with pytest.raises(RegistryError, match=r"'embedding_pgd'.*does not work on image tasks.*autoattack.*pgd"):
+    with pytest.raises(RegistryError, match=r"'embedding_pgd' does not work on the task 'quadrants': it needs EmbeddingInputs.*autoattack.*pgd"):
         run_evaluation(task, QuadrantNet(), ["embedding_pgd"], verbose=False)
     with pytest.raises(RegistryError, match=r"'nosuch'.*is not registered.*Attacks for 'quadrants'"):
         run_evaluation(task, QuadrantNet(), ["nosuch"], verbose=False)

@@ -181,7 +181,7 @@ def test_attack_descending_the_loss_fails_the_noise_check(synthetic, fitted):
 
 
 def _synthetic_subclass(**overrides):
-    from tasks.image import SyntheticImages
+    from robustkd_tasks.image import SyntheticImages
 
     name = "Broken" + "".join(k.title() for k in overrides)
     return type(name, (SyntheticImages,), {"__module__": __name__, **overrides})(n_train=64, n_test=32)
@@ -452,3 +452,20 @@ def test_core_imports_no_plugin_package_and_names_no_modality():
                     isinstance(n, ast.Attribute) and n.attr == "modality" for n in ast.walk(node)):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno} branches on .modality")
     assert not offenders, "\n".join(offenders)
+
+
+def test_builtin_plugins_install_as_robustkd_tasks_with_every_package_listed():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    setup = project["tool"]["setuptools"]
+    assert setup["package-dir"] == {"robustkd_tasks": "tasks"}
+    packages = set(setup["packages"])
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "robustkd").rglob("__init__.py")}
+    assert on_disk <= packages, f"packages missing from pyproject.toml: {sorted(on_disk - packages)}"
+    assert "robustkd_tasks" in packages and (REPO / "tasks" / "__init__.py").exists()
+    points = project["project"]["entry-points"]["robustkd.tasks"]
+    assert all(v.startswith("robustkd_tasks.") for v in points.values()), points
+    import robustkd_tasks.image
+
+    assert TASKS.entry("cifar10").source == "built-in" and TASKS.get("cifar10").__module__ == "robustkd_tasks.image"

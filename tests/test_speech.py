@@ -16,7 +16,7 @@ from robustkd.attacks.speech import SNRMeter
 from robustkd.registry import MODELS, RegistryError
 from robustkd.task import DataNotFoundError
 from robustkd.threat import SNRBall, ThreatModel, snr_db
-from tasks.speech import AudioDataError, WavFolder, fix_length, read_wav
+from robustkd_tasks.speech import AudioDataError, WavFolder, fix_length, read_wav
 
 REPO = Path(__file__).resolve().parents[1]
 SNR_TOL_DB = 1e-4  # float32 rounding of the L2 projection; the bound itself is exact
@@ -258,7 +258,7 @@ def _tiny_wav2vec2_weights(path: Path) -> dict:
 
 @pytest.mark.parametrize("name", ["mel_cnn", "m5", "wav2vec2"])
 def test_models_are_differentiable_to_the_waveform(name, tmp_path):
-    from tasks.speech_models import m5, mel_cnn, wav2vec2
+    from robustkd_tasks.speech_models import m5, mel_cnn, wav2vec2
 
     x = (0.1 * torch.randn(3, 16000)).requires_grad_(True)
     if name == "wav2vec2":
@@ -276,7 +276,7 @@ def test_models_are_differentiable_to_the_waveform(name, tmp_path):
 
 
 def test_wav2vec2_needs_local_weights_and_16k(tmp_path):
-    from tasks.speech_models import wav2vec2
+    from robustkd_tasks.speech_models import wav2vec2
 
     with pytest.raises(ValueError, match="weights=PATH"):
         wav2vec2(10, 16000)
