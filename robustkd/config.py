@@ -198,15 +198,22 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
 
     parser = HfArgumentParser(recipe.dataclasses, description=recipe.description,
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    shown = dict(recipe.defaults)  # --help shows the values a run starts from
     if recipe.default_preset:
-        parser.epilog = (f"Without --preset the run starts from {recipe.default_preset} (the paper's run); "
-                         "`robustkd presets` lists the others.")
+        from .presets import get_preset
+
+        parser.epilog = (f"Without --preset the run starts from {recipe.default_preset} (the paper's run); the "
+                         "defaults shown are its settings. `robustkd presets` lists the others.")
+        shown.update(get_preset(recipe.default_preset).settings)
+    known = {a.dest for a in parser._actions}
+    parser.set_defaults(**{k: v for k, v in shown.items() if k in known})
     return parser
 
 
 def _given(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
     """The settings given on the command line (and only those)."""
     quiet = copy.deepcopy(parser)
+    quiet._defaults = {}  # set_defaults() values are display defaults, not given settings
     for action in quiet._actions:
         if action.dest != "help":
             action.default = argparse.SUPPRESS
