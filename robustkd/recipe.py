@@ -48,7 +48,7 @@ def run_recipe(cfg: RunConfig, task: Task | None = None, method: Method | None =
     task = task or build_task(s)
     model = task.build_model(s["model"], **s["model_kwargs"])
     method = method or build_method(s, task, threat=threat, relative_step=relative_step)
-    resolve_attacks(s["final_attacks"], task, **eval_attack_defaults(s))  # typos fail now, not after training
+    resolve_attacks(s["final_attacks"], task, **(eval_threat or eval_attack_defaults(s)))  # typos fail now
     cfg.notes.extend(unapplied_settings(s))
     info = {"model": s["model"], "model_kwargs": s["model_kwargs"], "dataset": s["dataset"],
             "data_dir": s["data_dir"], "preset": cfg.preset, **dict(run_info or {})}
