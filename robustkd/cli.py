@@ -325,7 +325,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(f"{preset.name}: {preset.description}\nsource: {preset.source}")
         width = max(len(k) for k in preset.settings)
         for key, value in preset.settings.items():
-            print(f"  {key:<{width}}  {json.dumps(value)}" + (f"    # {line}" if key in preset.lines else ""))
+            print(f"  {key:<{width}}  {json.dumps(value)}" + (f"    # {preset.lines[key]}" if key in preset.lines else ""))
         for kw in ("tau", "lam", "eta", "beta", "kl_scale", "temp_lr", "t_min", "t_max", "decay"):
             if kw in preset.lines:
                 print(f"  {'':<{width}}  method_kwargs.{kw}: line {preset.lines[kw]}")

@@ -7,6 +7,7 @@ A study is a YAML file (see ``studies/`` and docs/results.md)::
     recipe: recipes/cifar_adr.py        # run as `python RECIPE --flag value ...`, one process per cell
     launcher: python                    # or `accelerate` (`accelerate launch [launch_args] RECIPE ...`)
     output_dir: runs/studies/cifar      # cells go to OUTPUT_DIR/<cell>/seed<k>
+    results_dir: docs/results/cifar     # --report writes here (default: output_dir)
     seeds: [0, 1, 2]
     flags: {model: small_cnn, epochs: 30, data-dir: ../shared/data/cifar10/plain_text}
     variants:                           # a row of the table each: a method, a preset, any overrides
@@ -40,8 +41,8 @@ from typing import Any, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
-STUDY_KEYS = {"description", "recipe", "launcher", "launch_args", "output_dir", "seeds", "flags", "variants", "grid",
-              "pgd_metric", "title"}
+STUDY_KEYS = {"description", "recipe", "launcher", "launch_args", "output_dir", "results_dir", "seeds", "flags",
+              "variants", "grid", "pgd_metric", "title"}
 VARIANT_KEYS = {"label", "ema_label", "flags"}
 OWNED_FLAGS = {"seed", "output-dir"}
 CELL_FILE = "sweep.json"
@@ -102,6 +103,7 @@ class Study:
     description: str = ""
     title: str = ""
     pgd_metric: str = "pgd20"
+    results_dir: Path | None = None
 
     def cells(self) -> list[Cell]:
         out = []
@@ -135,6 +137,14 @@ def _check_flags(flags: Any, where: str) -> dict[str, Any]:
         raise StudyError(f"{where} sets {', '.join('--' + f for f in sorted(owned))}: the sweep sets these per cell "
                          "(use `seeds:` and `output_dir:` instead)")
     return out
+
+
+def _check_env(flags: Mapping[str, Any], where: str) -> None:
+    for key, value in flags.items():
+        for name in re.findall(r"\$\{?(\w+)\}?", value if isinstance(value, str) else ""):
+            if name not in os.environ:
+                raise StudyError(f"{where}.{key} uses ${{{name}}}, which is not set: export {name}=... (e.g. "
+                                 f"ROBUSTKD_SHARED=../shared) or write the path")
 
 
 def load_study(path: str | Path, output_dir: str | Path | None = None) -> Study:
@@ -186,6 +196,9 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> Study:
     grid = {_flag_name(k): list(v) for k, v in grid_raw.items()}
     if owned := OWNED_FLAGS & set(grid):
         raise StudyError(f"{path}: `grid` sets {', '.join(sorted(owned))}: use `seeds:` / `output_dir:`")
+    _check_env(raw.get("flags") or {}, "flags")
+    for v in variants:
+        _check_env(v.flags, f"variants.{v.name}.flags")
     launcher = str(raw.get("launcher", "python"))
     if launcher not in ("python", "accelerate"):
         raise StudyError(f"{path}: launcher must be python or accelerate, not {launcher!r}")
@@ -193,10 +206,12 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> Study:
     if not isinstance(launch_args, list):
         raise StudyError(f"{path}: launch_args must be a list, e.g. [--num_processes, '2']")
     out = Path(output_dir or raw.get("output_dir") or Path("runs/studies") / path.stem).expanduser()
+    results_dir = (out if output_dir else Path(raw["results_dir"]).expanduser()) if raw.get("results_dir") else out
     return Study(path=path, recipe=recipe, output_dir=out, seeds=list(seeds), variants=variants,
                  flags=_check_flags(raw.get("flags"), "flags"), grid=grid, launcher=launcher,
                  launch_args=[str(a) for a in launch_args], description=str(raw.get("description") or ""),
-                 title=str(raw.get("title") or path.stem), pgd_metric=str(raw.get("pgd_metric") or "pgd20"))
+                 title=str(raw.get("title") or path.stem), pgd_metric=str(raw.get("pgd_metric") or "pgd20"),
+                 results_dir=results_dir)
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -246,15 +261,39 @@ def read_cell_report(run_dir: str | Path) -> dict[str, Any] | None:
     return report if "clean_accuracy" in report and "robust_accuracy" in report else None
 
 
-def _run_cell(study: Study, cell: Cell) -> tuple[Cell, int, float]:
+LOCK_FILE = "sweep.lock"
+
+
+def _locked_by_other(run_dir: Path) -> int | None:
+    """The pid of a live process on this machine that holds the cell's lock (another sweep running it)."""
+    try:
+        pid = int((run_dir / LOCK_FILE).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # a stale lock from a sweep that died
+    except PermissionError:
+        return pid
+    return pid
+
+
+def _run_cell(study: Study, cell: Cell) -> tuple[Cell, int | None, float]:
     cell.dir.mkdir(parents=True, exist_ok=True)
+    if read_cell_report(cell.dir) is not None or _locked_by_other(cell.dir):
+        return cell, None, 0.0  # finished or taken by another sweep since the list was made
     resume = (cell.dir / "checkpoints").is_dir() and any((cell.dir / "checkpoints").iterdir())
     cmd = cell_command(study, cell, resume=resume)
     started = time.perf_counter()
+    (cell.dir / LOCK_FILE).write_text(f"{os.getpid()}\n")  # this sweep runs the cell while it is alive
     with open(cell.dir / LOG_FILE, "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    (cell.dir / LOCK_FILE).unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     previous = _cell_meta(cell.dir)
     meta = {"command": shlex.join(cmd), "returncode": rc, "seconds": seconds,
@@ -288,6 +327,10 @@ def run_sweep(study: Study, jobs: int = 1, dry_run: bool = False, progress: bool
     skipped = [c.key for c in cells if c not in todo]
     for key in skipped:
         logger.info("finished already, skipped: %s", key)
+    for cell in [c for c in todo if _locked_by_other(c.dir)]:
+        logger.info("being run by another process (%s), skipped: %s", cell.dir / LOCK_FILE, cell.key)
+        todo.remove(cell)
+        skipped.append(cell.key)
     if dry_run:
         for cell in todo:
             print(shlex.join(cell_command(study, cell)))
@@ -298,7 +341,9 @@ def run_sweep(study: Study, jobs: int = 1, dry_run: bool = False, progress: bool
             tqdm(total=len(todo), desc=f"sweep {study.title}", unit="run", disable=not progress) as bar:
         for cell, rc, seconds in pool.map(lambda c: _run_cell(study, c), todo):
             bar.update(1)
-            if rc == 0 and read_cell_report(cell.dir) is not None:
+            if rc is None:
+                skipped.append(cell.key)
+            elif rc == 0 and read_cell_report(cell.dir) is not None:
                 ran.append(cell.key)
                 logger.info("finished %s in %.0f s", cell.key, seconds)
             else:
@@ -465,7 +510,7 @@ def write_results(study: Study, command: str | None = None) -> dict[str, Path]:
 
     results = aggregate(study)
     results["command"] = command or f"robustkd sweep {study.path} --report"
-    out = study.output_dir
+    out = study.results_dir or study.output_dir
     out.mkdir(parents=True, exist_ok=True)
     finished = sum(e["finished"] for e in results["cells"] if e["view"] == "model")
     total = sum(1 for e in results["cells"] if e["view"] == "model")

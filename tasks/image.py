@@ -315,7 +315,7 @@ class ImageClassification(ContinuousTask):
         """A pretrained image model for this task (the ``Task.load_pretrained`` hook): ``timm:<name>``
         (pretrained timm weights, refused when their head has another class count), a Hugging Face image
         classifier directory (``config.json``; its own normalisation inside), or one of
-        :mod:`tasks.image_pretrained`'s forms (``autoattack-example:resnet18``, ``robustbench:NAME``,
+        :mod:`robustkd_tasks.image_pretrained`'s forms (``autoattack-example:resnet18``, ``robustbench:NAME``,
         ``ARCH:PATH``). ``None`` for anything else."""
         from .image_pretrained import load_image_pretrained
 

@@ -23,7 +23,7 @@ REFERENCE_KEYS = Path(__file__).parent / "data" / "reference_state_dict_keys.jso
 def test_architectures_load_a_state_dict_in_the_reference_layout_strictly(name):
     """Key names and shapes of ADR's src/model definitions (= RobustBench's ResNet / DMPreActResNet /
     DMWideResNet): a state dict in that layout loads strictly into the bare network."""
-    from tasks import image_models
+    from robustkd_tasks import image_models
 
     layout = json.loads(REFERENCE_KEYS.read_text())[name]
     torch.manual_seed(0)
@@ -38,7 +38,7 @@ def test_architectures_load_a_state_dict_in_the_reference_layout_strictly(name):
 
 
 def test_task_builds_models_with_and_without_normalisation(cifar_task):
-    from tasks.image_models import Normalize
+    from robustkd_tasks.image_models import Normalize
 
     with_norm = cifar_task.build_model("preact_resnet18")
     bare = cifar_task.build_model("preact_resnet18", normalize=False)
@@ -52,7 +52,7 @@ def test_task_builds_models_with_and_without_normalisation(cifar_task):
                     reason="the robustbench extra is not installed")
 def test_architectures_equal_robustbench_definitions_forward():
     from robustkd.robustbench import import_robustbench
-    from tasks import image_models
+    from robustkd_tasks import image_models
 
     import_robustbench()
     from robustbench.model_zoo.architectures.dm_wide_resnet import DMPreActResNet, DMWideResNet
@@ -149,7 +149,7 @@ def test_autoattack_example_resnet18_is_a_real_cifar10_model(cifar_task):
 
 
 def test_state_dict_plus_architecture_and_its_errors(cifar_task, tmp_path):
-    from tasks.image_models import preact_resnet18
+    from robustkd_tasks.image_models import preact_resnet18
 
     torch.manual_seed(1)
     net = preact_resnet18(normalize=False)

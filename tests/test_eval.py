@@ -345,7 +345,7 @@ def test_split_attack_specs():
 # -- bad input ------------------------------------------------------------------------------------
 def test_bad_attack_names_and_missing_splits_are_clear():
     task = Quadrants()
-    with pytest.raises(RegistryError, match=r"'embedding_pgd'.*does not work on image tasks.*autoattack.*pgd"):
+    with pytest.raises(RegistryError, match=r"'embedding_pgd' does not work on the task 'quadrants': it needs EmbeddingInputs.*autoattack.*pgd"):
         run_evaluation(task, QuadrantNet(), ["embedding_pgd"], verbose=False)
     with pytest.raises(RegistryError, match=r"'nosuch'.*is not registered.*Attacks for 'quadrants'"):
         run_evaluation(task, QuadrantNet(), ["nosuch"], verbose=False)
@@ -359,13 +359,14 @@ def test_bad_attack_names_and_missing_splits_are_clear():
 @pytest.fixture(scope="module")
 def cifar_run(cifar_dir, tmp_path_factory) -> Path:
     """small_cnn trained by the image recipe for one epoch on 256 CIFAR-10 images."""
-    from robustkd.recipe import common_parser, run_recipe
+    from robustkd.config import Recipe, parse
+    from robustkd.recipe import run_recipe
 
     out = tmp_path_factory.mktemp("cifar_run")
-    args = common_parser("test", model="small_cnn", method="pgd_at").parse_args(
+    args = parse(Recipe("test", defaults={"model": "small_cnn", "method": "pgd_at"}),
         ["--data-dir", cifar_dir, "--epochs", "1", "--max-train-samples", "256", "--max-eval-samples", "32",
          "--batch-size", "64", "--attack-steps", "3", "--final-attacks", "pgd3", "--eval-attacks", "pgd3",
-         "--output-dir", str(out), "--cpu", "--no-progress"])
+         "--output-dir", str(out), "--cpu", "--no-progress", "--curve-steps", "2"])
     run_recipe(args)
     return out
 

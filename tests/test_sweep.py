@@ -136,3 +136,23 @@ def test_accelerate_launcher_wraps_each_cell(tmp_path):
     assert cell_command(study, cell) == [
         "accelerate", "launch", "--num_processes", "2", "--mixed_precision", "bf16", str(REPO / "recipes/cifar_adr.py"),
         "--preset", "adr/short-schedule", "--method", "adr", "--seed", "3", "--output-dir", str(tmp_path / "o/adr/seed3")]
+
+
+def test_a_cell_another_sweep_is_running_is_left_to_it(tmp_path, capsys):
+    import subprocess
+
+    path = tmp_path / "l.yaml"
+    path.write_text(yaml.safe_dump({"recipe": str(REPO / "recipes/cifar_adr.py"), "seeds": [0, 1],
+                                    "output_dir": str(tmp_path / "o"), "variants": {"adr": {}}}))
+    (tmp_path / "o" / "adr" / "seed0").mkdir(parents=True)
+    (tmp_path / "o" / "adr" / "seed1").mkdir(parents=True)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "o" / "adr" / "seed0" / "sweep.lock").write_text(f"{other.pid}\n")
+        (tmp_path / "o" / "adr" / "seed1" / "sweep.lock").write_text("999999999\n")  # a dead sweep's stale lock
+        assert cli_main(["sweep", str(path), "--dry-run"]) == 0
+        printed = capsys.readouterr().out.strip().splitlines()
+        assert len(printed) == 1 and "--seed 1" in printed[0]
+    finally:
+        other.kill()
+        other.wait()
