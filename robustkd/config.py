@@ -152,6 +152,18 @@ class RunArgs:
 
 
 @dataclass
+class SpeedArgs:
+    _argument_group_name = "speed (docs/performance.md)"
+    compile: bool = _f(False, "torch.compile the student (the model the attack and the update both use); the "
+                       "first steps compile (minutes on a CPU)")
+    channels_last: bool = _f(False, "channels-last (NHWC) memory format for the models and image batches (a GPU "
+                             "mode)")
+    tf32: bool = _f(False, "TF32 matmuls and convolutions on Ampere+ GPUs (no effect elsewhere)")
+    num_workers: int = _f(0, "data-loader worker processes")
+    pin_memory: bool = _f(False, "page-locked batches, copied to the GPU without blocking")
+
+
+@dataclass
 class ConfigArgs:
     _argument_group_name = "configuration"
     preset: Optional[str] = _f(None, "start from a reference configuration (robustkd presets lists them); flags "
@@ -160,7 +172,7 @@ class ConfigArgs:
     print_config: bool = _f(False, "print the resolved settings and exit without training")
 
 
-COMMON = (DataArgs, ModelArgs, ThreatArgs, OptimArgs, RunArgs, ConfigArgs)
+COMMON = (DataArgs, ModelArgs, ThreatArgs, OptimArgs, SpeedArgs, RunArgs, ConfigArgs)
 #: Fields that say how to configure, not what to run (never recorded as settings).
 CONTROL = ("preset", "config", "print_config")
 #: Settings of a method (taken from a preset only while the run keeps the preset's method).
