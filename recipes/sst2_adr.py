@@ -7,112 +7,69 @@ ADR with embedding-space PGD (per-token L2 ball of radius eps times each token e
 padding and special tokens fixed), AdamW lr 5e-5, batch 32, max_length 64. ``--method`` switches to
 standard fine-tuning, pgd_at, trades, adr_trades, or mtard (``--clean-teacher``/``--robust-teacher``).
 Reports clean accuracy and accuracy under embedding PGD-20 and token substitution on the
-validation split, and accuracy under a TextAttack recipe (DeepWordBug by default) on
-``--textattack-examples`` randomly sampled validation sentences, for the model and its EMA copy.
-``--attack-step-size`` is relative to each token's radius here.
+validation split, and accuracy under a TextAttack recipe (DeepWordBug by default) on the same
+validation sentences as the other attacks (at most ``--textattack-examples`` of them), for the model
+and its EMA copy. ``--attack-step-size`` is relative to each token's radius here. The TextAttack
+result is the report's ``textattack`` section (``ema/report.json`` for the EMA copy).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import random
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
 
-from robustkd.attacks.pgd import PGD
 from robustkd.attacks.text import textattack_evaluate
-from robustkd.checkpoint import load_model
-from robustkd.distill.methods import METHODS, Method
-from robustkd.recipe import build_task, common_parser, main_guard, run_recipe
-from robustkd.task import Task
-from robustkd.threat import eps_from_pixels
+from robustkd.config import Recipe, parse
+from robustkd.recipe import build_task, main_guard, run_recipe
 
 
-def parser() -> argparse.ArgumentParser:
-    p = common_parser(__doc__.split("\n\n")[0], dataset="sst2", model="sentence-transformers/all-MiniLM-L6-v2",
-                      method="adr", epochs=3, batch_size=32, lr=5e-5, weight_decay=0.01, eps="0.1",
-                      attack_step_size="0.25", attack_steps=5, eval_attacks="embedding_pgd10",
-                      final_attacks="embedding_pgd20,token_substitution", output_dir="runs/sst2_adr")
-    p.set_defaults(optimizer="adamw", norm="l2", lr_schedule="constant", eval_batch_size=64)
-    text = p.add_argument_group("text")
-    text.add_argument("--max-length", type=int, default=64, help="tokens per text; longer texts are truncated (counted)")
-    text.add_argument("--text-column", default=None, help="text column (default: sentence/text)")
-    text.add_argument("--label-column", default=None, help="label column (default: label)")
-    text.add_argument("--textattack-recipe", default="deepwordbug", help="TextAttack recipe for the final report "
-                      "('none' to skip)")
-    text.add_argument("--textattack-examples", type=int, default=200, help="validation sentences (random sample)")
-    text.add_argument("--textattack-query-budget", type=int, default=None)
-    text.add_argument("--textattack-on", default="both", choices=["both", "student"],
-                      help="attack the model and its EMA copy, or the model only")
-    text.add_argument("--clean-teacher", default=None, help="MTARD: clean teacher (recipe output dir or HF model dir)")
-    text.add_argument("--robust-teacher", default="ema", help="MTARD: robust teacher, or 'ema'")
-    return p
+@dataclass
+class TextArgs:
+    _argument_group_name = "text"
+    max_length: int = field(default=64, metadata={"help": "tokens per text; longer texts are truncated (counted)"})
+    text_column: Optional[str] = field(default=None, metadata={"help": "text column (default: sentence/text)"})
+    label_column: Optional[str] = field(default=None, metadata={"help": "label column (default: label)"})
+    textattack_recipe: str = field(default="deepwordbug", metadata={
+        "help": "TextAttack recipe for the final report ('none' to skip)"})
+    textattack_examples: int = field(default=200, metadata={"help": "at most this many of the evaluation sentences: the seeded sample every other attack of the report uses (--max-eval-samples), or its first N"})
+    textattack_query_budget: Optional[int] = field(default=None, metadata={"help": "TextAttack query budget"})
+    textattack_on: Literal["both", "student"] = field(default="both", metadata={
+        "help": "attack the model and its EMA copy, or the model only"})
 
 
-def build_text_method(args: argparse.Namespace, task: Task) -> Method:
-    """The method with an embedding-PGD training attack (step size relative to each token's radius)."""
-    trades_like = args.method in ("trades", "adr_trades")
-    attack = None
-    if args.method != "standard":
-        threat = task.threat_model(eps=eps_from_pixels(args.eps), norm=args.norm)
-        attack = PGD(task, threat, steps=args.attack_steps, rel_step_size=float(eps_from_pixels(args.attack_step_size)),
-                     loss="kl" if trades_like else "ce",
-                     random_start="normal" if (trades_like or args.method == "mtard") else "uniform")
-    kwargs: dict[str, Any] = {}
-    if trades_like:
-        kwargs["beta"] = args.beta
-    if args.method == "mtard":
-        from robustkd.teachers import load_teacher
-
-        if not args.clean_teacher:
-            raise ValueError("--method mtard needs --clean-teacher (e.g. a --method standard run's --output-dir)")
-        kwargs["clean_teacher"] = load_teacher(args.clean_teacher, task, name="clean")
-        kwargs["robust_teacher"] = "ema" if args.robust_teacher == "ema" else load_teacher(args.robust_teacher, task, name="robust")
-    return METHODS.get(args.method)(task, attack, **kwargs)
+RECIPE = Recipe(__doc__.split("\n\n")[0], defaults=dict(
+    dataset="sst2", model="sentence-transformers/all-MiniLM-L6-v2", method="adr", epochs=3, batch_size=32, lr=5e-5,
+    weight_decay=0.01, eps="0.1", attack_step_size="0.25", attack_steps=5, eval_attacks="embedding_pgd10",
+    final_attacks="embedding_pgd20,token_substitution", output_dir="runs/sst2_adr", optimizer="adamw", norm="l2",
+    lr_schedule="constant", eval_batch_size=64, robust_teacher="ema"), extra=(TextArgs,))
 
 
-def textattack_report(args: argparse.Namespace, task: Task) -> dict[str, Any]:
-    """TextAttack on a seeded random sample of the validation split, for the model and its EMA copy."""
+def textattack_section(s: dict[str, Any], task):
+    """The report's ``textattack`` section: a TextAttack recipe on the report's evaluation points
+    (``--max-eval-samples``, ``--seed``), capped at ``--textattack-examples`` (a prefix of that seeded
+    sample; validation rows are sorted by label, so never the first rows of the split)."""
     data = task.dataset("test")
-    idx = list(range(len(data)))
-    random.Random(args.seed).shuffle(idx)  # validation rows are sorted by label: sample, do not slice
-    idx = idx[:args.textattack_examples]
+    cap = min(s["max_eval_samples"] or len(data), s["textattack_examples"] or len(data))
+    idx = task.sample_indices("test", cap, s["seed"])
+    idx = list(range(len(data))) if idx is None else idx
     texts, labels = [data.texts[i] for i in idx], [data.labels[i] for i in idx]
-    out: dict[str, Any] = {}
-    for which in ("student", "ema"):
-        if which == "ema" and (args.textattack_on == "student" or not (Path(args.output_dir) / "ema.safetensors").exists()):
-            continue
-        model = load_model(args.output_dir, task, which=which)
-        out[which] = textattack_evaluate(task, model, texts, labels, args.textattack_recipe,
-                                         query_budget=args.textattack_query_budget)
-    return out
+
+    def sections(trainer, which, model, attacks) -> dict[str, Any]:
+        if s["textattack_recipe"].lower() == "none" or (which == "ema" and s["textattack_on"] == "student"):
+            return {}
+        result = textattack_evaluate(task, model, texts, labels, s["textattack_recipe"],
+                                     query_budget=s["textattack_query_budget"],
+                                     batch_size=s["eval_batch_size"])
+        return {"textattack": {"recipe": s["textattack_recipe"], "sample": "the evaluation points" if len(idx) == len(data) or len(idx) == s["max_eval_samples"] else "a seeded prefix of the evaluation points", **result}}
+    return sections
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parser().parse_args(argv)
-    task = build_task(args, max_length=args.max_length,
-                      **{k: v for k, v in (("text_column", args.text_column), ("label_column", args.label_column)) if v})
-    report = run_recipe(args, task=task, method=build_text_method(args, task))
-    if args.textattack_recipe.lower() != "none":
-        from accelerate import PartialState
-
-        state = PartialState()
-        if state.is_main_process:
-            ta = textattack_report(args, task)
-            spec = f"textattack:{args.textattack_recipe}"
-            report["textattack"] = ta
-            report.setdefault("robust_accuracy", {})[spec] = ta["student"]["accuracy_under_attack"]
-            if "ema" in ta and "ema" in report:
-                report["ema"].setdefault("robust_accuracy", {})[spec] = ta["ema"]["accuracy_under_attack"]
-            report["attacks"][spec] = {"attack": "textattack", "recipe": args.textattack_recipe,
-                                       "num_examples": ta["student"]["num_examples"], "sample": "seeded random"}
-            out = Path(args.output_dir)
-            (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-            (out / f"textattack_{args.textattack_recipe}.json").write_text(json.dumps(ta, indent=2))
-            summary = {w: {k: v for k, v in s.items() if k != "successful_examples"} for w, s in ta.items()}
-            print(json.dumps({spec: summary}, indent=1))
-        state.wait_for_everyone()
-    return report
+    cfg = parse(RECIPE, argv)
+    s = cfg.settings
+    task = build_task(s, max_length=s["max_length"],
+                      **{k: s[k] for k in ("text_column", "label_column") if s[k]})
+    # --attack-step-size is relative to each token's radius here
+    return run_recipe(cfg, task=task, relative_step=True, sections=textattack_section(s, task))
 
 
 if __name__ == "__main__":

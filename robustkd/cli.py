@@ -10,6 +10,7 @@ Known user errors (missing data or checkpoint, unknown attack, mismatched model)
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,7 +25,19 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Evaluate a recipe's output directory and write report.json, PNG plots and "
                                    "report.html. Exit status 3 when a sanity check fails.")
-    p.add_argument("--checkpoint", required=True, help="a recipe's --output-dir (robustkd.json + model weights)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a recipe's --output-dir (robustkd.json + model weights)")
+    source.add_argument("--model", help="a pretrained model the task loads: autoattack-example:resnet18, "
+                        "robustbench:NAME (robustbench:L2/NAME), ARCH:WEIGHTS.pt (e.g. preact_resnet18:w.pt), "
+                        "timm:NAME, a Hugging Face model directory; needs --task")
+    p.add_argument("--model-dir", default=None, help="where RobustBench models live (MODEL_DIR/<dataset>/<threat>/"
+                   "<name>.pt, RobustBench's layout); offline, a missing file is an error naming it")
+    p.add_argument("--no-normalize", action="store_true", help="ARCH:WEIGHTS.pt: the weights expect raw [0, 1] "
+                   "pixels (no standardisation layer in front)")
+    p.add_argument("--robustbench", action="store_true", help="RobustBench's leaderboard protocol: AutoAttack "
+                   "standard at the leaderboard budget (--threat-model) on the first --max-eval-samples test points "
+                   "(default: all 10,000); finished batches are kept under --output-dir, so a rerun resumes")
+    p.add_argument("--threat-model", default="Linf", choices=["Linf", "L2"], help="with --robustbench / robustbench:")
     p.add_argument("--task", default=None, help="task name; default: the one recorded in the checkpoint")
     p.add_argument("--data-dir", default=None, help="local data; default: the one recorded in the checkpoint")
     p.add_argument("--attacks", default=None, help="comma-separated attack specs, e.g. pgd20,autoattack or "
@@ -54,28 +67,84 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.suite import load_checkpoint, run_evaluation, split_attack_specs
     from .registry import TASKS
 
-    meta = read_meta(args.checkpoint)
+    meta = read_meta(args.checkpoint) if args.checkpoint else {}
     task_name = args.task or meta.get("task")
     if not task_name:
-        raise ValueError(f"{args.checkpoint} records no task: pass --task")
+        raise ValueError("--model needs --task (e.g. --task cifar10 --data-dir DIR)" if args.model else
+                         f"{args.checkpoint} records no task: pass --task")
     data_dir = args.data_dir if args.data_dir is not None else meta.get("data_dir")
-    if args.task is None or args.data_dir is None:
+    if args.checkpoint and (args.task is None or args.data_dir is None):
         print(f"using task {task_name!r} and data {data_dir!r} recorded in {args.checkpoint}", file=sys.stderr)
     task = TASKS.get(task_name)(data_dir=data_dir)
-    model, which = load_checkpoint(args.checkpoint, task, args.which)
-    device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
-    factors = ([float(f) for f in args.curve_factors.split(",")] if args.curve_factors else DEFAULT_FACTORS)
+    loader = None
     attacks = split_attack_specs(args.attacks) if args.attacks else None
+    if args.robustbench:
+        attacks, loader = robustbench_protocol(args, task)
+    if args.model:
+        model, which = load_pretrained_model(task, args.model, args.model_dir, args.threat_model,
+                                             normalize=False if args.no_normalize else None), None
+        model_meta = {"name": args.model, "which": None, "pretrained": args.model,
+                      **({"source": model.robustkd_source} if hasattr(model, "robustkd_source") else {})}
+    else:
+        model, which = load_checkpoint(args.checkpoint, task, args.which)
+        model_meta = {"name": meta.get("model", type(model).__name__), "checkpoint": str(Path(args.checkpoint)),
+                      "which": which, "method": meta.get("method"), "epochs": meta.get("epochs"),
+                      **({"preset": meta["preset"]} if meta.get("preset") else {})}
+    # under `accelerate launch` / torchrun this joins the process group: the points are split over processes
+    from accelerate import PartialState
+
+    state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
+    device = state.device
+    factors = ([float(f) for f in args.curve_factors.split(",")] if args.curve_factors else DEFAULT_FACTORS)
     ev = run_evaluation(
-        task, model, attacks, split=args.split, max_samples=args.max_eval_samples, batch_size=args.batch_size,
-        seed=args.seed, device=device, curve_factors=factors, curve_steps=args.curve_steps,
-        output_dir=args.output_dir, history=load_history(args.checkpoint), data_dir=data_dir,
-        model_meta={"name": meta.get("model", type(model).__name__), "checkpoint": str(Path(args.checkpoint)),
-                    "which": which, "method": meta.get("method"), "epochs": meta.get("epochs")},
-        progress=not args.no_progress)
-    print(summary_text(ev.report))
-    print(f"report: {ev.files['report']}\npage:   {ev.files['html']}")
+        task, model, attacks, loader=loader, split=args.split, max_samples=args.max_eval_samples,
+        batch_size=args.batch_size, seed=args.seed, device=device, curve_factors=factors, curve_steps=args.curve_steps,
+        output_dir=args.output_dir, history=load_history(args.checkpoint) if args.checkpoint else None,
+        data_dir=data_dir, model_meta=model_meta, progress=not args.no_progress)
+    if state.is_main_process:
+        print(summary_text(ev.report))
+        print(f"report: {ev.files['report']}\npage:   {ev.files['html']}")
     return 0 if ev.passed else EXIT_SANITY_FAILED
+
+
+def load_pretrained_model(task, spec: str, model_dir: str | None, threat_model: str, normalize: bool | None):
+    """``task.load_pretrained(spec)`` or a clear error when the task does not know the spec."""
+    options = {"model_dir": model_dir, "threat_model": threat_model}
+    if normalize is not None:
+        options["normalize"] = normalize
+    model = task.load_pretrained(spec, **options)
+    if model is None:
+        raise ValueError(f"the task {task.name!r} does not know the model {spec!r}: pass autoattack-example:resnet18, "
+                         "robustbench:NAME, ARCH:WEIGHTS.pt, timm:NAME or a Hugging Face model directory "
+                         "(or --checkpoint for a robustkd run)")
+    return model.eval()
+
+
+def robustbench_protocol(args: argparse.Namespace, task):
+    """RobustBench's leaderboard protocol for ``robustkd eval --robustbench``: AutoAttack standard at the
+    leaderboard budget on the *first* test points (not a random subset), in order."""
+    from torch.utils.data import DataLoader, Subset
+
+    from .robustbench import PROTOCOL
+
+    key = (task.name, args.threat_model)
+    if key not in PROTOCOL:
+        raise ValueError(f"RobustBench has no {args.threat_model} leaderboard for {task.name!r}; leaderboards: "
+                         f"{', '.join(f'{d}/{t}' for d, t in PROTOCOL)}")
+    if args.attacks:
+        raise ValueError("--robustbench fixes the attack (AutoAttack standard): drop --attacks")
+    proto = PROTOCOL[key]
+    data = task.dataset(args.split)
+    n = min(args.max_eval_samples or proto["n_ex"], len(data))
+    loader = DataLoader(Subset(data, range(n)), batch_size=args.batch_size, shuffle=False,
+                        collate_fn=task.collate_fn(args.split))
+    norm = {"Linf": "linf", "L2": "l2"}[args.threat_model]
+    resume = Path(args.output_dir) / "autoattack-resume"
+    print(f"RobustBench protocol: AutoAttack standard, {args.threat_model} eps={proto['eps']:.6g}, first {n} "
+          f"{args.split} points (finished batches kept in {resume})", file=sys.stderr)
+    from .attacks.autoattack import AutoAttack
+
+    return {"autoattack": AutoAttack(task, eps=proto["eps"], norm=norm, resume_dir=resume)}, loader
 
 
 def summary_text(report: dict) -> str:
@@ -227,9 +296,129 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 1 if (args.strict and listing["problems"]) else 0
 
 
+# -- presets -------------------------------------------------------------------------------------
+def add_presets_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("presets", help="list the reference configurations (presets) recipes can start from",
+                       description="Every reference configuration as a preset: each ADR config file and MTARD / "
+                                   "B-MTARD CIFAR script, with its source file and settings. Start a recipe from "
+                                   "one with --preset NAME; a flag given with it overrides one setting.")
+    p.add_argument("name", nargs="?", default=None, help="show this preset's every setting (or a prefix, e.g. "
+                   "adr/cifar100, to list those)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_presets)
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    import json
+
+    from .presets import get_preset, list_presets
+
+    if args.name and not args.name.endswith("/") and not list_presets(args.name + "/"):
+        preset = get_preset(args.name)
+        if args.json:
+            print(json.dumps(preset.to_dict(), indent=2))
+            return 0
+        print(f"{preset.name}: {preset.description}\nsource: {preset.source}")
+        width = max(len(k) for k in preset.settings)
+        for key, value in preset.settings.items():
+            print(f"  {key:<{width}}  {json.dumps(value)}" + (f"    # {line}" if key in preset.lines else ""))
+        for kw in ("tau", "lam", "eta", "beta", "kl_scale", "temp_lr", "t_min", "t_max", "decay"):
+            if kw in preset.lines:
+                print(f"  {'':<{width}}  method_kwargs.{kw}: line {preset.lines[kw]}")
+        if "attack" in preset.lines:
+            print(f"  attack: {preset.lines['attack']}")
+        for title, items in (("teachers", [f"{k}: {v}" for k, v in preset.teachers.items()]),
+                             ("notes", preset.notes), ("not reproduced by robustkd", preset.unsupported)):
+            if items:
+                print(f"{title}:")
+                for item in items:
+                    print(f"  - {item}")
+        return 0
+    presets = list_presets(args.name.rstrip("/") + "/" if args.name else "")
+    if args.json:
+        print(json.dumps([{"name": p.name, "source": p.source, "description": p.description,
+                           "settings": p.settings} for p in presets], indent=2))
+        return 0
+    width = max(len(p.name) for p in presets)
+    for p in presets:
+        print(f"{p.name:<{width}}  {p.source}")
+        print(f"{'':<{width}}  {p.key_settings()}" + ("  [differs: see robustkd presets NAME]" if p.unsupported else ""))
+    print(f"\n{len(presets)} presets; `robustkd presets NAME` shows every setting with its source line.")
+
+
+# -- export ------------------------------------------------------------------------------------
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write an evaluation in another project's format (robustbench: model_info JSON)",
+                       description="robustkd export robustbench EVAL_DIR writes RobustBench's "
+                                   "model_info/<dataset>/<threat>/<name>.json from a `robustkd eval --robustbench` report.")
+    p.add_argument("format", choices=["robustbench"])
+    p.add_argument("eval_dir", help="the --output-dir of `robustkd eval --robustbench` (or its report.json)")
+    p.add_argument("--name", default=None, help="the leaderboard entry's model name (file name); default: the eval "
+                   "directory's name")
+    p.add_argument("--paper", default="", help="the entry's title (RobustBench's 'name' field)")
+    p.add_argument("--link", default="")
+    p.add_argument("--authors", default="")
+    p.add_argument("--venue", default="")
+    p.add_argument("--architecture", default="", help="e.g. WideResNet-34-10; default: the model's name")
+    p.add_argument("--additional-data", action="store_true", help="trained with data beyond the training split")
+    p.add_argument("--output-dir", default=None, help="where model_info/ goes; default: EVAL_DIR")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from .eval.report import read_report
+    from .robustbench import model_info, write_model_info
+
+    report = read_report(args.eval_dir)
+    base = Path(args.eval_dir)
+    base = base.parent if base.is_file() else base
+    info, threat, notes = model_info(report, name=args.paper, link=args.link, authors=args.authors, venue=args.venue,
+                                     architecture=args.architecture, additional_data=args.additional_data)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    path = write_model_info(info, args.output_dir or base, args.name or base.name, threat)
+    print(json.dumps(info, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+# -- push ----------------------------------------------------------------------------------------
+def add_push_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help="put a run on the Hugging Face Hub: weights, robustkd.json, reports, model card",
+                       description="Write a Hub folder for a recipe's output directory (model.safetensors, "
+                                   "ema.safetensors, robustkd.json, report.json, README.md model card with the measured "
+                                   "accuracies in model-index metadata) and push it. Offline (HF_HUB_OFFLINE=1) it only "
+                                   "writes the folder and says how to push it later.")
+    p.add_argument("run", help="a recipe's --output-dir")
+    p.add_argument("--repo-id", required=True, help="the Hub repository, e.g. me/cifar10-adr")
+    p.add_argument("--eval", default=None, help="the --output-dir of `robustkd eval` for this run: its accuracies and "
+                   "ECE go into the model card")
+    p.add_argument("--folder", default=None, help="where the Hub folder is written; default: RUN/hub")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=cmd_push)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_run
+
+    folder, url = push_run(args.run, args.repo_id, eval_dir=args.eval, folder=args.folder,
+                           private=args.private or None)
+    files = ", ".join(sorted(p.name for p in folder.iterdir()))
+    if url is None:
+        print(f"offline (HF_HUB_OFFLINE=1): wrote a ready-to-push folder {folder} ({files}). Push it when online with:\n"
+              f"  robustkd push {args.run} --repo-id {args.repo_id}\n"
+              f"  (or: huggingface-cli upload {args.repo_id} {folder} .)")
+    else:
+        print(f"pushed {folder} ({files}) to {args.repo_id}: {url}")
+    return 0
+
+
 # -- the parser ----------------------------------------------------------------------------------
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_eval_parser, add_compare_parser,
-                                                                  add_list_parser, add_sweep_parser]
+                                                                  add_list_parser, add_presets_parser, add_export_parser,
+                                                                  add_push_parser, add_sweep_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,12 +433,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show robustkd's library messages (Accelerate's logger; main process only) on stderr, once per process.
+    For entry points (this CLI, the recipes); a library user configures ``logging`` as they like."""
+    root = logging.getLogger("robustkd")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``robustkd`` console script; returns the exit status."""
     from .registry import RegistryError
     from .task import DataNotFoundError
 
     args = build_parser().parse_args(argv)
+    configure_logging()
     try:
         return int(args.func(args) or 0)
     except (DataNotFoundError, FileNotFoundError, RegistryError, ValueError) as exc:

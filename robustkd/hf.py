@@ -1,10 +1,15 @@
 """Robust fine-tuning inside ``transformers.Trainer``.
 
 ``RobustTrainer`` is a ``Trainer`` whose training loss is a robustkd :class:`~robustkd.distill.Method`
-(ADR, PGD-AT, TRADES, MTARD, ...) run through a text task built around the model and tokenizer;
+(ADR, PGD-AT, TRADES, MTARD, ...) run through a task built around the model and its processor;
 everything else (evaluation, saving, ``resume_from_checkpoint``, ``accelerate launch``, logging)
 is the ``Trainer``'s own. The EMA teacher, when the method keeps one, is saved in every checkpoint
 folder and restored on resume.
+
+Any Hugging Face classification model works whose task is registered: the task is the registered one
+named by ``RobustConfig.task``, or else the one registered with ``hf_input=<the model's main_input_name>``
+(the built-in plug-ins register ``hf_text`` for ``input_ids``, ``hf_image`` for ``pixel_values`` and
+``hf_audio`` for ``input_values``). This module knows no modality itself.
 
 For a ``Trainer`` subclass of your own, add :class:`RobustCallback` to its callbacks and call
 ``callback.compute_loss(model, inputs)`` from your ``compute_loss``.
@@ -22,8 +27,9 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.trainer_utils import get_last_checkpoint
 
-from .attacks.base import Attack, create_attack
+from .attacks.base import Attack, build_attacks, create_attack, parse_attack_spec
 from .distill.methods import Method, Progress, create_method
+from .registry import TASKS, RegistryError
 from .task import Task
 from .teachers import EMATeacher, unwrap
 
@@ -35,16 +41,22 @@ STATE_FILE = "robustkd_state.pt"
 class RobustConfig:
     """What to train robustly with: a registered method and attack spec, and the threat model.
 
-    ``eps`` / ``norm`` set the per-token embedding ball (relative to each token embedding's norm);
-    ``attack_steps`` the training attack's steps; ``eval_attacks`` are run by ``evaluate()`` and
+    ``task`` names a registered task to build around the model (default: the one registered for the
+    model's ``main_input_name``), with ``task_options`` (e.g. ``{"snr_db": 30}`` for audio);
+    ``eps`` / ``norm`` set the task's threat model (for text: the per-token embedding ball, relative to
+    each token embedding's norm) and so the default budget of the training and evaluation attacks;
+    ``attack`` is an attack spec (default: the task's ``default_train_attack``); ``attack_steps`` the
+    training attack's steps unless the spec names them; ``eval_attacks`` are run by ``evaluate()`` and
     reported as ``eval_robust_accuracy/<spec>``; ``method_kwargs`` go to the method (e.g. MTARD's
     ``clean_teacher``/``robust_teacher``).
     """
 
     method: str = "adr"
-    attack: str = "embedding_pgd"
+    attack: str | None = None
     eps: float | None = None
     norm: str | None = None
+    task: str | None = None
+    task_options: dict[str, Any] = field(default_factory=dict)
     attack_steps: int = 10
     ema_decay: float | None = None  # default 0.995 when the method needs an EMA teacher
     max_length: int = 512
@@ -52,19 +64,43 @@ class RobustConfig:
     method_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+def task_for_model(model: nn.Module, processor: Any = None, config: RobustConfig | None = None) -> Task:
+    """The registered task around ``model``: ``config.task`` by name, else the one registered with
+    ``hf_input=`` the model's ``main_input_name``; ``eps``/``norm``/``max_length`` and ``task_options`` go to it."""
+    config = config or RobustConfig()
+    bare = unwrap(model)
+    if config.task is not None:
+        factory = TASKS.get(config.task)
+    else:
+        key = getattr(bare, "main_input_name", None)
+        matches = [e for e in TASKS.entries() if getattr(e.obj, "_robustkd_hf_input", None) == key]
+        if not matches:
+            raise RegistryError(f"no registered task takes models whose input is {key!r} "
+                                f"({type(bare).__name__}): name one with RobustConfig(task=...) or register a task "
+                                "with register_task(name, hf_input=...)")
+        if len(matches) > 1:
+            raise RegistryError(f"several tasks take {key!r} models ({', '.join(e.name for e in matches)}): name one "
+                                "with RobustConfig(task=...)")
+        factory = matches[0].obj
+    options = {k: v for k, v in (("eps", config.eps), ("norm", config.norm)) if v is not None}
+    if getattr(factory, "_robustkd_hf_input", None) == "input_ids":
+        options["max_length"] = config.max_length
+    return factory(bare, processor, **{**options, **config.task_options})
+
+
 def _build_attack(config: RobustConfig, task: Task) -> Attack | None:
-    if config.method == "standard":
+    """The method's training attack: ``config.attack`` with the method's own objective and start
+    (robustkd/presets/methods.yaml, the one table of them); None for a method without one."""
+    from .presets import method_defaults
+
+    own = method_defaults(config.method).get("attack")
+    if own is None:
         return None
-    trades_like = config.method in ("trades", "adr_trades")
-    overrides: dict[str, Any] = {}
-    name = config.attack.split(":")[0]
-    if name in ("embedding_pgd", "pgd"):
-        overrides = {"eps": config.eps, "norm": config.norm, "steps": config.attack_steps}
-        if trades_like:
-            overrides.update(loss="kl", random_start="normal")
-        elif config.method == "mtard":
-            overrides.update(random_start="normal")
-    return create_attack(config.attack, task, **overrides)
+    spec = config.attack or task.default_train_attack
+    defaults: dict[str, Any] = {"steps": config.attack_steps}
+    if parse_attack_spec(spec)[0] in ("embedding_pgd", "pgd"):
+        defaults.update({k: own[k] for k in ("loss", "random_start", "init_std") if k in own})
+    return create_attack(spec, task, **defaults)
 
 
 class RobustCallback(TrainerCallback):
@@ -72,15 +108,18 @@ class RobustCallback(TrainerCallback):
     teacher up to date after each optimizer step, saves it into each checkpoint and restores it on
     resume. ``compute_loss`` gives the method's loss for a batch."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, config: RobustConfig | None = None, task: Task | None = None):
-        from tasks.text import TextClassification
+    def __init__(self, model: nn.Module, processor: Any = None, config: RobustConfig | None = None,
+                 task: Task | None = None):
+        from .presets import method_defaults
 
         self.config = config or RobustConfig()
-        self.task = task or TextClassification.for_model(model, tokenizer, max_length=self.config.max_length,
-                                                         **({"eps": self.config.eps} if self.config.eps is not None else {}),
-                                                         **({"norm": self.config.norm} if self.config.norm else {}))
+        self.task = task or task_for_model(model, processor, self.config)
+        own = method_defaults(self.config.method)
         self.method: Method = create_method(self.config.method, self.task, _build_attack(self.config, self.task),
-                                            **self.config.method_kwargs)
+                                            **{**own["method_kwargs"], **self.config.method_kwargs})
+        mode = (own.get("attack") or {}).get("mode")
+        if mode is not None:
+            self.method.attack_mode = mode  # the method's own (robustkd/presets/methods.yaml)
         decay = self.config.ema_decay if self.config.ema_decay is not None else (0.995 if self.method.needs_ema else None)
         self.ema_decay = decay
         self.ema: EMATeacher | None = None
@@ -177,13 +216,7 @@ class RobustCallback(TrainerCallback):
             return (loss, SequenceClassifierOutput(loss=loss, logits=logits)) if return_outputs else loss
         self.setup(model)
         progress = self.progress()
-        victim = unwrap(model)
-        if self.method.attack_mode == "eval":
-            victim.eval()
-        try:
-            prepared = self.method.prepare(victim, inputs, progress)
-        finally:
-            victim.train()
+        prepared = self.method.prepare(unwrap(model), inputs, progress)  # the attack sets the victim's mode
         loss, logs = self.method.loss(model, inputs, prepared, progress)
         self.last_logs = {k: float(v) for k, v in logs.items()}
         if return_outputs:
@@ -197,17 +230,15 @@ class RobustCallback(TrainerCallback):
 class RobustTrainer(Trainer):
     """``transformers.Trainer`` with a robust training loss (``robust=RobustConfig(...)``).
 
-    Needs ``processing_class`` (the tokenizer). ``evaluate()`` adds the EMA model's clean accuracy
+    Text models need ``processing_class`` (the tokenizer); image and audio models take their image processor
+    or feature extractor there (the image task undoes its normalisation to attack raw pixels). ``evaluate()`` adds the EMA model's clean accuracy
     and ``eval_robust_accuracy/<spec>`` for ``RobustConfig.eval_attacks``; ``save_model`` also writes
     the EMA model (``<output_dir>/ema``, loadable with ``from_pretrained``).
     """
 
     def __init__(self, *args: Any, robust: RobustConfig | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        tokenizer = self.processing_class
-        if tokenizer is None:
-            raise ValueError("RobustTrainer needs processing_class=<the model's tokenizer> (the attacks need it)")
-        self.robust = RobustCallback(self.model, tokenizer, robust)
+        self.robust = RobustCallback(self.model, self.processing_class, robust)
         self.add_callback(self.robust)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
@@ -241,7 +272,7 @@ class RobustTrainer(Trainer):
         if not cfg.eval_attacks and self.robust.ema is None:
             return {}
         loader = self.get_eval_dataloader(eval_dataset)
-        attacks = {spec: create_attack(spec, task) for spec in cfg.eval_attacks}
+        attacks = build_attacks(cfg.eval_attacks, task)
         out: dict[str, float] = {}
         student = robust_evaluate(task, unwrap(self.model), loader, attacks, accelerator=self.accelerator)
         out[f"{prefix}_clean_accuracy"] = student["clean_accuracy"]
@@ -256,6 +287,14 @@ class RobustTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
-        if not _internal_call and self.robust.ema is not None and self.args.should_save:
-            target = os.path.join(output_dir or self.args.output_dir, "ema")
-            self.robust.ema.model.save_pretrained(target, safe_serialization=True)
+        if not _internal_call:
+            self._save_ema(output_dir or self.args.output_dir)
+
+    def _save_ema(self, output_dir: str) -> None:
+        if self.robust.ema is not None and self.args.should_save:
+            self.robust.ema.model.save_pretrained(os.path.join(output_dir, "ema"), safe_serialization=True)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.push_to_hub`` (it uploads ``output_dir``) with the EMA model in ``output_dir/ema`` too."""
+        self._save_ema(self.args.output_dir)
+        return super().push_to_hub(*args, **kwargs)

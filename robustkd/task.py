@@ -62,6 +62,11 @@ class Task(ABC):
         """How examples of ``split`` become a batch (augmentation may live here)."""
         return torch.utils.data.default_collate
 
+    def augment_batch(self, batch: Batch) -> Batch:
+        """Training augmentation of a whole batch, run by the trainer where the batch is (on the
+        training device), in batched tensor operations; the default augments nothing."""
+        return batch
+
     def validate_batch(self, batch: Batch) -> None:
         """Raise a clear error if a batch breaks the task's contract (shape, range, labels)."""
         labels = self.labels(batch)
@@ -76,16 +81,29 @@ class Task(ABC):
 
     def dataloader(self, split: str, batch_size: int, *, shuffle: bool | None = None,
                    max_samples: int | None = None, seed: int = 0, num_workers: int = 0,
-                   drop_last: bool = False) -> DataLoader:
-        """A loader over the split; ``max_samples`` takes a seeded random subset (class mix kept)."""
+                   drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+        """A loader over the split; ``max_samples`` takes a seeded random subset (class mix kept).
+        ``num_workers`` worker processes (kept alive across epochs) collate batches; ``pin_memory``
+        puts them in page-locked memory for asynchronous copies to a GPU."""
         data = self.dataset(split)
-        if max_samples is not None and max_samples < len(data):
-            g = torch.Generator().manual_seed(seed)
-            data = Subset(data, torch.randperm(len(data), generator=g)[:max_samples].tolist())
+        indices = self.sample_indices(split, max_samples, seed)
+        if indices is not None:
+            data = Subset(data, indices)
         shuffle = (split == "train") if shuffle is None else shuffle
         g = torch.Generator().manual_seed(seed)
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate_fn(split),
-                          num_workers=num_workers, drop_last=drop_last, generator=g)
+                          num_workers=num_workers, drop_last=drop_last, generator=g,
+                          pin_memory=pin_memory and torch.cuda.is_available(), persistent_workers=num_workers > 0)
+
+    def sample_indices(self, split: str, max_samples: int | None, seed: int = 0) -> list[int] | None:
+        """The examples ``dataloader(split, max_samples=..., seed=...)`` draws (``None``: all of them, in
+        order), so that attacks run outside a loader (TextAttack) can use the very same points.
+        A smaller ``max_samples`` with the same seed gives a prefix of a larger one's sample."""
+        n = len(self.dataset(split))
+        if max_samples is None or max_samples >= n:
+            return None
+        g = torch.Generator().manual_seed(seed)
+        return torch.randperm(n, generator=g)[:max_samples].tolist()
 
     # -- models -------------------------------------------------------------------------
     @abstractmethod
@@ -95,6 +113,13 @@ class Task(ABC):
 
     def model_names(self) -> list[str]:
         return []
+
+    def load_pretrained(self, spec: str, **options: Any) -> nn.Module | None:
+        """A pretrained model for this task from ``spec`` (a hub name, ``timm:<name>``, a directory, ... --
+        whatever the task knows how to load), or ``None`` when the spec is not one it loads. Teachers
+        (:func:`robustkd.teachers.load_teacher`) come through this hook; a robustkd output directory is
+        loaded by the core before the hook is asked."""
+        return None
 
     def check_model(self, model: nn.Module, batch: Batch) -> None:
         """Raise a clear error if ``model`` does not fit this task (e.g. class count)."""

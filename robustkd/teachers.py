@@ -6,12 +6,13 @@ same classes serve images, text and speech.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from .distributed import reduce_
 from .task import Batch, Task
 
 
@@ -84,7 +85,7 @@ class EMATeacher(Teacher):
                 b_ema.copy_(b)
             if b_ema.is_floating_point():
                 floats.append(b_ema)
-        average_across_processes(floats)
+        reduce_(floats)  # every rank keeps the same teacher
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -104,85 +105,23 @@ class FrozenTeacher(Teacher):
         self.name = name
 
 
-def average_across_processes(tensors: list[Tensor]) -> None:
-    """In place: every process ends with the mean of its tensors (no-op in a single process)."""
-    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
-        offset += n
-
-
 # -- loading frozen teachers ------------------------------------------------------------------
-class HFImageClassifier(nn.Module):
-    """A transformers image classifier behind robustkd's image contract: pixels in [0, 1] in,
-    logits out; the checkpoint's own normalisation (its preprocessor config) lives inside, so
-    attacks act on raw pixels like for every other robustkd model."""
-
-    def __init__(self, model: nn.Module, mean: list[float] | None = None, std: list[float] | None = None):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", None if std is None else torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.mean is not None:
-            x = (x - self.mean) / self.std
-        return self.model(pixel_values=x).logits
-
-
 def _probe_batch(task: Task) -> Batch:
     data = task.dataset("test")
     return task.collate_fn("test")([data[i] for i in range(min(2, len(data)))])
 
 
-def _load_hf_dir(path: "Path", task: Task) -> nn.Module:
-    """A Hugging Face model directory (``config.json`` + weights) as a model for ``task``."""
-    import json
-
-    config = json.loads((path / "config.json").read_text())
-    labels = config.get("id2label") or {}
-    n = len(labels) if labels else config.get("num_labels")
-    if n is not None and int(n) != task.num_classes:
-        raise ValueError(f"the teacher {str(path)!r} has {n} classes but the task {task.name!r} has "
-                         f"{task.num_classes}: a teacher must be trained on the student's classes (fine-tune it on "
-                         "this task first)")
-    if task.modality == "image":
-        from transformers import AutoModelForImageClassification
-
-        model = AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
-        size = getattr(model.config, "image_size", None)
-        task_size = getattr(task, "image_size", None)
-        if isinstance(size, int) and task_size is not None and size != task_size:
-            raise ValueError(f"the teacher {str(path)!r} takes {size}x{size} images but the task {task.name!r} has "
-                             f"{task_size}x{task_size}: use a teacher built for this input size")
-        mean = std = None
-        pre = path / "preprocessor_config.json"
-        if pre.exists():
-            proc = json.loads(pre.read_text())
-            if proc.get("do_normalize", True) and "image_mean" in proc:
-                mean, std = proc["image_mean"], proc["image_std"]
-        return HFImageClassifier(model, mean, std)
-    return task.build_model(str(path))  # text/speech tasks load Hugging Face directories themselves
-
-
-def load_teacher(spec: "str | Path", task: Task, *, which: str = "auto", probe: Batch | None = None,
-                 name: str | None = None) -> FrozenTeacher:
+def load_teacher(spec: str | Path, task: Task, *, which: str = "auto", probe: Batch | None = None,
+                 name: str | None = None, **options: Any) -> FrozenTeacher:
     """A frozen teacher for ``task`` from a spec, checked before any training starts.
 
-    ``spec`` is a robustkd recipe output directory or one of its weight files (the EMA model
-    when the run kept one, with ``which="auto"``), ``timm:<name>`` (pretrained timm weights,
-    from the local cache when offline), or a Hugging Face model directory (``config.json``).
-    The teacher is run once on ``probe`` (default: two test examples of the task) so a teacher
-    with another class count or input shape fails here with a clear message, not mid-run.
+    ``spec`` is a robustkd recipe output directory or one of its weight files (the EMA model when the
+    run kept one, with ``which="auto"``), or anything the task's :meth:`~robustkd.task.Task.load_pretrained`
+    hook loads (``options`` go to it): for the built-in tasks, ``timm:<name>`` and Hugging Face
+    directories for images, Hugging Face directories for text. The teacher is run once on ``probe``
+    (default: two test examples of the task) so a teacher with another class count or input shape fails
+    here with a clear message, not mid-run.
     """
-    from pathlib import Path
-
     from .checkpoint import META_FILE, load_model
 
     spec = str(spec)
@@ -190,38 +129,25 @@ def load_teacher(spec: "str | Path", task: Task, *, which: str = "auto", probe: 
     if spec == "ema":
         raise ValueError("'ema' is not a file teacher: pass robust_teacher='ema' to MTARD (the student's EMA "
                          "self-teacher) instead of loading it")
-    if spec.startswith("timm:"):
-        try:
-            model = task.build_model(spec, pretrained=True)
-        except Exception as exc:  # noqa: BLE001 - unknown name, offline without cache, wrong head: one fix
-            raise ValueError(f"could not load the pretrained timm teacher {spec!r} ({type(exc).__name__}: "
-                             f"{str(exc)[:300]}). Offline, timm needs the weights in the local Hugging Face cache; "
-                             "otherwise pass a recipe output directory.") from exc
-        cfg = getattr(unwrap(model)[-1] if isinstance(model, nn.Sequential) else model, "pretrained_cfg", {}) or {}
-        if cfg.get("num_classes") not in (None, task.num_classes):
-            raise ValueError(f"the timm teacher {spec!r} was pretrained with {cfg['num_classes']} classes but the task "
-                             f"{task.name!r} has {task.num_classes}: its classifier head would be random. Fine-tune "
-                             "it on this task first (e.g. recipes/cifar_adr.py --method standard --model "
-                             f"{spec}) and pass that run's output directory.")
-    else:
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"teacher {spec!r} does not exist: pass a recipe --output-dir, a Hugging Face "
-                                    "model directory, timm:<name>, or (robust teacher only) 'ema'")
-        base = path if path.is_dir() else path.parent
-        try:
-            if (base / META_FILE).exists():
-                model = load_model(path, task, which)  # type: ignore[arg-type]
-            elif path.is_dir() and (path / "config.json").exists():
-                model = _load_hf_dir(path, task)
-            else:
+    path = Path(spec).expanduser()
+    if not path.exists() and ":" not in spec:
+        raise FileNotFoundError(f"teacher {spec!r} does not exist: pass a recipe --output-dir, a model the task "
+                                f"{task.name!r} loads (e.g. a Hugging Face directory, timm:<name>), or (robust teacher "
+                                "only) 'ema'")
+    base = path if path.is_dir() else path.parent
+    try:
+        if path.exists() and (base / META_FILE).exists():
+            model = load_model(path, task, which)  # type: ignore[arg-type]
+        else:
+            model = task.load_pretrained(spec, **options)
+            if model is None:
                 raise FileNotFoundError(f"teacher {spec!r} is neither a robustkd output directory ({META_FILE} "
-                                        "missing) nor a Hugging Face model directory (config.json missing)")
-        except (FileNotFoundError, ValueError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - corrupt or foreign weights: say which file, not a stack trace
-            raise ValueError(f"the teacher checkpoint {spec!r} does not load ({type(exc).__name__}: {str(exc)[:300]}): "
-                             "is the file complete and made by robustkd or transformers?") from exc
+                                        f"missing) nor a model the task {task.name!r} loads")
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - corrupt or foreign weights: say which file, not a stack trace
+        raise ValueError(f"the teacher checkpoint {spec!r} does not load ({type(exc).__name__}: {str(exc)[:300]}): "
+                         "is the file complete and made by robustkd or transformers?") from exc
     model.eval()
     model.requires_grad_(False)
     batch = _probe_batch(task) if probe is None else probe

@@ -60,15 +60,21 @@ class ThreatModel:
     # -- the three operations PGD needs -------------------------------------------------
     def init(self, x: Tensor, mode: str = "uniform", mask: Tensor | None = None,
              std: float = 0.001) -> Tensor:
-        """A starting perturbation: ``uniform`` in the ball, ``normal`` (std * N(0, 1)) or ``zero``."""
+        """A starting perturbation: ``uniform`` in the ball, ``normal`` (``std * N(0, 1)``, TRADES'
+        original code and MTARD's), ``trades`` (``std * U[0, 1)``, the TRADES attack of ADR's
+        reference, src/util/trades_attack.py:20) or ``zero``.
+
+        The two small starts are not clamped to the input domain, as in their reference code (the
+        first step's projection does it); they are kept inside the ball and the mask."""
         if mode == "zero" or self.eps == 0:
             delta = torch.zeros_like(x)
-        elif mode == "normal":
-            delta = std * torch.randn_like(x)
+        elif mode in ("normal", "trades"):
+            delta = std * (torch.randn_like(x) if mode == "normal" else torch.rand_like(x))
+            return self.project(x, delta, mask, clamp_domain=False)
         elif mode == "uniform":
             r = self.radius(x)
-            if self.norm == "linf":
-                delta = (torch.rand_like(x) * 2 - 1) * r
+            if self.norm == "linf":  # a float radius draws as ADR's reference PGD does (src/util/pgd_attack.py:21)
+                delta = torch.empty_like(x).uniform_(-r, r) if isinstance(r, float) else (torch.rand_like(x) * 2 - 1) * r
             else:  # uniform direction, radius scaled by u^(1/d) for a uniform draw in the ball
                 direction = torch.randn_like(x)
                 direction = direction / self._norm(direction, "l2").clamp_min(1e-12)
@@ -77,7 +83,7 @@ class ThreatModel:
                 u = torch.rand(shape, device=x.device, dtype=x.dtype) ** (1.0 / d)
                 delta = direction * u * r
         else:
-            raise ValueError(f"unknown random start {mode!r}: use 'uniform', 'normal' or 'zero'")
+            raise ValueError(f"unknown random start {mode!r}: use 'uniform', 'normal', 'trades' or 'zero'")
         return self.project(x, delta, mask)
 
     def step(self, delta: Tensor, grad: Tensor, step_size: float | Tensor) -> Tensor:
@@ -86,15 +92,15 @@ class ThreatModel:
             return delta + step_size * grad.sign()
         return delta + step_size * grad / self._norm(grad, "l2").clamp_min(1e-12)
 
-    def project(self, x: Tensor, delta: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Back into the ball, then into the input domain; masked positions are zeroed."""
+    def project(self, x: Tensor, delta: Tensor, mask: Tensor | None = None, *, clamp_domain: bool = True) -> Tensor:
+        """Back into the ball, then (``clamp_domain``) into the input domain; masked positions are zeroed."""
         r = self.radius(x)
         if self.norm == "linf":
             delta = torch.clamp(delta, -r, r) if isinstance(r, float) else torch.maximum(torch.minimum(delta, r), -r)
         else:
             n = self._norm(delta, "l2")
             delta = delta * torch.clamp(r / n.clamp_min(1e-12), max=1.0)
-        if self.domain is not None:
+        if self.domain is not None and clamp_domain:
             delta = torch.clamp(x + delta, *self.domain) - x
         if mask is not None:
             delta = delta * mask.unsqueeze(-1).to(delta.dtype) if mask.dim() < delta.dim() else delta * mask
@@ -111,12 +117,42 @@ class ThreatModel:
         clone.eps = float(eps)
         return clone
 
+    # -- budget axis (accuracy-vs-budget curves) ------------------------------------------
+    def axis(self) -> tuple[str, float]:
+        """The budget axis' label and the multiplier from ``eps`` to the plotted value (255 for L-inf
+        pixels in [0, 1])."""
+        if self.relative:
+            return f"relative perturbation size ({self.norm}, x ||input||{' per token' if self.per_token else ''})", 1.0
+        if self.norm == "linf" and self.domain == (0.0, 1.0):
+            return "eps (L-inf, x 1/255)", 255.0
+        return f"eps ({self.norm})", 1.0
+
+    def axis_value(self) -> float | None:
+        """This budget's value on :meth:`axis` (``None``: the axis has no point for it)."""
+        return self.eps * self.axis()[1]
+
+    def scaled(self, factor: float) -> "ThreatModel":
+        """The same threat model at ``factor`` times its budget (factor 0: no perturbation)."""
+        return self.with_eps(self.eps * factor)
+
+    def whole_domain(self) -> "ThreatModel | None":
+        """A budget that reaches (almost) any input of the domain, or ``None`` without a bounded domain."""
+        if self.domain is None:
+            return None
+        if self.relative:
+            return self.with_eps(100.0)
+        width = self.domain[1] - self.domain[0]
+        return self.with_eps(width if self.norm == "linf" else 1e4 * width)
+
     def describe(self) -> dict:
         return {"type": type(self).__name__, "norm": self.norm, "eps": self.eps, "domain": self.domain,
                 "per_token": self.per_token, "relative": self.relative}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.describe().items() if k != 'type')})"
+
+
+WHOLE_DOMAIN_SNR_DB = -40.0  # noise 100x louder than the signal
 
 
 class SNRBall(ThreatModel):
@@ -130,15 +166,35 @@ class SNRBall(ThreatModel):
     def with_snr(self, snr_db: float) -> "SNRBall":
         return SNRBall(snr_db, self.domain)
 
+    def axis(self) -> tuple[str, float]:
+        return "SNR (dB), lower is stronger", 1.0
+
+    def axis_value(self) -> float | None:
+        return None if self.eps == 0 else self.snr_db
+
+    def scaled(self, factor: float) -> ThreatModel:
+        """``factor`` times the noise amplitude: the SNR lowered by ``20 log10(factor)`` dB (0: no noise)."""
+        if factor == 0:
+            return self.with_eps(0.0)
+        return self.with_snr(self.snr_db - 20 * math.log10(factor))
+
+    def whole_domain(self) -> ThreatModel | None:
+        """Noise 100x louder than the signal (-40 dB), clamped to the domain; ``None`` without a domain."""
+        return None if self.domain is None else self.with_snr(WHOLE_DOMAIN_SNR_DB)
+
     def describe(self) -> dict:
         return {**super().describe(), "snr_db": self.snr_db}
 
 
 def snr_db(x: Tensor, delta: Tensor) -> Tensor:
-    """The achieved signal-to-noise ratio of ``x + delta`` in dB, one value per example."""
-    signal = x.flatten(1).pow(2).sum(1)
-    noise = delta.flatten(1).pow(2).sum(1).clamp_min(1e-20)
-    return 10 * torch.log10(signal.clamp_min(1e-20) / noise)
+    """The achieved signal-to-noise ratio of ``x + delta`` in dB, one value per example (float32, computed
+    in float64). A perturbation that is exactly zero gives ``+inf`` (the clean signal, unchanged) -- never a
+    clamp-dependent large number; a zero signal with a non-zero perturbation gives ``-inf``."""
+    signal = x.detach().flatten(1).double().pow(2).sum(1)
+    noise = delta.detach().flatten(1).double().pow(2).sum(1)
+    with torch.no_grad():
+        out = 10 * torch.log10(signal / noise)
+    return torch.where(noise == 0, torch.full_like(out, math.inf), out).float()
 
 
 def eps_from_pixels(value: str | float) -> float:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.logging import get_logger
 from torch import nn
 
 from .attacks.base import Attack, create_attack
@@ -25,9 +26,11 @@ from .checkpoint import atomic_write_text, save_model_dir
 from .distill.methods import Method, Progress
 from .eval.robustness import evaluate
 from .task import Task
-from .teachers import EMATeacher, average_across_processes, unwrap
+from .distributed import reduce_
+from .teachers import EMATeacher, unwrap
 
 CHECKPOINT_DIR = "checkpoints"
+logger = get_logger(__name__)  # Accelerate's multi-process logger: main process only by default
 
 
 @dataclass
@@ -44,13 +47,20 @@ class TrainConfig:
     lr_schedule: str = "multistep"  # multistep | cosine | constant
     milestones: list[int] | None = None  # epochs; default: 50 % and 75 % of the run (ADR's 100/150 of 200)
     lr_gamma: float = 0.1
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str | None = None  # no | fp16 | bf16; None: Accelerate's setting (accelerate launch --mixed_precision, accelerate config)
     grad_accum: int = 1
     max_grad_norm: float | None = None
     ema_decay: float | None = None  # keep an EMA (WA) model; methods that need one default to 0.995
     ema_warmup: bool = False  # timm's decay ramp min(decay, (1+t)/(10+t)); not in ADR's reference
     awp_gamma: float | None = None  # enable AWP with this gamma (5e-3 in the papers)
     awp_warmup: int = 0
+    # -- fidelity (docs/fidelity.md): optimizer, schedule and AWP settings of the reference code --
+    nesterov: bool = False  # Nesterov momentum (ADR's SGD configs: True; its AWP configs: False)
+    lr_warmup_epochs: float = 0  # linear warm-up over this many epochs (fractions allowed: ADR uses 2.5), then the schedule
+    lr_warmup_init: float = 0.0  # the LR the warm-up starts from (ADR's PreAct configs: 1e-6)
+    lr_min: float = 0.0  # the cosine schedule's final LR
+    drop_last: bool = False  # drop the last partial training batch (ADR's reference does)
+    awp_style: str = "adr"  # adr: every parameter, BN statistics from the unperturbed pass | wu2020: see awp.py
     eval_every: int = 1
     eval_attacks: list[str] = field(default_factory=lambda: ["pgd20"])
     max_train_samples: int | None = None
@@ -62,6 +72,12 @@ class TrainConfig:
     log_with: str | None = None  # any Accelerate tracker: tensorboard, wandb, ...
     progress: bool = True
     keep_checkpoints: int = 1
+    # -- speed modes (docs/performance.md); all off by default, none changes what is computed --
+    compile: bool = False  # torch.compile the student (the attack and the update both use it)
+    channels_last: bool = False  # NHWC memory format for the models and 4-D input tensors
+    tf32: bool = False  # TF32 matmuls and convolutions on Ampere+ GPUs (no effect on CPU)
+    num_workers: int = 0  # data-loader worker processes
+    pin_memory: bool = False  # page-locked host batches, copied to the GPU without blocking
 
     def resolved_milestones(self) -> list[int]:
         """LR decay epochs; the default (50 % and 75 % of the run) skips epoch 0 so short runs keep their LR."""
@@ -90,19 +106,6 @@ class _TrainState:
         self.history = json.loads(state["history"])
 
 
-class _Stateful:
-    """Adapts an object with state_dict/load_state_dict for Accelerate's checkpointing."""
-
-    def __init__(self, obj: Any):
-        self.obj = obj
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.obj.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.obj.load_state_dict(state)
-
-
 # Fields that must match to resume a checkpoint (others, e.g. eval settings or epochs, may change).
 _RESUME_KEYS = ("task", "model", "num_classes", "method", "batch_size", "optimizer", "grad_accum", "awp_gamma",
                 "ema_decay", "ema_warmup", "max_train_samples", "seed")
@@ -124,33 +127,44 @@ class Trainer:
         self.accelerator = Accelerator(
             cpu=config.cpu or not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum, log_with=config.log_with,
-            project_dir=config.output_dir, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+            project_dir=config.output_dir,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=config.pin_memory))
         set_seed(config.seed)
         self.output_dir = Path(config.output_dir)
         acc = self.accelerator
+        _set_tf32(config.tf32, acc.device)
+        loader_options = {"num_workers": config.num_workers, "pin_memory": config.pin_memory}
         self.train_loader = task.dataloader("train", config.batch_size, max_samples=config.max_train_samples,
-                                            seed=config.seed, drop_last=False)
+                                            seed=config.seed, drop_last=config.drop_last, **loader_options)
         self.eval_loader = task.dataloader("test", config.eval_batch_size, max_samples=config.max_eval_samples,
-                                           seed=config.seed, shuffle=False)
+                                           seed=config.seed, shuffle=False, **loader_options)
         if len(self.train_loader) == 0:
             raise ValueError("the training split is empty: check --data-dir and --max-train-samples")
         self._validate(model)
+        if config.channels_last:  # before the optimizer and the EMA copy: both see the same tensors
+            model = model.to(memory_format=torch.channels_last)
         self.optimizer = self._make_optimizer(model)
         decay = config.ema_decay if config.ema_decay is not None else (0.995 if method.needs_ema else None)
         self.ema = EMATeacher(model, decay, warmup=config.ema_warmup) if decay is not None else None
-        self.awp = AWP(config.awp_gamma, config.awp_warmup) if config.awp_gamma is not None else None
+        self.awp = AWP(config.awp_gamma, config.awp_warmup, style=config.awp_style) \
+            if config.awp_gamma is not None else None
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(
             model, self.optimizer, self.train_loader, self.eval_loader)
+        if config.compile:  # in place (nn.Module.compile): same module, same state-dict names for EMA and saving
+            unwrap(self.model).compile()
         if self.ema is not None:
             self.ema.to(acc.device)
         self.method.setup(self.model, self.ema)
         for teacher in getattr(self.method, "teachers", []):
             teacher.to(acc.device)
+            if config.channels_last:
+                teacher.model.to(memory_format=torch.channels_last)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / config.grad_accum)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = self._make_scheduler()
         self.state = _TrainState()
-        for obj in (self.scheduler, self.state, _Stateful(self.method)) + ((self.ema,) if self.ema else ()):
+        # Accelerate needs only state_dict/load_state_dict, which the method, EMA and counters all have
+        for obj in (self.scheduler, self.state, self.method) + ((self.ema,) if self.ema else ()):
             acc.register_for_checkpointing(obj)
         self.eval_attacks = {spec: create_attack(spec, task) for spec in config.eval_attacks}
 
@@ -166,22 +180,28 @@ class Trainer:
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         c = self.config
         if c.optimizer == "sgd":
-            return torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+            return torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                                   nesterov=c.nesterov)
+        if c.nesterov:
+            raise ValueError(f"nesterov applies to the SGD optimizer only, not {c.optimizer!r}: drop --nesterov")
         if c.optimizer == "adamw":
             return torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         raise ValueError(f"unknown optimizer {c.optimizer!r}: use 'sgd' or 'adamw'")
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
-        """Per-iteration schedulers (stepped once per optimizer step)."""
-        c, opt = self.config, self.optimizer
-        if c.lr_schedule == "multistep":
-            steps = [m * self.steps_per_epoch for m in c.resolved_milestones()]
-            return torch.optim.lr_scheduler.MultiStepLR(opt, steps, gamma=c.lr_gamma)
-        if c.lr_schedule == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.total_steps, 1))
-        if c.lr_schedule == "constant":
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-        raise ValueError(f"unknown LR schedule {c.lr_schedule!r}: use multistep, cosine or constant")
+        """Per-iteration schedulers (stepped once per optimizer step); see :func:`lr_factor`."""
+        c = self.config
+        if c.lr_schedule not in ("multistep", "cosine", "constant"):
+            raise ValueError(f"unknown LR schedule {c.lr_schedule!r}: use multistep, cosine or constant")
+        if c.lr_warmup_epochs < 0 or c.lr_warmup_init < 0 or c.lr_min < 0:
+            raise ValueError("lr_warmup_epochs, lr_warmup_init and lr_min must be >= 0")
+        milestones = [m * self.steps_per_epoch for m in c.resolved_milestones()]
+        warmup = int(c.lr_warmup_epochs * self.steps_per_epoch)
+        if c.lr_schedule == "multistep" and not warmup:
+            return torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, gamma=c.lr_gamma)
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: lr_factor(
+            k, c.lr_schedule, lr=c.lr, total=max(self.total_steps, 1), milestones=milestones, gamma=c.lr_gamma,
+            warmup=warmup, warmup_init=c.lr_warmup_init, lr_min=c.lr_min))
 
     def progress(self) -> Progress:
         milestones = [m * self.steps_per_epoch for m in self.config.resolved_milestones()] \
@@ -193,12 +213,12 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """One micro-batch: attack, loss, backward; optimizer step at accumulation boundaries."""
         acc, method, model = self.accelerator, self.method, self.model
+        batch = self._on_device(batch)
         progress = self.progress()
         victim = unwrap(model)
-        if method.attack_mode == "eval":
-            victim.eval()
-        prepared = method.prepare(victim, batch, progress)
-        victim.train()
+        # the attack sets and restores the victim's mode; it and the teachers run in the run's precision
+        with acc.autocast():
+            prepared = method.prepare(victim, batch, progress)
         v = None
         if self.awp is not None and self.awp.active(self.state.epoch):
             v = self.awp.compute(victim, lambda m: method.loss(m, batch, prepared, progress)[0])
@@ -206,11 +226,13 @@ class Trainer:
         with acc.accumulate(model):
             loss, logs = method.loss(model, batch, prepared, progress)
             acc.backward(loss)
+            if v is not None and self.awp.restores_before_step:  # the gradient at w + v updates w
+                self.awp.restore(victim, v)
             if self.config.max_grad_norm is not None and acc.sync_gradients:
                 acc.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if v is not None:
+        if v is not None and not self.awp.restores_before_step:
             self.awp.restore(victim, v)
         if acc.sync_gradients:
             self.scheduler.step()
@@ -219,6 +241,16 @@ class Trainer:
                 self.ema.update(model)
             method.after_step(model, self.progress())
         return logs
+
+    def _on_device(self, batch: dict) -> dict:
+        """The task's batched augmentation, on the device the batch is on; 4-D float tensors in
+        channels-last format when that mode is on."""
+        batch = self.task.augment_batch(batch)
+        if self.config.channels_last:
+            batch = {k: v.contiguous(memory_format=torch.channels_last)
+                     if isinstance(v, torch.Tensor) and v.dim() == 4 and v.is_floating_point() else v
+                     for k, v in batch.items()}
+        return batch
 
     # -- the loop -----------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:
@@ -243,7 +275,7 @@ class Trainer:
                 logs = self.train_step(batch)
                 loss_sum += logs["loss"].float()
                 n += 1
-                if i % 10 == 0:
+                if i % 10 == 0 and not bar.disable:  # a host sync: only when the bar is shown
                     bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
             record: dict[str, Any] = {"epoch": epoch + 1, "step": self.state.step,
                                       "lr": self.optimizer.param_groups[0]["lr"],
@@ -252,14 +284,14 @@ class Trainer:
                                       **self.method.log_values(self.progress())}
             self.state.epoch = epoch + 1
             # batch-norm statistics drift apart per process: make them identical before eval/checkpoint
-            average_across_processes([b for b in unwrap(self.model).buffers() if b.is_floating_point()])
+            reduce_([b for b in unwrap(self.model).buffers() if b.is_floating_point()])
             if c.eval_every and ((epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs):
                 record.update(self.evaluate_all(prefix_ema="ema_"))
             self.state.history.append(record)
             if acc.is_main_process:
                 with open(self.output_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-                acc.print(_summary_line(record))
+                logger.info(_summary_line(record))
             if c.log_with:
                 acc.log({k: v for k, v in _flat_config(record).items() if isinstance(v, (int, float))}, step=epoch + 1)
             self.save_checkpoint()
@@ -310,7 +342,7 @@ class Trainer:
         """Load the latest checkpoint under ``output_dir`` (if any); refuse one from another configuration."""
         pointer = self.output_dir / CHECKPOINT_DIR / "latest"
         if not pointer.exists():
-            self.accelerator.print(f"no checkpoint under {self.output_dir}: starting from scratch")
+            logger.info(f"no checkpoint under {self.output_dir}: starting from scratch")
             return False
         ckpt = pointer.parent / pointer.read_text().strip()
         saved = json.loads((ckpt / "run_config.json").read_text())
@@ -321,7 +353,7 @@ class Trainer:
             raise ConfigMismatchError(f"the checkpoint {ckpt} was made with another configuration ({detail}). "
                                       "Resume with the same settings, or use a new --output-dir.")
         self.accelerator.load_state(str(ckpt))
-        self.accelerator.print(f"resumed from {ckpt} (epoch {self.state.epoch}, step {self.state.step})")
+        logger.info(f"resumed from {ckpt} (epoch {self.state.epoch}, step {self.state.step})")
         return True
 
     def save_final(self) -> None:
@@ -332,6 +364,14 @@ class Trainer:
                     "method": self.method.name, "epochs": self.state.epoch}
             save_model_dir(self.output_dir, unwrap(self.model), self.ema.model if self.ema else None, meta)
         acc.wait_for_everyone()
+
+
+def _set_tf32(enabled: bool, device: torch.device) -> None:
+    """TF32 for float32 matmuls and cuDNN convolutions on Ampere+ GPUs; a no-op elsewhere."""
+    if not enabled or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+        return
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
 
 
 def _flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -355,3 +395,22 @@ def _summary_line(record: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def lr_factor(k: int, schedule: str, *, lr: float, total: int, milestones: list[int], gamma: float = 0.1,
+              warmup: int = 0, warmup_init: float = 0.0, lr_min: float = 0.0) -> float:
+    """The LR of optimizer step ``k`` (0-based) as a fraction of ``lr``, as ADR's reference sets it:
+    a timm scheduler stepped after each iteration with that iteration's index, so step ``k`` runs
+    at ``f(max(k - 1, 0))`` where ``f(t)`` is a linear warm-up from ``warmup_init`` for ``t < warmup``
+    and then the schedule at ``t`` (the cosine spans all ``total`` steps, warm-up included, as
+    timm's ``warmup_prefix=False``). Milestones take effect at step ``k = m`` (timm compares them
+    with ``t + 1``), as PyTorch's MultiStepLR.
+    """
+    t = max(k - 1, 0)
+    if t < warmup:
+        return (warmup_init + t * (lr - warmup_init) / warmup) / lr
+    if schedule == "cosine":
+        if t >= total:
+            return lr_min / lr
+        return (lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * t / total))) / lr
+    if schedule == "multistep":
+        return gamma ** sum(k >= m for m in milestones)
+    return 1.0

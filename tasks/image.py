@@ -3,7 +3,8 @@
 Data comes from a local directory (Hugging Face parquet layout, torchvision's CIFAR folder, or
 an ImageFolder tree with ``train/`` and ``test/`` or ``val/``) or, when online, a hub name.
 Images are decoded once to a uint8 tensor; augmentation (4-pixel pad + random crop,
-horizontal flip) runs batched in the collate function.
+horizontal flip) runs on whole batches where the batch is (the trainer calls
+``augment_batch`` on the training device), as batched tensor operations.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from robustkd.registry import MODELS, register_task
-from robustkd.task import Batch, ContinuousTask, DataNotFoundError, pick_column
+from robustkd.task import Batch, ContinuousTask, DataNotFoundError, Task, pick_column
 from robustkd.threat import ThreatModel
 
 from . import image_models
@@ -29,6 +30,8 @@ from .image_models import Normalize
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# TinyImageNet's own statistics, as ADR's reference uses them (src/model/create_model.py:16-17)
+TINY_IMAGENET_STATS = ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262))
 
 SPLIT_ALIASES = {"test": ("test", "validation", "valid", "val"), "train": ("train",)}
 
@@ -56,19 +59,30 @@ def collate_eval(examples: list[Batch]) -> Batch:
     return batch
 
 
-def collate_augment(examples: list[Batch], pad: int = 4, flip: bool = True) -> Batch:
-    """Random crop after ``pad``-pixel zero padding and a random horizontal flip, per example."""
-    batch = torch.utils.data.default_collate(examples)
-    x = batch["inputs"]
-    n, _, h, w = x.shape
+def augment_images(x: Tensor, pad: int = 4, flip: bool = True, generator: torch.Generator | None = None) -> Tensor:
+    """Per image of the batch ``x`` (N, C, H, W): a random H x W crop of the image zero-padded by
+    ``pad`` pixels (offsets uniform in 0..2*pad) and a horizontal flip with probability 1/2
+    (torchvision's ``RandomCrop(padding=pad)`` + ``RandomHorizontalFlip()``), all images at once
+    on ``x``'s device, with no host synchronisation."""
+    n, c, h, w = x.shape
+    dev = x.device
     if pad:
         padded = F.pad(x, (pad, pad, pad, pad))
-        offsets = torch.randint(0, 2 * pad + 1, (n, 2))
-        x = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
+        offsets = torch.randint(0, 2 * pad + 1, (n, 2), device=dev, generator=generator)
+        rows = offsets[:, 0, None] + torch.arange(h, device=dev)  # (N, H)
+        cols = offsets[:, 1, None] + torch.arange(w, device=dev)  # (N, W)
+        x = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                   rows[:, None, :, None], cols[:, None, None, :]]
     if flip:
-        mask = torch.rand(n) < 0.5
+        mask = torch.rand(n, device=dev, generator=generator) < 0.5
         x = torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
-    batch["inputs"] = _to_float(x)
+    return x
+
+
+def collate_augment(examples: list[Batch], pad: int = 4, flip: bool = True) -> Batch:
+    """:func:`collate_eval` then :func:`augment_images`: for loops that augment on the CPU."""
+    batch = collate_eval(examples)
+    batch["inputs"] = augment_images(batch["inputs"], pad, flip)
     return batch
 
 
@@ -224,7 +238,14 @@ class ImageClassification(ContinuousTask):
                              f"{self.num_classes} classes: this is not {self.name} data (pick the matching --dataset).")
 
     def collate_fn(self, split: str) -> Callable[[list[Batch]], Batch]:
-        return collate_augment if (split == "train" and self.augment) else collate_eval
+        return collate_eval  # training augmentation runs batched on the device: augment_batch
+
+    def augment_batch(self, batch: Batch) -> Batch:
+        """4-pixel pad + random crop and horizontal flip of every image (:func:`augment_images`)
+        when the task augments (``augment=True``, the default for real data)."""
+        if not self.augment:
+            return batch
+        return {**batch, "inputs": augment_images(batch["inputs"])}
 
     def validate_batch(self, batch: Batch) -> None:
         super().validate_batch(batch)
@@ -240,22 +261,42 @@ class ImageClassification(ContinuousTask):
                 "assume raw pixels. Remove Normalize from your data pipeline; robustkd models normalise inside."
             )
 
-    def build_model(self, name: str, **kwargs: Any) -> nn.Module:
-        """A registered image model or ``timm:<name>``, preceded by this data set's normalisation."""
+    def build_model(self, name: str, *, normalize: bool = True, **kwargs: Any) -> nn.Module:
+        """A registered image model or ``timm:<name>``; with ``normalize`` (default) it starts with this
+        data set's per-channel standardisation, without it the bare network (reference key layout)."""
+        from .image_models import accepts_normalize, with_normalization
+
+        mean, std = self.stats
         if name.startswith("timm:"):
             import timm
 
-            net = timm.create_model(name[5:], num_classes=self.num_classes, **kwargs)
-        else:
-            factory = MODELS.get(name)
-            if getattr(factory, "_robustkd_modality", None) != "image":
-                raise ValueError(f"the model {name!r} is not an image model; image models: {', '.join(self.model_names())}, "
-                                 "or timm:<name>")
-            net = factory(num_classes=self.num_classes, **kwargs)
-        return nn.Sequential(Normalize(*self.stats), net)
+            return with_normalization(timm.create_model(name[5:], num_classes=self.num_classes, **kwargs),
+                                      normalize, mean, std)
+        factory = MODELS.get(name)
+        if getattr(factory, "_robustkd_modality", None) != "image":
+            raise ValueError(f"the model {name!r} is not an image model; image models: {', '.join(self.model_names())}, "
+                             "or timm:<name>")
+        if accepts_normalize(factory):
+            return factory(num_classes=self.num_classes, normalize=normalize, mean=mean, std=std, **kwargs)
+        return with_normalization(factory(num_classes=self.num_classes, **kwargs), normalize, mean, std)
 
     def model_names(self) -> list[str]:
         return [e.name for e in MODELS.entries() if getattr(e.obj, "_robustkd_modality", None) == "image"]
+
+    def load_pretrained(self, spec: str, **options: Any) -> nn.Module | None:
+        """A pretrained image model for this task (the ``Task.load_pretrained`` hook): ``timm:<name>``
+        (pretrained timm weights, refused when their head has another class count), a Hugging Face image
+        classifier directory (``config.json``; its own normalisation inside), or one of
+        :mod:`tasks.image_pretrained`'s forms (``autoattack-example:resnet18``, ``robustbench:NAME``,
+        ``ARCH:PATH``). ``None`` for anything else."""
+        from .image_pretrained import load_image_pretrained
+
+        path = Path(str(spec)).expanduser()
+        if path.is_dir() and (path / "config.json").exists():
+            return load_hf_image_classifier(path, self)
+        if str(spec).startswith("timm:"):
+            return load_timm_pretrained(str(spec), self)
+        return load_image_pretrained(spec, self, **options)
 
     def threat_model(self, eps: float | None = None, norm: str | None = None, **kwargs: Any) -> ThreatModel:
         if kwargs:
@@ -285,7 +326,7 @@ def cifar100(data_dir: str | None = None, **kwargs: Any) -> ImageClassification:
 @register_task("tinyimagenet")
 def tinyimagenet(data_dir: str | None = None, **kwargs: Any) -> ImageClassification:
     """TinyImageNet-200: 200 classes of 64x64 images (hub: zh-plus/tiny-imagenet)."""
-    return ImageClassification("tinyimagenet", 200, 64, IMAGENET_STATS, data_dir=data_dir, hub_name="zh-plus/tiny-imagenet", **kwargs)
+    return ImageClassification("tinyimagenet", 200, 64, TINY_IMAGENET_STATS, data_dir=data_dir, hub_name="zh-plus/tiny-imagenet", **kwargs)
 
 
 @register_task("imagefolder")
@@ -318,4 +359,129 @@ def synthetic(data_dir: str | None = None, **kwargs: Any) -> SyntheticImages:
     return SyntheticImages(**kwargs)
 
 
-__all__ = ["ImageClassification", "SyntheticImages", "DataNotFoundError", "image_models"]
+# -- pretrained models (the load_pretrained hook) ---------------------------------------------------
+class HFImageClassifier(nn.Module):
+    """A transformers image classifier behind robustkd's image contract: pixels in [0, 1] in, logits out;
+    the checkpoint's own normalisation (its preprocessor config) lives inside, so attacks act on raw
+    pixels like for every other robustkd image model."""
+
+    def __init__(self, model: nn.Module, mean: list[float] | None = None, std: list[float] | None = None):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", None if std is None else torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return self.model(pixel_values=x).logits
+
+
+def load_hf_image_classifier(path: Path, task: ImageClassification) -> HFImageClassifier:
+    """A Hugging Face image-classification directory as a model for ``task``; another class count or input
+    size is refused with the fix."""
+    import json
+
+    from transformers import AutoModelForImageClassification
+
+    config = json.loads((path / "config.json").read_text())
+    labels = config.get("id2label") or {}
+    n = len(labels) if labels else config.get("num_labels")
+    if n is not None and int(n) != task.num_classes:
+        raise ValueError(f"the model {str(path)!r} has {n} classes but the task {task.name!r} has {task.num_classes}: "
+                         "a teacher must be trained on the student's classes (fine-tune it on this task first)")
+    model = AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
+    size = getattr(model.config, "image_size", None)
+    if isinstance(size, int) and size != task.image_size:
+        raise ValueError(f"the model {str(path)!r} takes {size}x{size} images but the task {task.name!r} has "
+                         f"{task.image_size}x{task.image_size}: use a model built for this input size")
+    mean = std = None
+    pre = path / "preprocessor_config.json"
+    if pre.exists():
+        proc = json.loads(pre.read_text())
+        if proc.get("do_normalize", True) and "image_mean" in proc:
+            mean, std = proc["image_mean"], proc["image_std"]
+    return HFImageClassifier(model, mean, std)
+
+
+def load_timm_pretrained(spec: str, task: ImageClassification) -> nn.Module:
+    """``timm:<name>`` with its pretrained weights (from the local cache when offline); a head pretrained
+    for another class count would be random, so it is refused."""
+    try:
+        model = task.build_model(spec, pretrained=True)
+    except Exception as exc:  # noqa: BLE001 - unknown name, offline without cache, wrong head: one fix
+        raise ValueError(f"could not load the pretrained timm model {spec!r} ({type(exc).__name__}: {str(exc)[:300]}). "
+                         "Offline, timm needs the weights in the local Hugging Face cache; otherwise pass a recipe "
+                         "output directory.") from exc
+    net = model[-1] if isinstance(model, nn.Sequential) else model
+    cfg = getattr(net, "pretrained_cfg", {}) or {}
+    if cfg.get("num_classes") not in (None, task.num_classes):
+        raise ValueError(f"the timm model {spec!r} was pretrained with {cfg['num_classes']} classes but the task "
+                         f"{task.name!r} has {task.num_classes}: its classifier head would be random. Fine-tune it on "
+                         f"this task first (e.g. recipes/cifar_adr.py --method standard --model {spec}) and pass that "
+                         "run's output directory.")
+    return model
+
+
+# -- Hugging Face image classifiers inside transformers.Trainer (robustkd.hf) ------------------------
+class HFImageTask(Task):
+    """A data-less task around a transformers image classifier and its image processor, for
+    :class:`robustkd.hf.RobustTrainer`: batches are the processor's ``{"pixel_values", "labels"}``; attacks
+    act on raw pixels in [0, 1] (the processor's normalisation is undone, the perturbation added, and the
+    normalisation applied again), in an L-inf 8/255 ball by default."""
+
+    modality = "image"
+    input_domain = (0.0, 1.0)
+
+    def __init__(self, model: nn.Module, processor: Any = None, *, eps: float | None = None, norm: str | None = None,
+                 name: str = "hf_image"):
+        config = getattr(model, "config", None)
+        if getattr(config, "num_labels", None) is None:
+            raise ValueError("the model has no config.num_labels: pass a transformers image-classification model")
+        self.name, self.num_classes = name, int(config.num_labels)
+        self.norm = norm or "linf"
+        self.eps = float(eps) if eps is not None else {"linf": 8 / 255, "l2": 0.5}[self.norm]
+        mean = std = None
+        if processor is not None and getattr(processor, "do_normalize", False):
+            mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+        self.mean = torch.tensor(mean if mean is not None else [0.0, 0.0, 0.0]).view(1, -1, 1, 1)
+        self.std = torch.tensor(std if std is not None else [1.0, 1.0, 1.0]).view(1, -1, 1, 1)
+
+    def dataset(self, split: str) -> Dataset:
+        raise ValueError(f"the task {self.name!r} wraps a model for transformers.Trainer and has no data of its own: "
+                         "pass train_dataset/eval_dataset to the Trainer")
+
+    def build_model(self, name: str, **kwargs: Any) -> nn.Module:
+        from transformers import AutoModelForImageClassification
+
+        return AutoModelForImageClassification.from_pretrained(name, num_labels=self.num_classes, **kwargs)
+
+    def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype)
+
+    def perturbation_base(self, model: nn.Module, batch: Batch) -> Tensor:
+        pv = batch["pixel_values"]
+        mean, std = self._stats(pv)
+        return pv * std + mean
+
+    def logits(self, model: nn.Module, batch: Batch, delta: Tensor | None = None) -> Tensor:
+        pv = batch["pixel_values"]
+        if delta is not None:
+            mean, std = self._stats(pv)
+            pv = ((pv * std + mean) + delta.to(pv.dtype) - mean) / std
+        return model(pixel_values=pv).logits
+
+    def threat_model(self, eps: float | None = None, norm: str | None = None, **kwargs: Any) -> ThreatModel:
+        if kwargs:
+            raise TypeError(f"unknown threat-model options {sorted(kwargs)} for {self.name}: eps and norm")
+        return ThreatModel(self.eps if eps is None else eps, norm or self.norm, domain=self.input_domain)
+
+
+@register_task("hf_image", hf_input="pixel_values")
+def hf_image(model: nn.Module, processor: Any = None, **kwargs: Any) -> HFImageTask:
+    """Any transformers image classifier (``pixel_values`` in) inside RobustTrainer; eps/norm options."""
+    return HFImageTask(model, processor, **kwargs)
+
+
+__all__ = ["ImageClassification", "SyntheticImages", "DataNotFoundError", "HFImageClassifier", "HFImageTask",
+           "image_models"]

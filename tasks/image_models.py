@@ -1,10 +1,25 @@
-"""Image classifiers used in the adversarial-robustness literature, normalisation inside.
+"""Image classifiers used in the adversarial-robustness literature.
 
 Registered in the model registry with ``modality="image"``; any timm model is available as
-``timm:<name>``.
+``timm:<name>``. Every factory takes ``normalize: bool = True``: with it the model starts with
+the data set's per-channel standardisation (``mean``/``std``, passed by the task), so attacks
+act on raw pixels in [0, 1]; ``normalize=False`` gives the bare network (MTARD's reference
+students and the AutoAttack example model have no normalisation). The normalisation is a
+separate first module (``nn.Sequential(Normalize, net)``); the bare network's state dict has
+exactly the key layout of the reference definitions, so published checkpoints load into it:
+
+* ``resnet18``: the CIFAR ResNet-18 of ADR's ``src/model/resnet.py`` (also the layout of
+  ``pyautoattack/examples/resnet.py`` and RobustBench's ``ResNet``): ``conv1``, ``bn1``,
+  ``layer1``..``layer4``, ``linear``.
+* ``preact_resnet18``: ADR's ``src/model/preact_resnet.py`` = RobustBench's ``DMPreActResNet``
+  (DeepMind layout: ``conv_2d``, ``layer_0``..``layer_3``, ``batchnorm``, ``logits``; explicit
+  "SAME" padding; a 3x3 shortcut convolution on the *raw* block input).
+* ``wrn34_10``: ADR's ``src/model/wideresnet.py`` = RobustBench's ``DMWideResNet`` with depth 34,
+  width 10 (``init_conv``, ``layer.{g}.block.{i}``, ``batchnorm``, ``logits``).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -12,6 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkd.registry import register_model
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
 
 class Normalize(nn.Module):
@@ -24,6 +42,22 @@ class Normalize(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
+
+
+def with_normalization(net: nn.Module, normalize: bool, mean: Sequence[float] | None,
+                       std: Sequence[float] | None) -> nn.Module:
+    """``nn.Sequential(Normalize(mean, std), net)`` when ``normalize``, else ``net`` itself."""
+    if not normalize:
+        return net
+    if mean is None or std is None:
+        raise ValueError("normalize=True needs the data set's mean and std (the task passes them)")
+    return nn.Sequential(Normalize(mean, std), net)
+
+
+def accepts_normalize(factory) -> bool:
+    """True when an image model factory takes ``normalize``/``mean``/``std`` itself (the built-in ones do)."""
+    params = inspect.signature(factory).parameters
+    return all(k in params for k in ("normalize", "mean", "std"))
 
 
 class SmallCNN(nn.Module):
@@ -46,6 +80,7 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+# -- ResNet-18 (ADR src/model/resnet.py; pyautoattack examples/resnet.py) ---------------------------
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -65,113 +100,167 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class PreActBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int = 1):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.shortcut = None
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + shortcut
-
-
 class ResNet(nn.Module):
-    """The CIFAR ResNet of the adversarial-training literature (3x3 stem, no max-pool)."""
+    """The CIFAR ResNet of the adversarial-training literature (3x3 stem, no max-pool). Global
+    average pooling equals the reference's ``AvgPool2d(4)`` on 32x32 inputs and its adaptive
+    pooling on TinyImageNet."""
 
-    def __init__(self, block: type[nn.Module], layers: Sequence[int], num_classes: int = 10,
-                 preact: bool = False):
+    def __init__(self, layers: Sequence[int] = (2, 2, 2, 2), num_classes: int = 10):
         super().__init__()
-        self.preact = preact
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(512 if preact else 64)
-        stages, cin = [], 64
+        self.bn1 = nn.BatchNorm2d(64)
+        cin = 64
         for i, (width, n) in enumerate(zip((64, 128, 256, 512), layers)):
+            blocks = []
             for j in range(n):
-                stages.append(block(cin, width, 2 if (j == 0 and i > 0) else 1))
+                blocks.append(BasicBlock(cin, width, 2 if (j == 0 and i > 0) else 1))
                 cin = width
-        self.layers = nn.Sequential(*stages)
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.linear = nn.Linear(512, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv1(x)
-        if not self.preact:
-            out = F.relu(self.bn1(out))
-        out = self.layers(out)
-        if self.preact:
-            out = F.relu(self.bn1(out))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.linear(out)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-class WideBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+# -- the DeepMind-layout networks (ADR src/model/{preact_resnet,wideresnet}.py, RobustBench dm_*) ---
+def _same_pad(x: Tensor, stride: int) -> Tensor:
+    """TensorFlow "SAME" padding for a 3x3 convolution, as the reference pads by hand."""
+    if stride == 1:
+        return F.pad(x, (1, 1, 1, 1))
+    if stride == 2:
+        return F.pad(x, (0, 1, 0, 1))
+    raise ValueError(f"unsupported stride {stride}")
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation block; the shortcut (a 3x3 convolution when the shape changes) takes the
+    block's raw input, not the activated one."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.equal = cin == cout
-        self.shortcut = None if self.equal else nn.Conv2d(cin, cout, 1, stride, bias=False)
+        self.stride = stride
+        self.batchnorm_0 = nn.BatchNorm2d(cin)
+        self.conv_2d_1 = nn.Conv2d(cin, cout, 3, stride, 0, bias=False)
+        self.batchnorm_1 = nn.BatchNorm2d(cout)
+        self.conv_2d_2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.has_shortcut = stride != 1 or cin != cout
+        if self.has_shortcut:
+            self.shortcut = nn.Conv2d(cin, cout, 3, stride, 0, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = x if self.equal else self.shortcut(out)
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        out = F.relu(self.batchnorm_0(x))
+        shortcut = self.shortcut(_same_pad(x, self.stride)) if self.has_shortcut else x
+        out = self.conv_2d_1(_same_pad(out, self.stride))
+        out = self.conv_2d_2(F.relu(self.batchnorm_1(out)))
         return out + shortcut
 
 
-class WideResNet(nn.Module):
-    """WideResNet (Zagoruyko & Komodakis); depth 34, widen 10 is the robustness benchmark model."""
+class PreActResNet(nn.Module):
+    """Pre-activation ResNet-18/34 in the reference (DeepMind) layout."""
 
-    def __init__(self, depth: int = 34, widen: int = 10, num_classes: int = 10):
+    def __init__(self, depth: int = 18, num_classes: int = 10):
+        super().__init__()
+        blocks = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}.get(depth)
+        if blocks is None:
+            raise ValueError(f"PreActResNet depth must be 18 or 34, got {depth}")
+        self.conv_2d = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        cin = 64
+        for i, (width, n) in enumerate(zip((64, 128, 256, 512), blocks)):
+            layer = []
+            for j in range(n):
+                layer.append(PreActBlock(cin, width, (1 if i == 0 else 2) if j == 0 else 1))
+                cin = width
+            setattr(self, f"layer_{i}", nn.Sequential(*layer))
+        self.batchnorm = nn.BatchNorm2d(512)
+        self.logits = nn.Linear(512, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv_2d(x)
+        out = self.layer_3(self.layer_2(self.layer_1(self.layer_0(out))))
+        out = F.relu(self.batchnorm(out))
+        return self.logits(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class WideBlock(nn.Module):
+    """WideResNet block: when the width changes, both branches start from the activated input
+    and the shortcut is a 1x1 convolution; otherwise the shortcut is the raw input."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.batchnorm_0 = nn.BatchNorm2d(cin)
+        self.conv_0 = nn.Conv2d(cin, cout, 3, stride, 0, bias=False)
+        self.batchnorm_1 = nn.BatchNorm2d(cout)
+        self.conv_1 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.has_shortcut = cin != cout
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, 0, bias=False) if self.has_shortcut else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        act = F.relu(self.batchnorm_0(x))
+        if self.has_shortcut:
+            x = act
+        out = self.conv_0(_same_pad(act, self.stride))
+        out = self.conv_1(F.relu(self.batchnorm_1(out)))
+        return (self.shortcut(x) if self.has_shortcut else x) + out
+
+
+class _BlockGroup(nn.Module):
+    def __init__(self, n: int, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.block = nn.Sequential(*[WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1)
+                                     for i in range(n)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(x)
+
+
+class WideResNet(nn.Module):
+    """WideResNet (Zagoruyko & Komodakis) in the reference (DeepMind) layout; depth 34, width 10
+    is the robustness benchmark model."""
+
+    def __init__(self, depth: int = 34, width: int = 10, num_classes: int = 10):
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n + 4, got {depth}")
         n = (depth - 4) // 6
-        widths = [16, 16 * widen, 32 * widen, 64 * widen]
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-        blocks, cin = [], widths[0]
-        for i, width in enumerate(widths[1:]):
-            for j in range(n):
-                blocks.append(WideBlock(cin, width, (1 if i == 0 else 2) if j == 0 else 1))
-                cin = width
-        self.blocks = nn.Sequential(*blocks)
-        self.bn = nn.BatchNorm2d(cin)
-        self.fc = nn.Linear(cin, num_classes)
+        widths = [16, 16 * width, 32 * width, 64 * width]
+        self.init_conv = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.layer = nn.Sequential(_BlockGroup(n, widths[0], widths[1], 1), _BlockGroup(n, widths[1], widths[2], 2),
+                                   _BlockGroup(n, widths[2], widths[3], 2))
+        self.batchnorm = nn.BatchNorm2d(widths[3])
+        self.logits = nn.Linear(widths[3], num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn(self.blocks(self.conv1(x))))
-        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        out = F.relu(self.batchnorm(self.layer(self.init_conv(x))))
+        return self.logits(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+# -- factories ------------------------------------------------------------------------------------
 @register_model("small_cnn", modality="image")
-def small_cnn(num_classes: int = 10, **kwargs) -> nn.Module:
+def small_cnn(num_classes: int = 10, normalize: bool = True, mean: Sequence[float] | None = CIFAR10_MEAN,
+              std: Sequence[float] | None = CIFAR10_STD, **kwargs) -> nn.Module:
     """Small 5-conv CNN with batch norm: trains in minutes on a CPU."""
-    return SmallCNN(num_classes, **kwargs)
+    return with_normalization(SmallCNN(num_classes, **kwargs), normalize, mean, std)
 
 
 @register_model("resnet18", modality="image")
-def resnet18(num_classes: int = 10) -> nn.Module:
-    """CIFAR ResNet-18 (11.2 M parameters), ADR's main model."""
-    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes)
+def resnet18(num_classes: int = 10, normalize: bool = True, mean: Sequence[float] | None = CIFAR10_MEAN,
+             std: Sequence[float] | None = CIFAR10_STD) -> nn.Module:
+    """CIFAR ResNet-18 (11.2 M parameters), ADR's main model (ADR src/model/resnet.py layout)."""
+    return with_normalization(ResNet((2, 2, 2, 2), num_classes), normalize, mean, std)
 
 
 @register_model("preact_resnet18", modality="image")
-def preact_resnet18(num_classes: int = 10) -> nn.Module:
-    """Pre-activation ResNet-18 (Rice et al.'s robust-overfitting model)."""
-    return ResNet(PreActBlock, (2, 2, 2, 2), num_classes, preact=True)
+def preact_resnet18(num_classes: int = 10, normalize: bool = True, mean: Sequence[float] | None = CIFAR10_MEAN,
+                    std: Sequence[float] | None = CIFAR10_STD) -> nn.Module:
+    """Pre-activation ResNet-18 as ADR's src/model/preact_resnet.py and RobustBench's DMPreActResNet."""
+    return with_normalization(PreActResNet(18, num_classes), normalize, mean, std)
 
 
 @register_model("wrn34_10", modality="image")
-def wrn34_10(num_classes: int = 10) -> nn.Module:
-    """WideResNet-34-10 (46 M parameters), the leaderboard model."""
-    return WideResNet(34, 10, num_classes)
+def wrn34_10(num_classes: int = 10, normalize: bool = True, mean: Sequence[float] | None = CIFAR10_MEAN,
+             std: Sequence[float] | None = CIFAR10_STD) -> nn.Module:
+    """WideResNet-34-10 (46 M parameters) as ADR's src/model/wideresnet.py and RobustBench's DMWideResNet."""
+    return with_normalization(WideResNet(34, 10, num_classes), normalize, mean, std)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from robustkd.registry import MODELS, register_task
-from robustkd.task import Batch, ContinuousTask, DataNotFoundError
+from robustkd.task import Batch, ContinuousTask, DataNotFoundError, Task
 from robustkd.threat import SNRBall, ThreatModel
 
 from . import speech_models
@@ -237,6 +237,11 @@ class SpeechClassification(ContinuousTask):
             return SNRBall(self.snr_db, AUDIO_DOMAIN)
         return ThreatModel(self.eps if eps is None else float(eps), norm or self.norm, domain=AUDIO_DOMAIN)
 
+    def snr_threat(self, snr_db: float | None = None) -> SNRBall:
+        """The SNR ball at ``snr_db`` (default: the task's budget): the ``WaveformInputs`` capability the
+        waveform attacks (``snr_pgd``, ``linf_pgd``, ...) require."""
+        return SNRBall(self.snr_db if snr_db is None else float(snr_db), AUDIO_DOMAIN)
+
 
 # -- FSDD -----------------------------------------------------------------------------------------
 FSDD_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)$")
@@ -408,7 +413,77 @@ def _hash_is_test(rel: Path, fraction: float) -> bool:
     return (digest % 10_000) < fraction * 10_000
 
 
+# -- Hugging Face audio classifiers inside transformers.Trainer (robustkd.hf) -------------------------------
+class HFAudioTask(Task):
+    """A data-less task around a transformers audio classifier (``input_values`` in: wav2vec2, HuBERT, ...)
+    and its feature extractor, for :class:`robustkd.hf.RobustTrainer`. Attacks perturb ``input_values``
+    (padding masked by ``attention_mask``) in an SNR ball measured on those values (``snr_db``, 30 dB by
+    default), or an amplitude ball with ``eps``/``norm``; there is no domain clamp because the extractor
+    may have standardised the waveform."""
+
+    modality = "audio"
+    default_eval_attacks = ("pgd20:snr_db=40", "pgd20:snr_db=30", "pgd20:snr_db=20")
+
+    def __init__(self, model: nn.Module, processor: Any = None, *, snr_db: float = 30.0, eps: float = 0.002,
+                 norm: str = "linf", name: str = "hf_audio"):
+        config = getattr(model, "config", None)
+        if getattr(config, "num_labels", None) is None:
+            raise ValueError("the model has no config.num_labels: pass a transformers audio-classification model")
+        self.name, self.num_classes = name, int(config.num_labels)
+        self.sample_rate = getattr(processor, "sampling_rate", None)
+        self.snr_db, self.eps, self.norm = float(snr_db), float(eps), norm
+
+    def dataset(self, split: str) -> Dataset:
+        raise ValueError(f"the task {self.name!r} wraps a model for transformers.Trainer and has no data of its own: "
+                         "pass train_dataset/eval_dataset to the Trainer")
+
+    def build_model(self, name: str, **kwargs: Any) -> nn.Module:
+        from transformers import AutoModelForAudioClassification
+
+        return AutoModelForAudioClassification.from_pretrained(name, num_labels=self.num_classes, **kwargs)
+
+    def perturbation_base(self, model: nn.Module, batch: Batch) -> Tensor:
+        return batch["input_values"]
+
+    def perturbation_mask(self, batch: Batch) -> Tensor | None:
+        mask = batch.get("attention_mask")
+        return None if mask is None else mask.to(batch["input_values"].dtype)
+
+    def logits(self, model: nn.Module, batch: Batch, delta: Tensor | None = None) -> Tensor:
+        x = batch["input_values"]
+        kwargs = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
+        try:
+            return model(input_values=x if delta is None else x + delta.to(x.dtype), **kwargs).logits
+        except RuntimeError as exc:
+            if "leaf variables" not in str(exc):
+                raise
+            raise RuntimeError("the model's feature encoder marks its input as requiring grad in train mode, which "
+                               "fails on a perturbed input: freeze it (model.freeze_feature_encoder(), as Hugging "
+                               "Face's audio-classification example does) or attack in eval mode") from exc
+
+    def threat_model(self, eps: float | None = None, norm: str | None = None, snr_db: float | None = None,
+                     **kwargs: Any) -> ThreatModel:
+        """``snr_db`` (or neither option) -> an SNR ball; ``eps``/``norm`` -> an amplitude ball."""
+        if kwargs:
+            raise TypeError(f"unknown threat-model options {sorted(kwargs)} for {self.name}: use eps, norm or snr_db")
+        if snr_db is not None and (eps is not None or norm is not None):
+            raise ValueError("give either snr_db (an SNR ball) or eps/norm (an amplitude ball), not both")
+        if eps is None and norm is None:
+            return self.snr_threat(snr_db)
+        return ThreatModel(self.eps if eps is None else float(eps), norm or self.norm, domain=None)
+
+    def snr_threat(self, snr_db: float | None = None) -> SNRBall:
+        """The SNR ball on ``input_values`` (the ``WaveformInputs`` capability)."""
+        return SNRBall(self.snr_db if snr_db is None else float(snr_db), domain=None)
+
+
 # -- registration -------------------------------------------------------------------------------------
+@register_task("hf_audio", hf_input="input_values")
+def hf_audio(model: nn.Module, processor: Any = None, **kwargs: Any) -> HFAudioTask:
+    """Any transformers audio classifier (``input_values`` in) inside RobustTrainer; snr_db/eps/norm options."""
+    return HFAudioTask(model, processor, **kwargs)
+
+
 @register_task("fsdd")
 def fsdd(data_dir: str | None = None, **kwargs: Any) -> FSDD:
     """Free Spoken Digit Dataset: 10 digits, 8 kHz, takes 0-4 test (local folder)."""
@@ -427,5 +502,5 @@ def wavfolder(data_dir: str | None = None, **kwargs: Any) -> WavFolder:
     return WavFolder(data_dir, **kwargs)
 
 
-__all__ = ["AudioDataError", "FSDD", "SpeechClassification", "SpeechCommands", "WavFolder", "WaveformDataset",
+__all__ = ["AudioDataError", "FSDD", "HFAudioTask", "SpeechClassification", "SpeechCommands", "WavFolder", "WaveformDataset",
            "fix_length", "read_wav", "speech_models"]

@@ -185,10 +185,6 @@ class TextClassification(Task):
             del batch["labels"]
         return batch
 
-    def _encode_one(self, text: str) -> tuple[dict[str, list[int]], bool]:
-        encs, cuts = self._encode_many([text])
-        return encs[0], cuts[0]
-
     def _encode_many(self, texts: list[str]) -> tuple[list[dict[str, list[int]]], list[bool]]:
         """Tokenise in one batched call; also say which texts were longer than ``max_length``."""
         tok = self.tokenizer
@@ -389,11 +385,25 @@ class TextClassification(Task):
         out = model(inputs_embeds=emb, **kwargs)
         return out.logits if hasattr(out, "logits") else out[0]
 
+    def load_pretrained(self, spec: str, **options: Any) -> nn.Module | None:
+        """A Hugging Face sequence classifier (hub name or local directory) for this task: the
+        ``Task.load_pretrained`` hook, through :meth:`build_model`."""
+        return self.build_model(str(spec), **options)
+
     def threat_model(self, eps: float | None = None, norm: str | None = None, **kwargs: Any) -> ThreatModel:
         """Per-token ball, radius ``eps`` times each token embedding's L2 norm; no domain clamp."""
         if kwargs:
             raise TypeError(f"unknown threat-model options {sorted(kwargs)} for a text task (eps, norm)")
         return ThreatModel(self.eps if eps is None else eps, norm or self.norm, domain=None, per_token=True, relative=True)
+
+
+@register_task("hf_text", hf_input="input_ids")
+def hf_text(model: nn.Module, processor: Any = None, **kwargs: Any) -> TextClassification:
+    """Any transformers sequence classifier (``input_ids`` in) and its tokenizer inside RobustTrainer;
+    eps/norm/max_length options."""
+    if processor is None:
+        raise ValueError("a text model needs its tokenizer: pass processing_class=<tokenizer> to RobustTrainer")
+    return TextClassification.for_model(model, processor, name="hf_text", **kwargs)
 
 
 @register_task("text_classification")

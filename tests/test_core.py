@@ -121,7 +121,7 @@ def test_awp_perturbs_each_weight_by_gamma_times_its_norm_and_restores_it():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     original = [p.detach().clone() for p in model.parameters()]
-    awp = AWP(gamma=0.01)
+    awp = AWP(gamma=0.01, style="wu2020")  # the weight-matrices-only style; the reference style: test_fidelity.py
     v = awp.compute(model, lambda m: F.cross_entropy(m(x), y))
     loss_before = F.cross_entropy(model(x), y).item()
     awp.perturb(model, v)
@@ -239,20 +239,15 @@ def test_fgsm_takes_one_full_step(cifar_task, trained, eval_batch):
     assert torch.allclose(adv.delta[interior].abs(), torch.full_like(adv.delta[interior], 4 / 255), atol=1e-6)
 
 
-def test_autoattack_torchattacks_backend_is_never_above_pgd(cifar_task, trained, eval_batch):
+def test_autoattack_is_the_official_one_and_never_above_pgd(cifar_task, trained, eval_batch):
     y = eval_batch["labels"]
     eps = 2 / 255
-    import robustkd.attacks.autoattack as aa_mod
-
-    aa_mod._warned = False
-    with pytest.warns(UserWarning, match="may not match published"):
-        default = create_attack("autoattack", cifar_task, eps=eps, backend="torchattacks")
-    described = default.describe()
-    assert described["backend"] == "torchattacks" and described["components"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
-    assert (described["steps"], described["n_target_classes"], described["n_queries"]) == (100, 9, 5000)
+    described = create_attack("autoattack", cifar_task, eps=eps).describe()
+    assert described["backend"].startswith("pyautoattack ") and described["version"] == "standard"
+    assert described["components"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     # the same four components, fewer iterations, so the comparison stays fast on 2 cores
-    aa = create_attack("autoattack", cifar_task, eps=eps, backend="torchattacks", steps=20, n_target_classes=3,
-                       n_queries=200)
+    aa = create_attack("autoattack", cifar_task, eps=eps, version="custom", attacks="apgd-ce+apgd-t+fab-t+square",
+                       steps=20, n_target_classes=3, n_queries=200)
     pgd = PGD(cifar_task, eps=eps, steps=20)
     torch.manual_seed(0)
     adv_pgd, adv_aa = pgd(trained, eval_batch), aa(trained, eval_batch)
@@ -284,6 +279,58 @@ def test_attack_specs_parse_shorthand_and_options():
         "pgd20", "autoattack:version=custom,attacks=apgd-ce", "fgsm"]
 
 
+def test_one_spec_language_for_every_list_of_attacks(cifar_task):
+    from robustkd.attacks.base import AttackSpecError
+
+    # ';' and ',' separate the same way; key=value after a spec with options continues it
+    for text in ("pgd20;autoattack:version=custom,attacks=apgd-ce+square;fgsm",
+                 "pgd20,autoattack:version=custom,attacks=apgd-ce+square,fgsm",
+                 "pgd20; autoattack:version=custom;attacks=apgd-ce+square, fgsm"):
+        assert split_attack_specs(text) == ["pgd20", "autoattack:version=custom,attacks=apgd-ce+square", "fgsm"]
+    assert parse_attack_spec("autoattack:version=custom,attacks=apgd-ce+square")[1]["attacks"] == ["apgd-ce", "square"]
+    # an option after a spec without options is refused with the fix, not read as an attack named "steps=5"
+    with pytest.raises(AttackSpecError, match=r"'pgd20:steps=5'"):
+        split_attack_specs("pgd20,steps=5")
+    # values are typed by the attack's signature; a wrong type names the option and the type
+    with pytest.raises(AttackSpecError, match=r"steps='three' must be an integer"):
+        parse_attack_spec("pgd:steps=three")
+    with pytest.raises(AttackSpecError, match=r"eps='big' must be a number or fraction"):
+        parse_attack_spec("pgd:eps=big")
+    with pytest.raises(AttackSpecError, match="twice"):
+        parse_attack_spec("pgd20:steps=5")
+    # run-wide defaults apply unless the spec names the option, and only to attacks that take it
+    a = create_attack("pgd:eps=4/255", cifar_task, eps=0.5, norm="l2", steps=3)
+    assert a.threat.eps == pytest.approx(4 / 255) and a.threat.norm == "l2" and a.steps == 3
+    assert create_attack("pgd7", cifar_task, steps=3).steps == 7
+    # the mode option: the attack runs the victim in it and restores the caller's mode
+    assert create_attack("pgd2", cifar_task).mode == "eval"
+    assert create_attack("pgd2:mode=train", cifar_task).mode == "train"
+    with pytest.raises(AttackSpecError, match="'train' or 'eval'"):
+        create_attack("pgd2:mode=training", cifar_task)
+
+
+def test_attack_call_sets_and_restores_the_victims_mode(cifar_task):
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10), torch.nn.Dropout(0.5))
+
+        def forward(self, x):
+            seen.append((self.training, self.net[2].training))
+            return self.net(x)
+
+    model = Probe().train()
+    model.net[2].eval()  # a submodule's own mode must come back too
+    batch = {"inputs": torch.rand(2, 3, 32, 32), "labels": torch.tensor([0, 1])}
+    for mode, expected in (("eval", (False, False)), ("train", (True, True))):
+        seen.clear()
+        create_attack(f"pgd2:mode={mode}", cifar_task)(model, batch)
+        assert seen and all(s == expected for s in seen)
+        assert model.training and not model.net[2].training
+
+
 def test_registry_rejects_two_sources_for_one_name():
     reg = Registry("widget")
 
@@ -303,5 +350,5 @@ def test_registry_rejects_two_sources_for_one_name():
 def test_fgsm_variants_pass_threat_options_to_the_task(cifar_task):
     assert create_attack("fgsm:norm=l2", cifar_task, eps=0.5).threat.norm == "l2"
     assert create_attack("fgsm_rs", cifar_task, eps=2 / 255).threat.eps == pytest.approx(2 / 255)
-    with pytest.raises(TypeError, match="bad options for attack"):
+    with pytest.raises(ValueError, match="bad options for attack"):
         create_attack("fgsm:snr_db=30", cifar_task)  # images have no SNR budget: an error, not a silent default

@@ -83,7 +83,7 @@ def quadrant_logits(x: torch.Tensor, scale: torch.Tensor | float = 10.0) -> torc
 
 
 class Hand(nn.Module):
-    """Base of the hand-written models: one parameter (torchattacks wants a model with parameters)."""
+    """Base of the hand-written models: one parameter (attacks read the device from a parameter)."""
 
     def __init__(self):
         super().__init__()
@@ -399,7 +399,7 @@ def test_robustkd_eval_bad_input(cifar_run, cifar_dir, tmp_path, capsys):
             "--cpu", "--no-progress"]
     assert cli_main([*base, "--attacks", "token_substitution"]) == 2
     err = capsys.readouterr().err
-    assert "does not work on image tasks" in err and "autoattack" in err and "pgd" in err
+    assert "does not work on the task 'cifar10'" in err and "EmbeddingInputs" in err and "autoattack" in err
     assert cli_main([*base, "--attacks", "pgd5", "--split", "nosuchsplit"]) == 2
     assert "no 'nosuchsplit' split" in capsys.readouterr().err
     assert cli_main([*base, "--task", "cifar100", "--attacks", "pgd5"]) == 2
@@ -476,7 +476,7 @@ def test_robustkd_eval_on_text(tmp_path, capsys):
     assert status["large_budget"] == "n/a" and status["eval_mode"] == "pass" and status["budget_zero"] == "pass"
     assert cli_main(["eval", "--checkpoint", str(run), "--attacks", "autoattack", "--output-dir",
                      str(tmp_path / "x")]) == 2
-    assert "does not work on text tasks" in capsys.readouterr().err
+    assert "'autoattack' does not work on the task 'sst2'" in capsys.readouterr().err
 
 
 def test_python_api_entry_points():

@@ -280,7 +280,7 @@ def test_state_dict_round_trip_and_mismatch():
     with pytest.raises(ValueError, match="loss-balance"):
         MTARD(task, loss_balance=False, **kw).load_state_dict(state)
     with pytest.raises(ValueError, match="kl-scale"):
-        MTARD(task, kl_scale="reference", **kw).load_state_dict(state)
+        MTARD(task, kl_scale="batchmean", **kw).load_state_dict(state)
 
 
 def test_trainer_resume_restores_temperatures_and_weights(tmp_path):

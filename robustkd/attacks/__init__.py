@@ -3,7 +3,9 @@ from . import autoattack, pgd  # noqa: F401 - registration
 from . import text  # noqa: F401 - registration (text attacks; TextAttack is imported lazily)
 from . import speech  # noqa: F401 - registration (waveform attacks)
 from .autoattack import AutoAttack
-from .base import Attack, attacks_for, create_attack, parse_attack_spec
+from .base import (Attack, AttackSpecError, EmbeddingInputs, WaveformInputs, attacks_for, build_attacks,
+                   create_attack, parse_attack_spec, split_attack_specs, victim_mode)
 from .pgd import PGD
 
-__all__ = ["Attack", "AutoAttack", "PGD", "attacks_for", "create_attack", "parse_attack_spec"]
+__all__ = ["Attack", "AttackSpecError", "AutoAttack", "EmbeddingInputs", "PGD", "WaveformInputs", "attacks_for",
+           "build_attacks", "create_attack", "parse_attack_spec", "split_attack_specs", "victim_mode"]

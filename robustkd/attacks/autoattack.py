@@ -1,19 +1,25 @@
-"""AutoAttack (Croce & Hein, 2020) behind one API, with two backends.
+"""AutoAttack (Croce & Hein, 2020): the official implementation, ``pyautoattack`` from PyPI.
 
-``official``: the ``autoattack`` package from its git repository (``pip install robustkd[autoattack]``).
-``torchattacks``: the port in torchattacks, assembled here with the *official* standard settings
-(100 iterations, 9 target classes, 5000 Square queries) -- torchattacks' own "standard" preset
-runs 10 iterations and is weaker. The port may still differ from published AutoAttack numbers:
-it warns, and every report records which backend ran.
+robustkd adds no attack code of its own here: it presents the task's model to the official
+``pyautoattack.AutoAttack`` in the [0, 1] box it assumes, runs ``run_standard_evaluation`` and
+returns its adversarial inputs. Versions: ``standard`` (APGD-CE, APGD-T, FAB-T, Square; the
+RobustBench protocol), ``plus``, ``rand`` (for randomised defences) and ``custom`` with an
+``attacks=`` list. Robust accuracy is AutoAttack's per-example worst case: each component attacks
+only the points that all earlier components failed on.
 
-Robust accuracy is the per-example worst case: each component attacks only the points that
-all earlier components failed on.
+The official runtime checks (randomised defence, probabilities instead of logits, dynamic
+behaviour, class count, Square beating the white-box attacks, zero gradients) are logged and
+recorded in :meth:`AutoAttack.describe` under ``runtime_checks``, so they reach the report.
+
+Long evaluations resume: with ``resume_dir`` every finished batch's adversarial inputs are kept, and a
+rerun of the same evaluation skips those batches (``robustkd eval --robustbench`` keeps them under its
+output directory). :func:`run_autoattack` passes the official state file through for whole-set runs.
 """
 from __future__ import annotations
 
-import importlib.util
-import warnings
-from typing import Any
+import logging
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -23,26 +29,22 @@ from ..task import Adversarial, Batch, ContinuousTask, Task
 from ..threat import ThreatModel
 from .base import Attack
 
-STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
-RAND = ("apgd-ce", "apgd-dlr")
-_warned = False
+VERSIONS = ("standard", "plus", "rand", "custom")
+COMPONENTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+OFFICIAL_LOGGER = "auto-attack"  # the logger name pyautoattack reports its runtime checks to
 
 
-def official_available() -> bool:
-    """True when the official distribution is installed. torchattacks 3.3 also ships a stale
-    top-level ``autoattack`` module (broken on current torch), so importability is not enough."""
+def official_version() -> str:
+    """The installed pyautoattack version (recorded in every report)."""
     import importlib.metadata as md
 
-    try:
-        md.distribution("autoattack")
-    except md.PackageNotFoundError:
-        return False
-    return importlib.util.find_spec("autoattack") is not None
+    return md.version("pyautoattack")
 
 
 class _UnitBoxModel(nn.Module):
-    """Presents the task's model to AutoAttack in the [0, 1] box it assumes: ``z`` in [0, 1]
-    maps to ``lo + (hi - lo) * z`` in the task's domain (the identity for images)."""
+    """The task's model in the [0, 1] box AutoAttack assumes: ``z`` maps to ``lo + (hi - lo) * z``
+    in the task's domain (the identity for images)."""
 
     def __init__(self, task: Task, model: nn.Module, lo: float, hi: float):
         super().__init__()
@@ -53,132 +55,144 @@ class _UnitBoxModel(nn.Module):
         return self.task.logits(self.model, {"inputs": x})
 
 
+class _CheckCollector(logging.Handler):
+    """Collects the warnings pyautoattack logs while it runs (its runtime checks)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def build_official(net: nn.Module, *, eps: float, norm: str, version: str, attacks: Sequence[str] | None,
+                   seed: int, device: torch.device | str, steps: int | None = None, n_restarts: int | None = None,
+                   n_queries: int | None = None, n_target_classes: int | None = None):
+    """A ``pyautoattack.AutoAttack`` with robustkd's names; the ``custom`` knobs set the official objects'
+    attributes (the same ones the official ``_set_version`` sets)."""
+    from pyautoattack import AutoAttack as Official
+
+    adversary = Official(net, attacks=list(attacks) if version == "custom" else None, device=device, eps=eps,
+                         norm=NORMS[norm], seed=seed, version=version)
+    if steps is not None:
+        adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = adversary.fab.n_iter = steps
+    if n_restarts is not None:
+        adversary.apgd.n_restarts = adversary.fab.n_restarts = n_restarts
+    if n_queries is not None:
+        adversary.square.n_queries = n_queries
+    if n_target_classes is not None:
+        adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = n_target_classes
+    return adversary
+
+
+def run_autoattack(adversary, x: Tensor, y: Tensor, batch_size: int,
+                   state_path: str | Path | None = None) -> tuple[Tensor, Tensor, list[str]]:
+    """``adversary.run_standard_evaluation`` with its runtime checks collected: returns the adversarial
+    inputs, the per-example verdicts (True = robust) and the check messages. With ``state_path`` a
+    killed evaluation resumes from the official state file; after a resume only the points attacked
+    in this run have new adversarial inputs, so the verdicts come from AutoAttack's own predictions."""
+    collector = _CheckCollector()
+    logger = logging.getLogger(OFFICIAL_LOGGER)
+    logger.addHandler(collector)
+    try:
+        x_adv, y_adv = adversary.run_standard_evaluation(
+            x, y, batch_size=batch_size, state_path=Path(state_path) if state_path is not None else None)
+    finally:
+        logger.removeHandler(collector)
+    return x_adv, (y_adv == y), collector.messages
+
+
 @register_attack("autoattack")
 class AutoAttack(Attack):
-    """AutoAttack: APGD-CE, APGD-T, FAB-T, Square (``standard``), ``rand``, or a custom list;
-    official package when installed, else torchattacks' port with the official settings."""
+    """AutoAttack, the official pyautoattack: version standard (default), plus, rand, or custom with
+    attacks=apgd-ce+square; steps/n_restarts/n_queries/n_target_classes change a custom run only."""
 
-    modalities = ("image", "audio")
+    requires = (ContinuousTask,)
 
     def __init__(self, task: Task, threat: ThreatModel | None = None, *, eps: float | None = None,
-                 norm: str | None = None, version: str = "standard", attacks: list[str] | str | None = None,
-                 backend: str = "auto", seed: int = 0, steps: int = 100, n_queries: int = 5000,
-                 n_target_classes: int = 9, verbose: bool = False):
+                 norm: str | None = None, version: str = "standard", attacks: Sequence[str] | str | None = None,
+                 seed: int = 0, steps: int | None = None, n_restarts: int | None = None,
+                 n_queries: int | None = None, n_target_classes: int | None = None, verbose: bool = False,
+                 resume_dir: str | Path | None = None):
         super().__init__(task)
-        if not isinstance(task, ContinuousTask):
-            raise TypeError(f"AutoAttack needs a task whose inputs are a tensor in a box; {task.name!r} is not")
         self.threat = threat if threat is not None else task.threat_model(eps=eps, norm=norm)
-        if self.threat.relative or self.threat.domain is None:
-            raise ValueError("AutoAttack needs a fixed-radius L-inf or L2 ball in a bounded domain")
-        if version not in ("standard", "rand", "custom"):
-            raise ValueError(f"unknown AutoAttack version {version!r}: use standard, rand or custom")
+        if self.threat.relative or self.threat.domain is None or self.threat.norm not in NORMS:
+            raise ValueError("AutoAttack needs a fixed-radius L-inf, L2 or L1 ball in a bounded domain")
+        if version not in VERSIONS:
+            raise ValueError(f"unknown AutoAttack version {version!r}: use {', '.join(VERSIONS)}")
         if isinstance(attacks, str):
             attacks = attacks.split("+")
         if version == "custom" and not attacks:
-            raise ValueError("version='custom' needs attacks=[...], e.g. ['apgd-ce', 'square']")
-        self.version = version
-        self.components = tuple(attacks) if attacks else (STANDARD if version == "standard" else RAND)
-        known = {"apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab"}
-        if unknown := [a for a in self.components if a not in known]:
-            raise ValueError(f"unknown AutoAttack components {unknown}; known: {sorted(known)}")
-        if backend == "auto":
-            backend = "official" if official_available() else "torchattacks"
-        if backend not in ("official", "torchattacks"):
-            raise ValueError(f"unknown AutoAttack backend {backend!r}: use auto, official or torchattacks")
-        if backend == "official" and not official_available():
-            raise ImportError("the official AutoAttack is not installed: pip install 'robustkd[autoattack]' "
-                              "(it installs from its git repository), or use backend='torchattacks'")
-        self.backend, self.seed, self.verbose = backend, seed, verbose
-        self.steps, self.n_queries, self.n_target_classes = steps, n_queries, n_target_classes
-        if backend == "torchattacks":
-            _warn_port()
+            raise ValueError("autoattack version=custom needs attacks=..., e.g. autoattack:version=custom,"
+                             "attacks=apgd-ce+square")
+        knobs = {"steps": steps, "n_restarts": n_restarts, "n_queries": n_queries, "n_target_classes": n_target_classes}
+        if version != "custom" and (attacks or any(v is not None for v in knobs.values())):
+            given = ["attacks"] * bool(attacks) + [k for k, v in knobs.items() if v is not None]
+            raise ValueError(f"autoattack version={version} runs the official settings; {', '.join(given)} "
+                             "change them: add version=custom (e.g. autoattack:version=custom,attacks=apgd-ce,steps=20)")
+        if attacks and (unknown := [a for a in attacks if a not in COMPONENTS]):
+            raise ValueError(f"unknown AutoAttack components {unknown}; known: {', '.join(COMPONENTS)}")
+        self.version, self.attacks, self.seed, self.verbose, self.knobs = version, attacks, seed, verbose, knobs
+        self.resume_dir = Path(resume_dir) if resume_dir is not None else None
+        self.components = tuple(self.official(nn.Identity(), "cpu").attacks_to_run)  # what the version runs
+        self.runtime_checks: list[str] = []
+
+    def official(self, net: nn.Module, device: torch.device | str):
+        """The configured ``pyautoattack.AutoAttack`` for ``net`` (inputs in [0, 1])."""
+        lo, hi = self.threat.domain
+        adversary = build_official(net, eps=self.threat.eps / (hi - lo), norm=self.threat.norm, version=self.version,
+                                   attacks=self.attacks, seed=self.seed, device=device, **self.knobs)
+        adversary.verbose = self.verbose
+        return adversary
 
     # -- running --------------------------------------------------------------------------
-    def __call__(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
+    def perturb(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
         y = self.task.labels(batch) if targets is None else targets
         if y.dim() != 1:
             raise ValueError("AutoAttack needs hard labels")
         x = batch["inputs"].detach()
         lo, hi = self.threat.domain
-        z = (x - lo) / (hi - lo)
-        eps = self.threat.eps / (hi - lo)
-        # eval(): torchattacks restores the wrapper's mode after each attack, and a wrapper left in train
-        # mode would switch the model to train mode (batch-norm statistics updated by the attack).
-        was_training = model.training  # before the wrapper's eval(), which reaches the model too
-        net = _UnitBoxModel(self.task, model, lo, hi).eval()
-        model.eval()
-        try:
-            z_adv = self._run_official(net, z, y, eps) if self.backend == "official" else self._run_port(net, z, y, eps)
-        finally:
-            model.train(was_training)
+        saved = self._resume_file(model, x, y)
+        if saved is not None and saved.exists():
+            z_adv = torch.load(saved, map_location=x.device, weights_only=True)
+        else:
+            # the wrapper takes the victim's mode (Attack.__call__ set it)
+            net = _UnitBoxModel(self.task, model, lo, hi).train(model.training)
+            adversary = self.official(net, x.device)
+            z_adv, _, messages = run_autoattack(adversary, (x - lo) / (hi - lo), y, batch_size=len(x))
+            for msg in messages:
+                if msg not in self.runtime_checks:
+                    self.runtime_checks.append(msg)
+                    logging.getLogger(__name__).warning("AutoAttack runtime check: %s", msg)
+            if saved is not None:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(z_adv.cpu(), saved.with_suffix(".tmp"))
+                saved.with_suffix(".tmp").replace(saved)
         delta = (lo + (hi - lo) * z_adv) - x
         return Adversarial(batch, self.threat.project(x, delta))
 
-    def _run_official(self, net: nn.Module, z: Tensor, y: Tensor, eps: float) -> Tensor:
-        from autoattack import AutoAttack as OfficialAutoAttack
+    def _resume_file(self, model: nn.Module, x: Tensor, y: Tensor) -> Path | None:
+        """With ``resume_dir``: the file that keeps this batch's adversarial inputs once it is done, named by
+        the batch's content, the model's weights and the attack's settings, so a rerun skips finished batches. (The official
+        state file restores only verdicts, not the adversarial inputs of points fooled before a restart,
+        which the report's calibration and consistency metrics need.)"""
+        if self.resume_dir is None:
+            return None
+        import hashlib
 
-        norm = {"linf": "Linf", "l2": "L2"}[self.threat.norm]
-        adversary = OfficialAutoAttack(net, norm=norm, eps=eps, version=self.version, device=z.device,
-                                       seed=self.seed, verbose=self.verbose)
-        if self.version == "custom":
-            adversary.attacks_to_run = list(self.components)
-        return adversary.run_standard_evaluation(z, y, bs=len(z))
-
-    def _components(self, net: nn.Module, eps: float) -> list[tuple[str, Any]]:
-        import torchattacks as ta
-
-        norm = {"linf": "Linf", "l2": "L2"}[self.threat.norm]
-        n_classes = self.task.num_classes
-        eot = 20 if self.version == "rand" else 1
-        out = []
-        for name in self.components:
-            if name == "apgd-ce":
-                atk = ta.APGD(net, norm=norm, eps=eps, steps=self.steps, n_restarts=1, loss="ce", seed=self.seed,
-                              eot_iter=eot, rho=0.75)
-            elif name == "apgd-dlr":
-                atk = ta.APGD(net, norm=norm, eps=eps, steps=self.steps, n_restarts=1, loss="dlr", seed=self.seed,
-                              eot_iter=eot, rho=0.75)
-            elif name == "apgd-t":
-                atk = ta.APGDT(net, norm=norm, eps=eps, steps=self.steps, n_restarts=1, seed=self.seed,
-                               n_classes=n_classes)
-                atk.n_target_classes = min(self.n_target_classes, n_classes - 1)
-            elif name in ("fab-t", "fab"):
-                atk = ta.FAB(net, norm=norm, eps=eps, steps=self.steps, n_restarts=1, seed=self.seed,
-                             multi_targeted=(name == "fab-t"), n_classes=n_classes)
-                atk.n_target_classes = min(self.n_target_classes, n_classes - 1)
-            else:  # square
-                atk = ta.Square(net, norm=norm, eps=eps, n_queries=self.n_queries, n_restarts=1, p_init=0.8,
-                                seed=self.seed)
-            out.append((name, atk))
-        return out
-
-    def _run_port(self, net: nn.Module, z: Tensor, y: Tensor, eps: float) -> Tensor:
-        z_adv = z.clone()
+        h = hashlib.sha1()
         with torch.no_grad():
-            robust = net(z).argmax(1) == y
-        for _, atk in self._components(net, eps):
-            idx = robust.nonzero().flatten()
-            if idx.numel() == 0:
-                break
-            candidate = atk(z[idx], y[idx]).detach()
-            candidate = torch.min(torch.max(candidate, z[idx] - eps), z[idx] + eps).clamp(0, 1) \
-                if self.threat.norm == "linf" else candidate
-            with torch.no_grad():
-                fooled = net(candidate).argmax(1) != y[idx]
-            z_adv[idx[fooled]] = candidate[fooled]
-            robust[idx[fooled]] = False
-        return z_adv
+            weights = torch.stack([p.detach().double().sum() for p in model.parameters()]) if any(
+                True for _ in model.parameters()) else torch.zeros(1)
+        for t in (x, y, weights):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        settings = {k: v for k, v in self.describe().items() if k != "runtime_checks"}
+        h.update(repr(sorted(settings.items())).encode())
+        return self.resume_dir / f"autoattack-{h.hexdigest()[:20]}.pt"
 
     def describe(self) -> dict[str, Any]:
-        return {"attack": "autoattack", "backend": self.backend, "version": self.version,
-                "components": list(self.components), **self.threat.describe(), "steps": self.steps,
-                "n_queries": self.n_queries, "n_target_classes": self.n_target_classes, "seed": self.seed}
-
-
-def _warn_port() -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn("AutoAttack: the official package is not installed, so robustkd runs torchattacks' port with "
-                      "the official standard settings. Its numbers may not match published AutoAttack results "
-                      "(install the official one with: pip install 'robustkd[autoattack]').", UserWarning, stacklevel=3)
+        return {"attack": "autoattack", "backend": f"pyautoattack {official_version()}", "version": self.version,
+                "components": list(self.components), **self.threat.describe(),
+                **{k: v for k, v in self.knobs.items() if v is not None}, "seed": self.seed,
+                "runtime_checks": list(self.runtime_checks)}

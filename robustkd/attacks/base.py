@@ -1,91 +1,278 @@
-"""The attack contract and the factory that builds attacks from short specs.
+"""The attack contract, the capabilities attacks ask of tasks, and the one attack-spec language.
 
 An attack is an object you call, as in torchattacks: ``adv = attack(model, batch, targets)``
 returns an :class:`~robustkd.task.Adversarial` ``(batch, delta)``; ``task.logits(model, *adv)``
-evaluates any model on it. ``targets`` are hard labels or soft distributions.
+evaluates any model on it. ``targets`` are hard labels or soft distributions. Subclasses implement
+:meth:`Attack.perturb`; ``__call__`` puts the victim in the attack's ``mode`` (``"eval"`` by default,
+``"train"`` where a method attacks in train mode as ADR's reference does) and restores it afterwards,
+so no caller switches modes itself.
+
+The attack-spec language
+------------------------
+Every flag and API that takes attacks (``robustkd eval --attacks``, recipe ``--final-attacks``,
+``TrainConfig.eval_attacks``, ``RobustConfig.eval_attacks``, :func:`run_evaluation`) reads this one
+language through :func:`split_attack_specs` and :func:`create_attack`:
+
+* one spec is ``NAME`` or ``NAME:OPTIONS``; ``OPTIONS`` are ``key=value`` pairs separated by ``,``;
+  a first option without ``=`` names a sub-recipe (``textattack:deepwordbug``);
+* ``NAMEN`` is short for ``NAME:steps=N`` when ``NAME`` is registered (``pgd20``, ``snr_pgd7``);
+* values are typed by the attack's signature: integers (``steps=50``), numbers and fractions
+  (``eps=8/255``), booleans (``true``/``false``), strings (``loss=margin``), ``+``-joined lists
+  (``attacks=apgd-ce+square``); a value of the wrong type (``steps=three``) is refused, naming the
+  option and the type it needs;
+* ``mode=train|eval`` sets the mode the victim is in while the attack runs (every attack);
+* a list of specs is separated by ``;`` or ``,`` -- the two are the same everywhere -- and a
+  ``key=value`` part after a spec with options continues that spec:
+  ``pgd:steps=50,eps=4/255,autoattack`` == ``pgd:steps=50,eps=4/255;autoattack``.
+
+``create_attack(spec, task, **defaults)`` applies ``defaults`` (e.g. the run's ``eps=``/``norm=``)
+unless the spec names the option itself, and only to attacks that take it.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import re
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
 from ..registry import ATTACKS, RegistryError
 from ..task import Adversarial, Batch, Task
-from ..threat import eps_from_pixels
+from ..threat import ThreatModel, eps_from_pixels
+
+MODES = ("train", "eval")
+
+
+# -- capabilities: what an attack needs from a task (tasks provide them structurally) ----------
+@runtime_checkable
+class EmbeddingInputs(Protocol):
+    """Inputs are token ids that the victim embeds: attacks perturb or swap token embeddings.
+    Provided by the built-in text task."""
+
+    tokenizer: Any
+    max_length: int
+
+    def encode(self, texts: list[str], labels: Any = None) -> Batch: ...
+
+    def embeddings(self, model: nn.Module, input_ids: Tensor) -> Tensor: ...
+
+    def special_mask(self, input_ids: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class WaveformInputs(Protocol):
+    """Inputs are waveforms measured by signal-to-noise ratio: ``snr_threat(snr_db)`` is the task's SNR
+    ball (``snr_db=None``: its default budget). Provided by the built-in speech tasks."""
+
+    sample_rate: int | None
+
+    def snr_threat(self, snr_db: float | None = None) -> ThreatModel: ...
+
+
+def missing_capabilities(task: Task, requires: Iterable[type]) -> list[str]:
+    """Names of the capabilities in ``requires`` that ``task`` does not provide."""
+    return [cap.__name__ for cap in requires if not isinstance(task, cap)]
+
+
+@contextlib.contextmanager
+def victim_mode(model: nn.Module, mode: str | None) -> Iterator[nn.Module]:
+    """``model`` in ``mode`` ("train" | "eval"; ``None`` leaves it) for the block, then as it was --
+    every submodule's own flag restored, not only the root's."""
+    if mode is None:
+        yield model
+        return
+    if mode not in MODES:
+        raise ValueError(f"unknown attack mode {mode!r}: use 'train' or 'eval'")
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(mode == "train")
+    try:
+        yield model
+    finally:
+        for m, training in saved:
+            m.training = training
 
 
 class Attack(ABC):
-    """Base class: subclasses implement ``__call__``. ``modalities`` lists the task modalities the
-    attack supports (``None``: any continuous task)."""
+    """Base class: subclasses implement :meth:`perturb` and list the capabilities (protocols from this
+    module, or any class) they need from a task in ``requires``; a task without them is refused at
+    construction, naming what is missing and the attacks that do fit."""
 
-    modalities: tuple[str, ...] | None = None
+    requires: tuple[type, ...] = ()
+    mode: str | None = "eval"
 
     def __init__(self, task: Task):
-        if self.modalities is not None and task.modality not in self.modalities:
-            raise RegistryError(
-                f"the attack {type(self).__name__} works on {', '.join(self.modalities)} tasks, not on "
-                f"{task.name!r} ({task.modality}). Attacks for {task.modality}: "
-                f"{', '.join(attacks_for(task)) or '(none)'}."
-            )
+        check_capabilities(type(self), task)
         self.task = task
 
-    @abstractmethod
     def __call__(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
+        """Perturb ``batch`` against ``model`` with the victim in the attack's ``mode``, then restore it."""
+        with victim_mode(model, self.mode):
+            return self.perturb(model, batch, targets)
+
+    @abstractmethod
+    def perturb(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
         """Perturb ``batch`` against ``model``; ``targets`` default to the batch's labels."""
+
+    def set_mode(self, mode: str | None) -> "Attack":
+        """Run the victim in ``mode`` ("train" | "eval"; ``None``: leave the caller's mode)."""
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"unknown attack mode {mode!r}: use 'train' or 'eval'")
+        self.mode = mode
+        return self
 
     def describe(self) -> dict[str, Any]:
         """The attack's parameters, for reports."""
         return {"attack": type(self).__name__}
 
 
+def check_capabilities(factory: Any, task: Task, name: str | None = None) -> None:
+    """Refuse ``task`` when it lacks a capability ``factory.requires`` lists (``name``: the registered name)."""
+    missing = missing_capabilities(task, getattr(factory, "requires", ()))
+    if missing:
+        name = name or getattr(factory, "__name__", type(factory).__name__)
+        raise RegistryError(
+            f"the attack {name!r} does not work on the task {task.name!r}: it needs {', '.join(missing)}, which the "
+            f"task does not provide. Attacks for {task.name!r}: {', '.join(attacks_for(task)) or '(none)'}.")
+
+
 def attacks_for(task: Task) -> list[str]:
-    """Names of the registered attacks that accept this task's modality."""
-    names = []
-    for entry in ATTACKS.entries():
-        mods = getattr(entry.obj, "modalities", None)
-        if mods is None or task.modality in mods:
-            names.append(entry.name)
-    return names
+    """Names of the registered attacks whose required capabilities this task provides."""
+    return [e.name for e in ATTACKS.entries() if not missing_capabilities(task, getattr(e.obj, "requires", ()))]
+
+
+# -- the spec language --------------------------------------------------------------------------
+class AttackSpecError(ValueError):
+    """A malformed attack spec; the message names the spec, the option and the fix."""
 
 
 _SHORTHAND = re.compile(r"^([a-z_]+?)(\d+)$")
+_NAME = re.compile(r"^[A-Za-z_][\w\-]*$")
 
 
-def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"pgd20"`` -> ``("pgd", {"steps": 20})``; ``"pgd:eps=8/255,steps=50"`` -> keyword options;
-    ``"textattack:deepwordbug"`` -> ``("textattack", {"recipe": "deepwordbug"})``."""
-    name, _, opts = spec.strip().partition(":")
-    kwargs: dict[str, Any] = {}
-    if opts:
-        for part in opts.split(","):
-            if "=" not in part:
-                kwargs["recipe"] = part  # a bare word names a sub-recipe
-                continue
-            key, value = part.split("=", 1)
-            kwargs[key.strip()] = _parse_value(value.strip())
-    if name not in ATTACKS and (m := _SHORTHAND.match(name)) and m.group(1) in ATTACKS:
-        name, kwargs = m.group(1), {"steps": int(m.group(2)), **kwargs}
-    return name, kwargs
-
-
-def split_attack_specs(text: str) -> list[str]:
-    """Split a comma-separated list of specs, keeping ``key=value`` options with their spec:
-    ``"pgd20,autoattack:version=custom,attacks=apgd-ce"`` -> ``["pgd20", "autoattack:version=custom,attacks=apgd-ce"]``."""
+def split_attack_specs(text: str | Iterable[str] | None) -> list[str]:
+    """Split a list of specs at ``;`` or ``,`` (the same); a ``key=value`` part after a spec with options
+    continues it: ``"pgd20;autoattack:version=custom,attacks=apgd-ce"`` ->
+    ``["pgd20", "autoattack:version=custom,attacks=apgd-ce"]``. A list of strings is split item by item."""
+    if text is None:
+        return []
+    if not isinstance(text, str):
+        return [s for item in text for s in split_attack_specs(item)]
     specs: list[str] = []
-    for token in (t.strip() for t in (text or "").split(",")):
-        if not token:
+    for part in (p.strip() for p in re.split(r"[;,]", text)):
+        if not part:
             continue
-        if specs and "=" in token and ":" not in token.split("=", 1)[0]:
-            specs[-1] += "," + token
+        head = part.split("=", 1)[0]
+        if "=" in part and ":" not in head:  # an option, not a new spec
+            if not specs or ":" not in specs[-1]:
+                after = specs[-1] if specs else None
+                fix = f"{after}:{part}" if after else f"NAME:{part}"
+                raise AttackSpecError(f"{part!r} in {text!r} is an option but follows no attack with options: "
+                                      f"write {fix!r} (options come after ':')")
+            specs[-1] += "," + part
         else:
-            specs.append(token)
+            specs.append(part)
     return specs
 
 
-def _parse_value(value: str) -> Any:
+def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"pgd20"`` -> ``("pgd", {"steps": 20})``; ``"pgd:eps=8/255,steps=50"`` -> keyword options typed by
+    the attack's signature; ``"textattack:deepwordbug"`` -> ``("textattack", {"recipe": "deepwordbug"})``."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise AttackSpecError(f"an attack spec must be a non-empty string like 'pgd20', got {spec!r}")
+    name, _, opts = spec.strip().partition(":")
+    name = name.strip()
+    if not _NAME.match(name):
+        raise AttackSpecError(f"{spec!r}: {name!r} is not an attack name; write NAME or NAME:key=value,... "
+                              "(e.g. pgd20 or pgd:steps=50,eps=8/255)")
+    raw: dict[str, str] = {}
+    for i, part in enumerate(p.strip() for p in opts.split(",") if opts):
+        if not part:
+            continue
+        if "=" not in part:
+            if i == 0 and "recipe" not in raw:
+                raw["recipe"] = part  # a bare first word names a sub-recipe
+                continue
+            raise AttackSpecError(f"{spec!r}: option {part!r} has no value; write key=value")
+        key, value = (s.strip() for s in part.split("=", 1))
+        if not key.isidentifier():
+            raise AttackSpecError(f"{spec!r}: {key!r} is not an option name")
+        if key in raw:
+            raise AttackSpecError(f"{spec!r} gives the option {key!r} twice")
+        raw[key] = value
+    steps = None
+    if name not in ATTACKS and (m := _SHORTHAND.match(name)) and m.group(1) in ATTACKS:
+        name, steps = m.group(1), int(m.group(2))
+        if "steps" in raw:
+            raise AttackSpecError(f"{spec!r} gives the steps twice ({name}{steps} and steps={raw['steps']})")
+    factory = ATTACKS.get(name) if name in ATTACKS else None
+    kwargs: dict[str, Any] = {} if steps is None else {"steps": steps}
+    for key, value in raw.items():
+        kwargs[key] = _coerce(spec, factory, key, value)
+    return name, kwargs
+
+
+def _signature(factory: Any) -> inspect.Signature | None:
+    if factory is None:
+        return None
+    try:
+        return inspect.signature(factory.__init__ if inspect.isclass(factory) else factory)
+    except (TypeError, ValueError):
+        return None
+
+
+def _expected(factory: Any, key: str) -> str | None:
+    """``bool``/``int``/``float``/``str``/``list`` for an option of ``factory``, from its default or annotation."""
+    if key == "mode":
+        return "mode"
+    sig = _signature(factory)
+    if sig is None or key not in sig.parameters:
+        return None
+    p = sig.parameters[key]
+    if p.default is not inspect.Parameter.empty and p.default is not None:
+        for kind in (bool, int, float, str):
+            if type(p.default) is kind:
+                return kind.__name__
+    ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
+    for kind in ("bool", "float", "int", "list", "str"):  # float before int: "float | None"
+        if re.search(rf"\b{kind}\b", str(ann)):
+            return kind
+    return None
+
+
+_TYPE_WORDS = {"int": "an integer (e.g. 10)", "float": "a number or fraction (e.g. 0.5 or 8/255)",
+               "bool": "true or false", "mode": "'train' or 'eval'"}
+
+
+def _coerce(spec: str, factory: Any, key: str, value: str) -> Any:
+    kind = _expected(factory, key)
+    try:
+        if kind == "bool":
+            low = value.lower()
+            if low in ("true", "1", "yes"):
+                return True
+            if low in ("false", "0", "no"):
+                return False
+            raise ValueError(value)
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return eps_from_pixels(value)
+        if kind == "mode":
+            if value not in MODES:
+                raise ValueError(value)
+            return value
+        if kind == "list":
+            return value.split("+")
+        if kind == "str":
+            return value
+    except (ValueError, ZeroDivisionError):
+        raise AttackSpecError(f"{spec!r}: option {key}={value!r} must be {_TYPE_WORDS[kind]}") from None
+    return _guess(value)  # an option the attack passes on (e.g. snr_db to the task's threat model)
+
+
+def _guess(value: str) -> Any:
     if value.lower() in ("true", "false"):
         return value.lower() == "true"
     try:
@@ -94,16 +281,46 @@ def _parse_value(value: str) -> Any:
         pass
     try:
         return eps_from_pixels(value)
-    except ValueError:
+    except (ValueError, ZeroDivisionError):
         return value
 
 
-def create_attack(spec: str, task: Task, **overrides: Any) -> Attack:
-    """Build a registered attack from a spec string (see :func:`parse_attack_spec`)."""
+def _accepts(factory: Any, key: str) -> bool:
+    sig = _signature(factory)
+    if sig is None:
+        return True
+    params = sig.parameters
+    return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def create_attack(spec: str, task: Task, **defaults: Any) -> Attack:
+    """Build a registered attack from a spec (see this module's docstring). ``defaults`` (e.g. the run's
+    ``eps=``, ``norm=``) apply unless the spec names them; ``None`` values and options the attack does not
+    take are skipped, so one set of defaults serves every attack in a list."""
     name, kwargs = parse_attack_spec(spec)
     factory = ATTACKS.get(name)
-    kwargs.update(overrides)
+    check_capabilities(factory, task, name)
+    for key, value in defaults.items():
+        if key not in kwargs and value is not None and (key == "mode" or _accepts(factory, key)):
+            kwargs[key] = value
+    mode = kwargs.pop("mode", None) if "mode" not in (_signature(factory) or inspect.Signature()).parameters else None
     try:
-        return factory(task, **kwargs)
+        attack = factory(task, **kwargs)
     except TypeError as exc:
-        raise TypeError(f"bad options for attack {spec!r}: {exc}") from exc
+        raise AttackSpecError(f"bad options for attack {spec!r}: {exc}") from exc
+    if mode is not None:
+        attack.set_mode(mode)
+    return attack
+
+
+def build_attacks(specs: str | Iterable[str], task: Task, **defaults: Any) -> dict[str, Attack]:
+    """``{spec: attack}`` for a list of specs (a string is split with :func:`split_attack_specs`);
+    a name that does not fit the task is refused with the list of those that do."""
+    attacks: dict[str, Attack] = {}
+    for spec in split_attack_specs(specs):
+        name, _ = parse_attack_spec(spec)
+        if name not in ATTACKS:
+            raise RegistryError(f"the attack {name!r} (from {spec!r}) is not registered. Attacks for "
+                                f"{task.name!r}: {', '.join(attacks_for(task)) or '(none)'}.")
+        attacks[spec] = create_attack(spec, task, **defaults)
+    return attacks

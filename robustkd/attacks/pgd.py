@@ -68,7 +68,7 @@ class PGD(Attack):
             return self.rel_step_size * self.threat.radius(x)
         return self.threat.default_step_size(x, self.steps)
 
-    def __call__(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
+    def perturb(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
         task, threat = self.task, self.threat
         targets = task.labels(batch) if targets is None else targets
         x = task.perturbation_base(model, batch).detach()

@@ -1,16 +1,16 @@
 """Waveform attacks: SNR-bounded and amplitude (L-inf) perturbations of raw audio.
 
 There is no speech-specific attack loop: these are the shared :class:`~robustkd.attacks.pgd.PGD`
-with waveform threat models (``SNRBall`` from :mod:`robustkd.threat`, or an L-inf ball clamped to
-[-1, 1]), plus the measurement every audio report needs -- the SNR each adversarial example
-actually achieved (:func:`achieved_snr_db`, :class:`SNRMeter`).
+with waveform threat models (the task's ``SNRBall``, or an L-inf ball clamped to its domain), plus the
+measurement every audio report needs -- the SNR each adversarial example actually achieved
+(:func:`robustkd.threat.snr_db`, :class:`SNRMeter`). They require the
+:class:`~robustkd.attacks.base.WaveformInputs` capability, which the built-in speech tasks provide.
 
 Specs: ``snr_pgd20:snr_db=30``, ``snr_fgsm:snr_db=40``, ``linf_pgd20:eps=0.002``; the generic
 ``pgd20:snr_db=30`` works too (PGD passes ``snr_db`` to ``task.threat_model``).
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -18,30 +18,9 @@ from torch import Tensor, nn
 
 from ..registry import register_attack
 from ..task import Adversarial, Batch, Task
-from ..threat import SNRBall, ThreatModel
-from .base import Attack
+from ..threat import ThreatModel, snr_db
+from .base import Attack, WaveformInputs
 from .pgd import PGD
-
-AUDIO_DOMAIN = (-1.0, 1.0)
-
-
-def snr_ball(snr_db: float) -> SNRBall:
-    """Perturbations at least ``snr_db`` below each clean waveform's energy, clamped to [-1, 1]."""
-    return SNRBall(snr_db, AUDIO_DOMAIN)
-
-
-def linf_amplitude(eps: float) -> ThreatModel:
-    """Per-sample amplitude changes of at most ``eps``, clamped to [-1, 1]."""
-    return ThreatModel(eps, "linf", domain=AUDIO_DOMAIN)
-
-
-def achieved_snr_db(x: Tensor, delta: Tensor) -> Tensor:
-    """Per-example SNR of ``x + delta`` in dB; ``+inf`` where the perturbation is exactly zero (the
-    clean signal is returned unchanged), rather than a clamp-dependent large number."""
-    signal = x.detach().flatten(1).double().pow(2).sum(1)
-    noise = delta.detach().flatten(1).double().pow(2).sum(1)
-    out = 10 * torch.log10(signal / noise)
-    return torch.where(noise == 0, torch.full_like(out, math.inf), out).float()
 
 
 class SNRMeter:
@@ -55,7 +34,7 @@ class SNRMeter:
         self.linf: list[Tensor] = []
 
     def update(self, x: Tensor, delta: Tensor) -> None:
-        self.values.append(achieved_snr_db(x, delta).cpu())
+        self.values.append(snr_db(x, delta).cpu())
         self.linf.append(delta.detach().flatten(1).abs().amax(1).float().cpu())
 
     def reset(self) -> None:
@@ -83,7 +62,10 @@ class SNRMeter:
 
 class MeasuredAttack(Attack):
     """Wraps any continuous attack and records the achieved SNR of every example it returns, so
-    reports show the budget actually used (and prove it was respected)."""
+    reports show the budget actually used (and prove it was respected). The wrapped attack sets the
+    victim's mode itself."""
+
+    mode = None
 
     def __init__(self, attack: Attack, meter: SNRMeter | None = None):
         super().__init__(attack.task)
@@ -91,7 +73,7 @@ class MeasuredAttack(Attack):
         threat = getattr(attack, "threat", None)
         self.meter = meter or SNRMeter(getattr(threat, "snr_db", None))
 
-    def __call__(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
+    def perturb(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
         adv = self.attack(model, batch, targets)
         if adv.delta is not None:
             self.meter.update(self.task.perturbation_base(model, batch), adv.delta)
@@ -106,23 +88,18 @@ def _named(attack: PGD, name: str) -> dict[str, Any]:
 
 
 def _task_snr(task: Task, snr_db: float | None) -> ThreatModel:
-    if snr_db is None:
-        threat = task.threat_model()
-        if not isinstance(threat, SNRBall):
-            raise ValueError(f"the task {task.name!r} has no default SNR budget: pass snr_db=...")
-        return threat
-    return task.threat_model(snr_db=snr_db)
+    return task.snr_threat(snr_db)  # type: ignore[attr-defined] - WaveformInputs
 
 
 @register_attack("snr_pgd")
 class SNRPGD(PGD):
     """PGD in an SNR ball on the waveform (L2 steps, per-example radius ``||x|| 10^(-snr/20)``)."""
 
-    modalities = ("audio",)
+    requires = (WaveformInputs,)
 
     def __init__(self, task: Task, threat: ThreatModel | None = None, *, snr_db: float | None = None,
                  **kwargs: Any):
-        Attack.__init__(self, task)  # check the modality before building anything
+        Attack.__init__(self, task)  # check the capability before building anything
         super().__init__(task, threat if threat is not None else _task_snr(task, snr_db), **kwargs)
 
     def describe(self) -> dict[str, Any]:
@@ -133,7 +110,7 @@ class SNRPGD(PGD):
 class SNRFGM(PGD):
     """Fast gradient method in an SNR ball: one L2-normalised step to the ball's surface."""
 
-    modalities = ("audio",)
+    requires = (WaveformInputs,)
 
     def __init__(self, task: Task, threat: ThreatModel | None = None, *, snr_db: float | None = None,
                  **kwargs: Any):
@@ -150,7 +127,7 @@ class SNRFGM(PGD):
 class LinfPGD(PGD):
     """PGD in an amplitude (L-inf) ball on the waveform, clamped to [-1, 1]."""
 
-    modalities = ("audio",)
+    requires = (WaveformInputs,)
 
     def __init__(self, task: Task, threat: ThreatModel | None = None, *, eps: float | None = None, **kwargs: Any):
         Attack.__init__(self, task)
@@ -164,7 +141,7 @@ class LinfPGD(PGD):
 class LinfFGSM(PGD):
     """FGSM in an amplitude (L-inf) ball on the waveform: one sign step of size eps."""
 
-    modalities = ("audio",)
+    requires = (WaveformInputs,)
 
     def __init__(self, task: Task, threat: ThreatModel | None = None, *, eps: float | None = None, **kwargs: Any):
         Attack.__init__(self, task)
@@ -176,5 +153,4 @@ class LinfFGSM(PGD):
         return _named(self, "linf_fgsm")
 
 
-__all__ = ["LinfFGSM", "LinfPGD", "MeasuredAttack", "SNRFGM", "SNRMeter", "SNRPGD", "achieved_snr_db",
-           "linf_amplitude", "snr_ball"]
+__all__ = ["LinfFGSM", "LinfPGD", "MeasuredAttack", "SNRFGM", "SNRMeter", "SNRPGD"]

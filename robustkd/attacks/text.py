@@ -11,8 +11,8 @@
   and model, and keeps per-example results: accuracy under attack, success rate, fraction of words
   perturbed, queries, successful examples.
 
-These attacks need a task with ``modality == "text"`` that provides ``tokenizer``, ``encode``,
-``embeddings`` and ``special_mask`` (``tasks.text.TextClassification``).
+These attacks require the :class:`~robustkd.attacks.base.EmbeddingInputs` capability (``tokenizer``,
+``max_length``, ``encode``, ``embeddings``, ``special_mask``), which the built-in text task provides.
 """
 from __future__ import annotations
 
@@ -24,18 +24,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
 from ..registry import register_attack
 from ..task import Adversarial, Batch, Task
 from ..threat import ThreatModel
-from .base import Attack
+from .base import Attack, EmbeddingInputs, check_capabilities, victim_mode
 from .pgd import OBJECTIVES, PGD
-
-
-def _require_text(task: Task, what: str) -> None:
-    if task.modality != "text":
-        raise ValueError(f"{what} works on text tasks, not on {task.name!r} ({task.modality})")
 
 
 def _victim_embeddings(model: nn.Module) -> nn.Embedding:
@@ -50,7 +46,7 @@ def embedding_pgd(task: Task, threat: ThreatModel | None = None, *, eps: float |
                   norm: str | None = None, steps: int = 10, rel_step_size: float | None = None,
                   **kwargs: Any) -> PGD:
     """PGD in each model's own token-embedding space (per-token L2 or L-inf ball, relative radius)."""
-    _require_text(task, "embedding_pgd")
+    check_capabilities(embedding_pgd, task)
     threat = threat if threat is not None else task.threat_model(eps=eps, norm=norm)
     if not threat.per_token:
         raise ValueError("embedding_pgd needs a per-token threat model (ThreatModel(..., per_token=True))")
@@ -59,7 +55,7 @@ def embedding_pgd(task: Task, threat: ThreatModel | None = None, *, eps: float |
     return PGD(task, threat, steps=steps, rel_step_size=rel_step_size, **kwargs)
 
 
-embedding_pgd.modalities = ("text",)  # type: ignore[attr-defined]
+embedding_pgd.requires = (EmbeddingInputs,)  # type: ignore[attr-defined]
 
 
 # -- HotFlip-style token substitution ----------------------------------------------------------
@@ -74,7 +70,7 @@ class TokenSubstitution(Attack):
     stop early (``stop_on_success``). At least one word is changed in any text with a word.
     """
 
-    modalities = ("text",)
+    requires = (EmbeddingInputs,)
 
     def __init__(self, task: Task, *, fraction: float = 0.1, max_words: int | None = None, loss: str = "ce",
                  stop_on_success: bool = True, candidates: int | None = None):
@@ -127,7 +123,7 @@ class TokenSubstitution(Attack):
             budget = budget.clamp(max=self.max_words)
         return budget
 
-    def __call__(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
+    def perturb(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
         task = self.task
         targets = task.labels(batch) if targets is None else targets
         hard = targets.dim() == 1
@@ -324,14 +320,14 @@ def _make_wrapper_class() -> type:
             texts = [t if isinstance(t, str) else " ".join(t) for t in text_input_list]
             out = []
             for i in range(0, len(texts), self.batch_size):
-                batch = _to_device(self.task.encode(texts[i:i + self.batch_size]), self._device())
+                batch = send_to_device(self.task.encode(texts[i:i + self.batch_size]), self._device())
                 with torch.no_grad():
                     out.append(self.task.logits(self.model, batch).float().cpu())
             return torch.cat(out) if out else torch.zeros(0, self.task.num_classes)
 
         def get_grad(self, text_input: str) -> dict[str, Any]:
             """Gradient of the loss at the predicted class w.r.t. the token embeddings (HotFlip, A2T)."""
-            batch = _to_device(self.task.encode([text_input]), self._device())
+            batch = send_to_device(self.task.encode([text_input]), self._device())
             base = self.task.perturbation_base(self.model, batch).detach()
             zero = torch.zeros_like(base, requires_grad=True)
             logits = self.task.logits(self.model, batch, zero)
@@ -347,10 +343,6 @@ def _make_wrapper_class() -> type:
     return TaskModelWrapper
 
 
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
 @register_attack("textattack")
 class TextAttackAdapter(Attack):
     """Any TextAttack recipe by name (``textattack:deepwordbug``), run text by text on the victim.
@@ -361,7 +353,7 @@ class TextAttackAdapter(Attack):
     Recipes whose resources are missing fail up front with :class:`ResourceMissingError` naming them.
     """
 
-    modalities = ("text",)
+    requires = (EmbeddingInputs,)
 
     def __init__(self, task: Task, recipe: str = "deepwordbug", *, query_budget: int | None = None,
                  batch_size: int = 32, keep_examples: int = 50):
@@ -388,6 +380,9 @@ class TextAttackAdapter(Attack):
                 raise ResourceMissingError(_resource_message(self.recipe, list(TEXTATTACK_RECIPES[self.recipe][1]), exc)) from exc
             if self.query_budget is not None:
                 self._attack.goal_function.query_budget = self.query_budget
+            # TextAttack hands the model its candidate texts in chunks of the goal function's batch
+            # size; make that the wrapper's, so every query is one forward pass of ``batch_size`` texts
+            self._attack.goal_function.batch_size = self.batch_size
         self._wrapper.model = model
         self._attack.clear_cache()  # the model (or its weights) may have changed since the last call
         return self._attack
@@ -419,14 +414,14 @@ class TextAttackAdapter(Attack):
         self.records.extend(out)
         return out
 
-    def __call__(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
+    def perturb(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
         labels = self.task.labels(batch) if targets is None or targets.dim() != 1 else targets
         if "text" not in batch:
             raise ValueError("the TextAttack adapter needs the raw texts in batch['text'] (the text task's collate_fn "
                              "keeps them)")
         records = self.attack_texts(model, list(batch["text"]), labels.tolist())
         texts = [r["perturbed_text"] if r["status"] == "success" else t for r, t in zip(records, batch["text"])]
-        new = _to_device(self.task.encode(texts, labels.cpu()), batch["input_ids"].device)
+        new = send_to_device(self.task.encode(texts, labels.cpu()), batch["input_ids"].device)
         return Adversarial({**batch, **new}, None)
 
     def summary(self, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -439,7 +434,7 @@ class TextAttackAdapter(Attack):
 
     def describe(self) -> dict[str, Any]:
         return {"attack": "textattack", "recipe": self.recipe, "recipe_class": TEXTATTACK_RECIPES[self.recipe][0],
-                "query_budget": self.query_budget}
+                "query_budget": self.query_budget, "model_batch_size": self.batch_size}
 
 
 def summarize_textattack(records: list[dict[str, Any]], recipe: str, keep_examples: int = 50) -> dict[str, Any]:
@@ -463,17 +458,15 @@ def summarize_textattack(records: list[dict[str, Any]], recipe: str, keep_exampl
 
 def textattack_evaluate(task: Task, model: nn.Module, texts: list[str], labels: list[int], recipe: str = "deepwordbug",
                         *, query_budget: int | None = None, output: str | Path | None = None,
-                        keep_examples: int = 50) -> dict[str, Any]:
-    """Evaluate ``model`` under a TextAttack recipe on ``texts``; the summary as a dict (and JSON file)."""
+                        keep_examples: int = 50, batch_size: int = 32) -> dict[str, Any]:
+    """Evaluate ``model`` under a TextAttack recipe on ``texts``; the summary as a dict (and JSON file).
+    The model answers TextAttack's queries ``batch_size`` texts at a time."""
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
-    adapter = TextAttackAdapter(task, recipe, query_budget=query_budget, keep_examples=keep_examples)
-    was_training = model.training
-    model.eval()
-    try:
+    adapter = TextAttackAdapter(task, recipe, query_budget=query_budget, keep_examples=keep_examples,
+                                batch_size=batch_size)
+    with victim_mode(model, adapter.mode):
         adapter.attack_texts(model, list(texts), [int(y) for y in labels])
-    finally:
-        model.train(was_training)
     summary = adapter.summary()
     if output is not None:
         Path(output).write_text(json.dumps(summary, indent=2))

@@ -9,9 +9,12 @@ temperature); ``off`` keeps the temperatures fixed.
 *Normalization Loss Balance* moves the loss weights toward each loss's share of relative
 progress ``r_k = L_k / L_k^0`` so the student learns from both teachers at a similar speed.
 
-Both are plain state (Python floats) that :class:`~robustkd.distill.mtard.MTARD` updates from
-statistics averaged over all processes, so every rank holds the same values, and that is saved
-in checkpoints.
+Both keep their state in small tensors on the training device and update it with tensor
+operations, so a training step never waits for the device (no host synchronisation per step;
+the values reach the host only when logged or checkpointed). :class:`~robustkd.distill.mtard.MTARD`
+updates them from statistics summed over all processes, so every rank holds the same values.
+The float methods (``step``, ``propose``, ``commit``, ``solve``) are the same rules for host
+values (hand computation, tests); ``*_t`` methods are their device forms.
 """
 from __future__ import annotations
 
@@ -19,9 +22,10 @@ import math
 from typing import Any, Callable, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..distributed import reduce_
 
 EntropyMode = Literal["reference", "exact", "off"]
 ENTROPY_MODES = ("reference", "exact", "off")
@@ -35,8 +39,7 @@ def all_reduce_sum(t: Tensor) -> Tensor:
 
     Why: temperatures and weights are derived from these sums, so every rank computes the same values.
     """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    reduce_(t, "sum")
     return t
 
 
@@ -52,11 +55,30 @@ def reference_entropy_stat(probs: Tensor) -> Tensor:
     return (probs * torch.log(probs + REFERENCE_LOG_EPS)).mean(-1)
 
 
-def _sign(x: float) -> float:
-    return float((x > 0) - (x < 0))
+def _state_dtype(device: torch.device) -> torch.dtype:
+    """float64 (as the reference's Python floats) wherever the device has it."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
-class EntropyBalance:
+def _pair(a: float | Tensor, b: float | Tensor, like: Tensor) -> Tensor:
+    """``[a, b]`` as a (2,) tensor with ``like``'s device and dtype, without a host round trip."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return torch.stack([torch.as_tensor(a).to(like), torch.as_tensor(b).to(like)])
+    return torch.tensor([float(a), float(b)], dtype=like.dtype, device=like.device)
+
+
+class _DeviceState:
+    """A named (2,) state tensor that follows the tensors it is used with to their device."""
+
+    def _follow(self, name: str, device: torch.device) -> Tensor:
+        t = getattr(self, name)
+        if t.device != device:
+            t = t.to(device=device, dtype=_state_dtype(device))
+            setattr(self, name, t)
+        return t
+
+
+class EntropyBalance(_DeviceState):
     """Per-teacher temperatures for the robust (``adv``) and clean (``nat``) teacher.
 
     ``reference``: ``t_adv <- t_adv - lr * sign(E_adv / E_nat - 1)`` and
@@ -85,34 +107,68 @@ class EntropyBalance:
         self.mode: EntropyMode = mode
         self.t_min, self.t_max, self.lr, self.decay = float(t_min), float(t_max), float(lr), float(decay)
         self.bisection_steps = int(bisection_steps)
-        self.t_adv, self.t_nat = float(init[0]), float(init[1])
+        self.t = torch.tensor([float(init[0]), float(init[1])], dtype=torch.float64)  # (t_adv, t_nat)
         self.steps = 0
+
+    def tensors(self, device: torch.device) -> Tensor:
+        """The temperatures ``(t_adv, t_nat)`` as a (2,) tensor on ``device`` (no host sync)."""
+        return self._follow("t", device)
+
+    @property
+    def t_adv(self) -> float:
+        return float(self.t[0])
+
+    @t_adv.setter
+    def t_adv(self, value: float) -> None:
+        self.t = self.t.clone()
+        self.t[0] = float(value)
+
+    @property
+    def t_nat(self) -> float:
+        return float(self.t[1])
+
+    @t_nat.setter
+    def t_nat(self, value: float) -> None:
+        self.t = self.t.clone()
+        self.t[1] = float(value)
 
     @property
     def temperatures(self) -> tuple[float, float]:
-        return self.t_adv, self.t_nat
+        """As host floats (a device sync: for logging and tests, not the training step)."""
+        t_adv, t_nat = self.t.tolist()
+        return t_adv, t_nat
 
     def step_size(self, milestones_passed: int) -> float:
         """The sign-step size after ``milestones_passed`` LR decays."""
         return self.lr * self.decay ** milestones_passed
 
-    def step(self, e_adv: float, e_nat: float, milestones_passed: int = 0) -> None:
-        """One reference-mode update from the batch statistics ``E_adv``, ``E_nat`` (see class doc)."""
+    def step(self, e_adv: float | Tensor, e_nat: float | Tensor, milestones_passed: int = 0) -> None:
+        """One reference-mode update from the batch statistics ``E_adv``, ``E_nat`` (see class doc);
+        tensors stay on their device (no host sync)."""
         if self.mode != "reference":
             return
+        device = e_adv.device if isinstance(e_adv, Tensor) else self.t.device
+        t = self.tensors(device)
+        e = _pair(e_adv, e_nat, t)
+        s = torch.sign(e[1] - e[0])  # = sign(E_adv / E_nat - 1) for negative E
         lr = self.step_size(milestones_passed)
-        s = _sign(e_nat - e_adv)  # = sign(E_adv / E_nat - 1) for negative E
-        self.t_adv = min(max(self.t_adv - lr * s, self.t_min), self.t_max)
-        self.t_nat = min(max(self.t_nat + lr * s, self.t_min), self.t_max)
+        direction = torch.tensor([-1.0, 1.0], dtype=t.dtype, device=device)
+        self.t = (t + lr * s * direction).clamp(self.t_min, self.t_max)
         self.steps += 1
 
     def solve(self, adv_logits: Tensor, nat_logits: Tensor,
               reduce: Callable[[Tensor], Tensor] = all_reduce_sum) -> tuple[float, float]:
-        """Exact mode: set the temperatures that equalise the teachers' mean entropies on this batch.
+        """Exact mode: set the temperatures that equalise the teachers' mean entropies on this
+        batch and return them as host floats (:meth:`solve_t` is the same without the sync)."""
+        self.solve_t(adv_logits, nat_logits, reduce)
+        return self.temperatures
+
+    def solve_t(self, adv_logits: Tensor, nat_logits: Tensor,
+                reduce: Callable[[Tensor], Tensor] = all_reduce_sum) -> Tensor:
+        """:meth:`solve` on the device: the (2,) temperatures, with no host synchronisation.
 
         ``reduce`` sums a tensor over processes, so the mean entropies (and hence the solved
-        temperatures) are those of the global batch, identical on every rank. All bisection steps
-        run on the device without host synchronisation; one ``.tolist()`` at the end.
+        temperatures) are those of the global batch, identical on every rank.
         """
         if adv_logits.shape != nat_logits.shape:
             raise ValueError(f"the teachers' logits differ in shape: robust {tuple(adv_logits.shape)} vs clean "
@@ -136,25 +192,27 @@ class EntropyBalance:
         # A teacher already at or above the target stays at t_min; one that cannot reach it stops at t_max.
         t = torch.where(h_min >= target, torch.full_like(t, self.t_min), t)
         t = torch.where(h_max < target, torch.full_like(t, self.t_max), t)
-        self.t_adv, self.t_nat = (float(v) for v in t.tolist())
+        self.t = t.to(_state_dtype(t.device))
         self.steps += 1
-        return self.t_adv, self.t_nat
+        return self.t
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "t_adv": self.t_adv, "t_nat": self.t_nat, "steps": self.steps}
+        t_adv, t_nat = self.temperatures
+        return {"mode": self.mode, "t_adv": t_adv, "t_nat": t_nat, "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("mode") != self.mode:
             raise ValueError(f"the checkpoint's entropy balance is {state.get('mode')!r} but this run uses "
                              f"{self.mode!r}: resume with --entropy-balance {state.get('mode')} or use a new "
                              "--output-dir")
-        self.t_adv, self.t_nat, self.steps = float(state["t_adv"]), float(state["t_nat"]), int(state["steps"])
+        self.t = torch.tensor([float(state["t_adv"]), float(state["t_nat"])], dtype=self.t.dtype, device=self.t.device)
+        self.steps = int(state["steps"])
 
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode, "t_min": self.t_min, "t_max": self.t_max, "lr": self.lr, "decay": self.decay}
 
 
-class LossBalance:
+class LossBalance(_DeviceState):
     """MTARD's Normalization Loss Balance over the robust (``adv``) and clean (``nat``) losses.
 
     The first update stores ``L_k^0``; then ``r_k = L_k / L_k^0``, ``target_k = r_k^beta /
@@ -162,6 +220,12 @@ class LossBalance:
     to sum 1; ``eta`` decays by ``decay`` per LR milestone passed. ``enabled=False`` keeps the
     initial weights. Negative relative losses (possible only with the reference KL's 1e-5
     smoothing) count as 0 so a fractional ``beta`` stays defined.
+
+    Non-finite losses: the host form (``propose``/``commit`` with floats) raises
+    :class:`FloatingPointError`; the device form (``propose_t``/``commit_t``, used in training)
+    cannot raise without a host sync, so it leaves the weights (and ``L^0``) unchanged for that
+    update and counts it in ``nonfinite`` (logged by MTARD as ``mtard_balance_nonfinite``; the
+    step's loss is non-finite too, which the trainer reports).
     """
 
     def __init__(self, enabled: bool = True, *, eta: float = 0.025, beta: float = 1.0, decay: float = 0.1,
@@ -174,46 +238,100 @@ class LossBalance:
         self.enabled = bool(enabled)
         self.eta, self.beta, self.decay = float(eta), float(beta), float(decay)
         total = float(sum(init))
-        self.w_adv, self.w_nat = init[0] / total, init[1] / total
-        self.init_adv: float | None = None
-        self.init_nat: float | None = None
+        self.w = torch.tensor([init[0] / total, init[1] / total], dtype=torch.float64)  # (w_adv, w_nat)
+        self.l0 = torch.zeros(2, dtype=torch.float64)  # (L_adv^0, L_nat^0), valid once l0_set
+        self.l0_set = torch.zeros((), dtype=torch.bool)  # on the device: set by the first finite update
+        self.nonfinite_count = torch.zeros((), dtype=torch.float64)
         self.steps = 0
 
+    # -- host views (each a device sync: logging, checkpoints, tests) ------------------------
     @property
     def weights(self) -> tuple[float, float]:
-        return self.w_adv, self.w_nat
+        w_adv, w_nat = self.w.tolist()
+        return w_adv, w_nat
 
-    def propose(self, l_adv: float, l_nat: float, milestones_passed: int = 0) -> tuple[float, float]:
-        """The weights after an update with these losses, without changing the state (so a loss
-        evaluated twice in one step, as AWP does, cannot update twice)."""
+    @property
+    def w_adv(self) -> float:
+        return self.weights[0]
+
+    @property
+    def w_nat(self) -> float:
+        return self.weights[1]
+
+    @property
+    def init_adv(self) -> float | None:
+        return float(self.l0[0]) if bool(self.l0_set) else None
+
+    @property
+    def init_nat(self) -> float | None:
+        return float(self.l0[1]) if bool(self.l0_set) else None
+
+    @property
+    def nonfinite(self) -> int:
+        return int(self.nonfinite_count)
+
+    # -- the rule on the device -----------------------------------------------------------------
+    def tensors(self, device: torch.device) -> Tensor:
+        """The weights ``(w_adv, w_nat)`` as a (2,) tensor on ``device`` (no host sync)."""
+        self._follow("l0", device)
+        self._follow("nonfinite_count", device)
+        if self.l0_set.device != device:
+            self.l0_set = self.l0_set.to(device)
+        return self._follow("w", device)
+
+    def propose_t(self, losses: Tensor, milestones_passed: int = 0) -> Tensor:
+        """The (2,) weights after an update with ``losses = (L_adv, L_nat)`` (a device tensor),
+        without changing the state (so a loss evaluated twice in one step, as AWP does, cannot
+        update twice)."""
+        w = self.tensors(losses.device)
         if not self.enabled:
-            return self.weights
-        if not (math.isfinite(l_adv) and math.isfinite(l_nat)):
+            return w
+        losses = losses.to(w.dtype)
+        l0 = torch.where(self.l0_set, self.l0, losses)
+        r = (losses.clamp(min=0.0) / l0.clamp(min=1e-12)) ** self.beta
+        total = r.sum()
+        half = torch.full_like(w, 0.5)
+        target = torch.where(total > 0, r / torch.where(total > 0, total, torch.ones_like(total)), half)
+        eta = self.eta * self.decay ** milestones_passed
+        new = (w - eta * (w - target)).clamp(min=0.0)
+        s = new.sum()
+        new = torch.where(s > 0, new / torch.where(s > 0, s, torch.ones_like(s)), half)
+        return torch.where(torch.isfinite(losses).all() & torch.isfinite(new).all(), new, w)
+
+    def commit_t(self, losses: Tensor, milestones_passed: int = 0) -> Tensor:
+        """Apply one update (once per optimizer step) on the device and return the new weights."""
+        new = self.propose_t(losses, milestones_passed)
+        if self.enabled:
+            losses = losses.to(self.w.dtype).detach()
+            finite = torch.isfinite(losses).all()
+            self.nonfinite_count = self.nonfinite_count + (~finite).to(self.nonfinite_count.dtype)
+            first = finite & ~self.l0_set
+            self.l0 = torch.where(first, losses, self.l0)
+            self.l0_set = self.l0_set | finite
+            self.w = new
+        self.steps += 1
+        return new
+
+    # -- the rule on host floats ------------------------------------------------------------------
+    def _host_losses(self, l_adv: float, l_nat: float) -> Tensor:
+        if self.enabled and not (math.isfinite(l_adv) and math.isfinite(l_nat)):
             raise FloatingPointError(f"non-finite MTARD losses (robust {l_adv}, clean {l_nat}): lower the learning "
                                      "rate or check the teachers' outputs")
-        init_adv = l_adv if self.init_adv is None else self.init_adv
-        init_nat = l_nat if self.init_nat is None else self.init_nat
-        r_adv = max(l_adv, 0.0) / max(init_adv, 1e-12)
-        r_nat = max(l_nat, 0.0) / max(init_nat, 1e-12)
-        r_adv, r_nat = r_adv ** self.beta, r_nat ** self.beta
-        total = r_adv + r_nat
-        t_adv, t_nat = (r_adv / total, r_nat / total) if total > 0 else (0.5, 0.5)
-        eta = self.eta * self.decay ** milestones_passed
-        w_adv = max(self.w_adv - eta * (self.w_adv - t_adv), 0.0)
-        w_nat = max(self.w_nat - eta * (self.w_nat - t_nat), 0.0)
-        s = w_adv + w_nat
-        return (w_adv / s, w_nat / s) if s > 0 else (0.5, 0.5)
+        return torch.tensor([float(l_adv), float(l_nat)], dtype=torch.float64, device=self.w.device)
+
+    def propose(self, l_adv: float, l_nat: float, milestones_passed: int = 0) -> tuple[float, float]:
+        """:meth:`propose_t` for host floats; returns host floats."""
+        w_adv, w_nat = self.propose_t(self._host_losses(l_adv, l_nat), milestones_passed).tolist()
+        return w_adv, w_nat
 
     def commit(self, l_adv: float, l_nat: float, milestones_passed: int = 0) -> tuple[float, float]:
-        """Apply one update (once per optimizer step) and return the new weights."""
-        self.w_adv, self.w_nat = self.propose(l_adv, l_nat, milestones_passed)
-        if self.enabled and self.init_adv is None:
-            self.init_adv, self.init_nat = float(l_adv), float(l_nat)
-        self.steps += 1
+        """:meth:`commit_t` for host floats; returns host floats."""
+        self.commit_t(self._host_losses(l_adv, l_nat), milestones_passed)
         return self.weights
 
     def state_dict(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "w_adv": self.w_adv, "w_nat": self.w_nat, "init_adv": self.init_adv,
+        w_adv, w_nat = self.weights
+        return {"enabled": self.enabled, "w_adv": w_adv, "w_nat": w_nat, "init_adv": self.init_adv,
                 "init_nat": self.init_nat, "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -221,9 +339,13 @@ class LossBalance:
             raise ValueError(f"the checkpoint's loss balance is {'on' if state.get('enabled') else 'off'} but this run "
                              f"has it {'on' if self.enabled else 'off'}: resume with the same --loss-balance or use "
                              "a new --output-dir")
-        self.w_adv, self.w_nat = float(state["w_adv"]), float(state["w_nat"])
-        self.init_adv = None if state["init_adv"] is None else float(state["init_adv"])
-        self.init_nat = None if state["init_nat"] is None else float(state["init_nat"])
+        device = self.w.device
+        self.w = torch.tensor([float(state["w_adv"]), float(state["w_nat"])], dtype=self.w.dtype, device=device)
+        has_init = state["init_adv"] is not None
+        self.l0_set = torch.tensor(has_init, device=device)
+        if has_init:
+            self.l0 = torch.tensor([float(state["init_adv"]), float(state["init_nat"])], dtype=self.w.dtype,
+                                   device=device)
         self.steps = int(state["steps"])
 
     def describe(self) -> dict[str, Any]:

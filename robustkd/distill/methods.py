@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks.base import Attack
+from ..attacks.base import Attack, victim_mode
 from ..attacks.pgd import PGD
 from ..registry import METHODS, register_method
+from ..schedules import Schedule
 from ..task import Adversarial, Batch, Task
 from ..teachers import EMATeacher
 from .losses import soft_cross_entropy, trades_kl
@@ -46,18 +47,26 @@ class Prepared:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+ATTACK_MODES = ("train", "eval")
+
+
 class Method(ABC):
     """Base class. ``attack_mode`` is the mode the victim is in while the attack runs (ADR's
-    reference attacks in train mode, MTARD's in eval mode)."""
+    reference attacks in train mode, so the attack's forward passes update batch-norm statistics;
+    MTARD's in eval mode); the constructor's ``attack_mode=`` overrides the method's default."""
 
     name = "method"
     needs_ema = False
     attack_mode = "train"
 
-    def __init__(self, task: Task, attack: Attack | None = None):
+    def __init__(self, task: Task, attack: Attack | None = None, *, attack_mode: str | None = None):
         self.task = task
         self.attack = attack
         self.ema: EMATeacher | None = None
+        if attack_mode is not None:
+            if attack_mode not in ATTACK_MODES:
+                raise ValueError(f"attack_mode must be 'train' or 'eval', got {attack_mode!r}")
+            self.attack_mode = attack_mode
 
     def setup(self, model: nn.Module, ema: EMATeacher | None) -> None:
         """Called once by the trainer before training (teachers exist, devices are set)."""
@@ -65,6 +74,8 @@ class Method(ABC):
             raise ValueError(f"the method {self.name!r} needs an EMA teacher; the trainer creates one "
                              "when method.needs_ema is set")
         self.ema = ema
+        if self.attack is not None:  # Attack.__call__ puts the victim in this mode and restores it
+            self.attack.set_mode(self.attack_mode)
 
     def prepare(self, victim: nn.Module, batch: Batch, progress: Progress) -> Prepared:
         labels = self.task.labels(batch)
@@ -88,11 +99,39 @@ class Method(ABC):
         pass
 
     def describe(self) -> dict[str, Any]:
-        return {"method": self.name, "attack": self.attack.describe() if self.attack else None}
+        return {"method": self.name, "attack": self.attack.describe() if self.attack else None,
+                "attack_mode": self.attack_mode}
 
 
 def _default_pgd(task: Task, attack: Attack | None) -> Attack:
     return attack if attack is not None else PGD(task)
+
+
+def _default_trades_attack(task: Task, attack: Attack | None) -> Attack:
+    """TRADES' KL attack as ADR's reference runs it (src/util/trades_attack.py): start
+    ``x + 0.001 * U[0, 1)``, 10 steps."""
+    if attack is None:
+        return PGD(task, loss="kl", random_start="trades", init_std=0.001)
+    if isinstance(attack, PGD) and attack.loss_name != "kl":
+        raise ValueError("TRADES needs an attack that maximises the KL: build it with PGD(..., loss='kl')")
+    return attack
+
+
+def _concat_clean_adv(task: Task, batch: Batch, adv: Adversarial) -> Adversarial:
+    """One batch holding the clean examples, then the adversarial ones (a zero perturbation for
+    the clean half), so that a single forward pass sees both as TRADES' reference does."""
+    n = task.batch_size(batch)
+
+    def cat(a: Any, b: Any) -> Any:
+        if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n:
+            return torch.cat([a, b])
+        if isinstance(a, (list, tuple)) and len(a) == n:
+            return type(a)(list(a) + list(b))
+        return a
+
+    both = {k: cat(v, adv.batch[k]) for k, v in batch.items()}
+    delta = None if adv.delta is None else torch.cat([torch.zeros_like(adv.delta), adv.delta])
+    return Adversarial(both, delta)
 
 
 @register_method("standard")
@@ -101,8 +140,8 @@ class Standard(Method):
 
     name = "standard"
 
-    def __init__(self, task: Task, attack: Attack | None = None):
-        super().__init__(task, None)
+    def __init__(self, task: Task, attack: Attack | None = None, *, attack_mode: str | None = None):
+        super().__init__(task, None, attack_mode=attack_mode)
 
     def loss(self, model, batch, prepared, progress):
         loss = soft_cross_entropy(self.task.logits(model, batch), prepared.targets)
@@ -115,8 +154,8 @@ class PGDAT(Method):
 
     name = "pgd_at"
 
-    def __init__(self, task: Task, attack: Attack | None = None):
-        super().__init__(task, _default_pgd(task, attack))
+    def __init__(self, task: Task, attack: Attack | None = None, *, attack_mode: str | None = None):
+        super().__init__(task, _default_pgd(task, attack), attack_mode=attack_mode)
 
     def loss(self, model, batch, prepared, progress):
         loss = soft_cross_entropy(self.task.logits(model, *prepared.adv), prepared.targets)
@@ -126,57 +165,83 @@ class PGDAT(Method):
 @register_method("trades")
 class TRADES(Method):
     """TRADES (Zhang et al. 2019): ``CE(f(x), y) + beta * KL(f(x) || f(x'))``, with x' maximising
-    the KL from a ``x + 0.001 * N(0, 1)`` start; the attack runs in eval mode as in its reference."""
+    the KL. Defaults are ADR's reference (its TRADES configs): the attack runs in train mode from
+    ``x + 0.001 * U[0, 1)`` and ``forward="concat"`` puts clean and adversarial inputs through one
+    forward pass, so batch norm normalises them together. TRADES' own code differs: build it with
+    ``attack_mode="eval"``, ``forward="separate"`` and ``PGD(..., random_start="normal")``."""
 
     name = "trades"
-    attack_mode = "eval"
+    attack_mode = "train"
 
-    def __init__(self, task: Task, attack: Attack | None = None, beta: float = 6.0):
-        if attack is None:
-            attack = PGD(task, loss="kl", random_start="normal")
-        elif isinstance(attack, PGD) and attack.loss_name != "kl":
-            raise ValueError("TRADES needs an attack that maximises the KL: build it with PGD(..., loss='kl')")
-        super().__init__(task, attack)
+    def __init__(self, task: Task, attack: Attack | None = None, beta: float = 6.0, *,
+                 forward: str = "concat", attack_mode: str | None = None):
+        if forward not in ("concat", "separate"):
+            raise ValueError(f"TRADES forward must be 'concat' (one pass over clean + adversarial, the reference) "
+                             f"or 'separate', got {forward!r}")
+        super().__init__(task, _default_trades_attack(task, attack), attack_mode=attack_mode)
         self.beta = beta
+        self.forward = forward
 
     def _reference(self, victim: nn.Module, batch: Batch) -> Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), victim_mode(victim, self.attack_mode):  # the reference runs in the attack's mode
             return torch.softmax(self.task.logits(victim, batch).float(), dim=1)
 
     def prepare(self, victim, batch, progress):
         labels = self.task.labels(batch)
         return Prepared(labels, self.attack(victim, batch, self._reference(victim, batch)))
 
+    def logits(self, model: nn.Module, batch: Batch, adv: Adversarial) -> tuple[Tensor, Tensor]:
+        """Clean and adversarial logits: one pass over both (``concat``) or clean, then adversarial."""
+        if self.forward == "concat":
+            both = self.task.logits(model, *_concat_clean_adv(self.task, batch, adv))
+            n = self.task.batch_size(batch)
+            return both[:n], both[n:]
+        return self.task.logits(model, batch), self.task.logits(model, *adv)
+
     def loss(self, model, batch, prepared, progress):
-        clean = self.task.logits(model, batch)
-        adv = self.task.logits(model, *prepared.adv)
+        clean, adv = self.logits(model, batch, prepared.adv)
         natural = soft_cross_entropy(clean, prepared.targets)
         robust = trades_kl(adv, clean)
         loss = natural + self.beta * robust
         return loss, {"loss": loss.detach(), "loss_natural": natural.detach(), "loss_robust": robust.detach()}
 
     def describe(self):
-        return {**super().describe(), "beta": self.beta}
+        return {**super().describe(), "beta": self.beta, "forward": self.forward}
 
 
 @register_method("adr")
 class ADR(Method):
     """ADR (Wu et al., ICLR 2024): rectified soft labels from the EMA self-teacher (clean input,
     annealed temperature and interpolation); the attack maximises CE against them.
-    ``base='trades'`` uses the soft labels in TRADES' natural term and TRADES' KL attack."""
+    ``base='trades'`` uses the soft labels in TRADES' natural term and TRADES' KL attack.
+
+    ``tau=(start, end)`` and ``lam=(start, end)`` are the cosine schedules over all training
+    iterations (the reference's ``temperature_high -> temperature_low`` and ``interpolation_low ->
+    interpolation_high``); the defaults are its CIFAR-10 ResNet-18 SGD values (2.5 -> 2.0,
+    0.7 -> 0.95); other configurations differ (see robustkd.presets and docs/fidelity.md). As in
+    the reference, the attack runs in train mode for both bases (``attack_mode="eval"`` to change
+    it) and ``trades_forward="concat"`` puts clean and adversarial inputs through one pass."""
 
     name = "adr"
     needs_ema = True
 
     def __init__(self, task: Task, attack: Attack | None = None, *, base: str = "pgd_at",
-                 rectifier: ADRRectifier | None = None, beta: float = 6.0):
+                 tau: tuple[float, float] | None = None, lam: tuple[float, float] | None = None,
+                 rectifier: ADRRectifier | None = None, beta: float = 6.0, trades_forward: str = "concat",
+                 attack_mode: str | None = None):
         if base not in ("pgd_at", "trades"):
             raise ValueError(f"ADR's base must be 'pgd_at' or 'trades', got {base!r}")
+        if rectifier is not None and (tau is not None or lam is not None):
+            raise ValueError("give ADR either rectifier= or tau=/lam=, not both")
         self.base = base
-        self.trades = TRADES(task, attack, beta) if base == "trades" else None
-        super().__init__(task, self.trades.attack if self.trades else _default_pgd(task, attack))
-        self.attack_mode = "eval" if self.trades else "train"
-        self.rectifier = rectifier or ADRRectifier()
+        self.trades = TRADES(task, attack, beta, forward=trades_forward, attack_mode=attack_mode) \
+            if base == "trades" else None
+        super().__init__(task, self.trades.attack if self.trades else _default_pgd(task, attack),
+                         attack_mode=attack_mode)
+        if rectifier is None:
+            default = ADRRectifier()
+            rectifier = ADRRectifier(tau=_schedule(tau, "tau", default.tau), lam=_schedule(lam, "lam", default.lam))
+        self.rectifier = rectifier
         if base == "trades":
             self.name = "adr_trades"
 
@@ -206,8 +271,26 @@ class ADR(Method):
 
     def describe(self):
         r = self.rectifier
-        return {**super().describe(), "base": self.base, "tau": [r.tau.start, r.tau.end],
-                "lambda": [r.lam.start, r.lam.end], "schedule": r.tau.kind}
+        out = {**super().describe(), "base": self.base, "tau": [r.tau.start, r.tau.end],
+               "lambda": [r.lam.start, r.lam.end], "schedule": r.tau.kind}
+        if self.trades:
+            out.update(beta=self.trades.beta, forward=self.trades.forward)
+        return out
+
+
+def _schedule(value: tuple[float, float] | list[float] | None, name: str, default: Schedule) -> Schedule:
+    """A ``(start, end)`` pair as a cosine :class:`Schedule` (``None``: the default)."""
+    if value is None:
+        return default
+    try:
+        start, end = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"ADR {name} must be a pair (start, end), got {value!r}") from None
+    if name == "tau" and (start <= 0 or end <= 0):
+        raise ValueError(f"ADR's temperature must be > 0, got tau={value!r}")
+    if name == "lam" and not (0 <= start <= 1 and 0 <= end <= 1):
+        raise ValueError(f"ADR's interpolation factor must lie in [0, 1], got lam={value!r}")
+    return Schedule(start, end, default.kind)
 
 
 @register_method("adr_trades")

@@ -12,7 +12,9 @@ Balance (:mod:`robustkd.distill.balance`). The robust teacher may be the student
 (``robust_teacher="ema"``): teacher-free MTARD.
 
 Everything goes through the task, so MTARD works for any task. The balancing statistics are
-summed over processes before use, so temperatures and weights are identical on every rank.
+summed over processes before use, so temperatures and weights are identical on every rank; they
+stay on the device (temperatures, weights and the epoch's log sums are device tensors), so a
+training step has no host synchronisation: values reach the host in ``log_values`` and ``state_dict``.
 """
 from __future__ import annotations
 
@@ -63,8 +65,11 @@ class MTARD(Method):
             inputs, or ``"ema"`` for the student's EMA self-teacher (teacher-free MTARD).
         entropy_balance: ``reference`` | ``exact`` | ``off`` (see :class:`EntropyBalance`).
         loss_balance: Normalization Loss Balance on (default) or fixed weights 0.5 / 0.5.
-        kl_scale: ``batchmean`` (textbook KL) or ``reference`` (the paper code's mean over batch
-            and classes, i.e. KL / num_classes).
+        kl_scale: ``reference`` (default: the paper code's mean over batch and classes, i.e.
+            KL / num_classes, resnet18_mtard_cifar10.py:56-58,125-126) or ``batchmean`` (textbook KL,
+            num_classes times larger against the same weight decay).
+        attack: default PGD-10 on CE from ``x + 0.001 * N(0, 1)`` in eval mode (mtard_loss.py:38-49);
+            its step size is the task's default (2.5 * eps / 10 = 2/255 at eps 8/255, the reference's).
     """
 
     name = "mtard"
@@ -73,11 +78,11 @@ class MTARD(Method):
     def __init__(self, task: Task, attack: Attack | None = None, *, clean_teacher: Teacher | nn.Module,
                  robust_teacher: Teacher | nn.Module | Literal["ema"],
                  entropy_balance: EntropyMode = "reference", loss_balance: bool = True,
-                 kl_scale: KLScale = "batchmean", t_min: float = 1.0, t_max: float = 10.0, temp_lr: float = 0.001,
-                 eta: float = 0.025, beta: float = 1.0, decay: float = 0.1):
+                 kl_scale: KLScale = "reference", t_min: float = 1.0, t_max: float = 10.0, temp_lr: float = 0.001,
+                 eta: float = 0.025, beta: float = 1.0, decay: float = 0.1, attack_mode: str | None = None):
         if attack is None:
             attack = PGD(task, steps=10, random_start="normal", init_std=0.001, loss="ce")
-        super().__init__(task, attack)
+        super().__init__(task, attack, attack_mode=attack_mode)
         if kl_scale not in ("batchmean", "reference"):
             raise ValueError(f"unknown KL scale {kl_scale!r}: use 'batchmean' or 'reference'")
         if entropy_balance not in ENTROPY_MODES:
@@ -98,8 +103,7 @@ class MTARD(Method):
         self.entropy = EntropyBalance(entropy_balance, t_min=t_min, t_max=t_max, lr=temp_lr, decay=decay)
         self.balance = LossBalance(loss_balance, eta=eta, beta=beta, decay=decay)
         self._pending: list[dict[str, Any]] = []
-        self._last: dict[str, float] = {}
-        self._sums: dict[str, float] = {}
+        self._sums: Tensor | None = None  # on the device: (l_adv, l_nat, h_adv, h_nat, steps) since the last log
 
     # -- teachers -------------------------------------------------------------------------
     @property
@@ -135,8 +139,9 @@ class MTARD(Method):
         self._check_logits(z_adv, "robust")
         self._check_logits(z_nat, "clean")
         if self.entropy.mode == "exact":
-            self.entropy.solve(z_adv, z_nat)
-        t_adv, t_nat = self.entropy.temperatures
+            self.entropy.solve_t(z_adv, z_nat)
+        t = self.entropy.tensors(z_adv.device)
+        t_adv, t_nat = t[0], t[1]
         p_adv = torch.softmax(z_adv / t_adv, dim=1)
         p_nat = torch.softmax(z_nat / t_nat, dim=1)
         n = z_adv.shape[0]
@@ -158,13 +163,11 @@ class MTARD(Method):
         l_nat = distill_kl(s_nat.float(), prepared.extras["p_nat"], self.kl_scale)
         stats = slot["stats"].clone()
         stats[_L_ADV], stats[_L_NAT] = l_adv.detach() * stats[_N], l_nat.detach() * stats[_N]
-        total = all_reduce_sum(stats).tolist()
-        reduced = {k: total[i] / total[_N] for k, i in
-                   (("l_adv", _L_ADV), ("l_nat", _L_NAT), ("e_adv", _E_ADV), ("e_nat", _E_NAT), ("h_adv", _H_ADV),
-                    ("h_nat", _H_NAT))}
+        total = all_reduce_sum(stats)  # stays on the device: no host sync
+        reduced = total[:_N] / total[_N]  # process-averaged (l_adv, l_nat, e_adv, e_nat, h_adv, h_nat)
         slot["reduced"] = reduced  # a second call (AWP) overwrites: one update per micro-batch
-        w_adv, w_nat = self.balance.propose(reduced["l_adv"], reduced["l_nat"], slot["milestones"])
-        loss = w_adv * l_adv + w_nat * l_nat
+        w = self.balance.propose_t(reduced[_L_ADV:_L_NAT + 1], slot["milestones"]).to(l_adv.dtype)
+        loss = w[0] * l_adv + w[1] * l_nat
         return loss, {"loss": loss.detach(), "loss_adv": l_adv.detach(), "loss_nat": l_nat.detach()}
 
     def after_step(self, model: nn.Module, progress: Progress) -> None:
@@ -175,27 +178,27 @@ class MTARD(Method):
             return
         if any(s["reduced"] is None for s in slots):
             raise RuntimeError("MTARD.after_step: a prepared batch never went through MTARD.loss")
-        mean = {k: sum(s["reduced"][k] for s in slots) / len(slots) for k in slots[0]["reduced"]}
+        mean = torch.stack([s["reduced"] for s in slots]).mean(0)  # on the device
         milestones = slots[-1]["milestones"]
-        self.balance.commit(mean["l_adv"], mean["l_nat"], milestones)
+        self.balance.commit_t(mean[_L_ADV:_L_NAT + 1], milestones)
         if self.entropy.mode == "reference":
-            self.entropy.step(mean["e_adv"], mean["e_nat"], milestones)
-        self._last = {"entropy_adv": mean["h_adv"], "entropy_nat": mean["h_nat"]}
-        for k in ("l_adv", "l_nat", "h_adv", "h_nat"):
-            self._sums[k] = self._sums.get(k, 0.0) + mean[k]
-        self._sums["n"] = self._sums.get("n", 0.0) + 1
+            self.entropy.step(mean[_E_ADV], mean[_E_NAT], milestones)
+        row = torch.cat([mean[[_L_ADV, _L_NAT, _H_ADV, _H_NAT]].double(), mean.new_ones(1, dtype=torch.float64)])
+        self._sums = row if self._sums is None else self._sums + row
 
     # -- logging and state ------------------------------------------------------------------
     def log_values(self, progress: Progress) -> dict[str, float]:
         """Temperatures and weights now, and the teachers' mean entropies and the two losses
         averaged over the steps since the previous call (the trainer calls it once per epoch)."""
-        out = {"mtard_t_adv": self.entropy.t_adv, "mtard_t_nat": self.entropy.t_nat,
-               "mtard_w_adv": self.balance.w_adv, "mtard_w_nat": self.balance.w_nat}
-        n = self._sums.get("n", 0.0)
-        if n:
-            out.update({"mtard_loss_adv": self._sums["l_adv"] / n, "mtard_loss_nat": self._sums["l_nat"] / n,
-                        "mtard_entropy_adv": self._sums["h_adv"] / n, "mtard_entropy_nat": self._sums["h_nat"] / n})
-        self._sums = {}
+        (t_adv, t_nat), (w_adv, w_nat) = self.entropy.temperatures, self.balance.weights
+        out = {"mtard_t_adv": t_adv, "mtard_t_nat": t_nat, "mtard_w_adv": w_adv, "mtard_w_nat": w_nat}
+        if self.balance.enabled:
+            out["mtard_balance_nonfinite"] = self.balance.nonfinite
+        if self._sums is not None:
+            l_adv, l_nat, h_adv, h_nat, n = self._sums.tolist()  # the one sync, at logging time
+            out.update({"mtard_loss_adv": l_adv / n, "mtard_loss_nat": l_nat / n,
+                        "mtard_entropy_adv": h_adv / n, "mtard_entropy_nat": h_nat / n})
+        self._sums = None
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""Accuracy against the perturbation budget: eps for images, SNR for audio, the relative
-perturbation size for text embeddings -- all through the task's threat model.
+"""Accuracy against the perturbation budget, on the axis the threat model names (``threat.axis()``:
+eps, SNR, a relative size, ...) and scaled by the threat model itself (``threat.scaled``); the
+"whole domain" budget is the threat model's too (``threat.whole_domain()``).
 
 One PGD sweep gives the curve *and* the numbers two sanity checks need (budget 0 must equal
 clean accuracy; a budget covering the whole input domain must drive accuracy to about zero),
@@ -7,7 +8,6 @@ so the model is attacked once per budget, never twice.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -16,11 +16,10 @@ from torch import nn
 
 from ..attacks.pgd import PGD
 from ..task import Task
-from ..threat import SNRBall, ThreatModel
+from ..threat import ThreatModel
 from .robustness import EvalResult, evaluate_predictions
 
 DEFAULT_FACTORS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 4.0)
-LARGE_SNR_DB = -40.0  # noise 100x louder than the signal, clamped to the audio domain
 LARGE = "large"
 
 
@@ -50,53 +49,31 @@ class BudgetSweep:
 
 
 def axis_of(threat: ThreatModel) -> tuple[str, float]:
-    """The x-axis label and the multiplier from eps to x (255 for L-inf pixels in [0, 1])."""
-    if isinstance(threat, SNRBall):
-        return "SNR (dB), lower is stronger", 1.0
-    if threat.relative:
-        return f"relative perturbation size ({threat.norm}, x ||input||{' per token' if threat.per_token else ''})", 1.0
-    if threat.norm == "linf" and threat.domain == (0.0, 1.0):
-        return "eps (L-inf, x 1/255)", 255.0
-    return f"eps ({threat.norm})", 1.0
+    """The x-axis label and the multiplier from eps to x (the threat model's own :meth:`~ThreatModel.axis`)."""
+    return threat.axis()
 
 
 def budget_grid(threat: ThreatModel, factors: Sequence[float] = DEFAULT_FACTORS) -> list[BudgetPoint]:
-    """The threat model at ``factor x`` its budget: scaled eps (``with_eps``), or for an SNR ball the
-    SNR lowered by ``20 log10(factor)`` dB (``with_snr``); factor 0 is always budget 0."""
+    """The threat model at ``factor x`` its budget (``threat.scaled``); factor 0 is always budget 0."""
     if any(f < 0 for f in factors):
         raise ValueError(f"budget factors must be >= 0, got {list(factors)}")
-    _, scale = axis_of(threat)
     points = []
     for f in sorted(set(float(f) for f in factors)):
-        if isinstance(threat, SNRBall):
-            if f == 0:
-                points.append(BudgetPoint(f, threat.with_eps(0.0), None))
-            else:
-                snr = threat.snr_db - 20 * math.log10(f)
-                points.append(BudgetPoint(f, threat.with_snr(snr), snr))
-        else:
-            points.append(BudgetPoint(f, threat.with_eps(threat.eps * f), threat.eps * f * scale))
+        scaled = threat.scaled(f)
+        points.append(BudgetPoint(f, scaled, scaled.axis_value()))
     return points
 
 
 def large_budget(task: Task, threat: ThreatModel) -> ThreatModel | None:
-    """A budget that lets the attack reach (almost) any input of the domain, for images and audio;
-    ``None`` for other modalities (text embeddings have no domain to fill)."""
-    if task.modality not in ("image", "audio"):
-        return None
-    if isinstance(threat, SNRBall):
-        return threat.with_snr(LARGE_SNR_DB)
-    if threat.domain is None:
-        return None
-    width = threat.domain[1] - threat.domain[0]
-    if threat.relative:
-        return threat.with_eps(100.0)
-    return threat.with_eps(width if threat.norm == "linf" else 1e4 * width)
+    """A budget that lets the attack reach (almost) any input of the domain; ``None`` where the threat
+    model has no bounded domain to fill (e.g. token embeddings)."""
+    return threat.whole_domain()
 
 
 def budget_sweep(task: Task, model: nn.Module, loader, threat: ThreatModel | None = None,
                  factors: Sequence[float] = DEFAULT_FACTORS, steps: int = 10, include_large: bool = True,
-                 seed: int = 0, accelerator: Any = None, progress: bool = False) -> tuple[BudgetSweep, EvalResult]:
+                 seed: int = 0, accelerator: Any = None, progress: bool = False,
+                 split_processes: bool = False) -> tuple[BudgetSweep, EvalResult]:
     """Robust accuracy under PGD (``steps`` steps, random start) at each budget of the grid."""
     threat = threat if threat is not None else task.threat_model()
     grid = budget_grid(threat, factors)
@@ -105,10 +82,10 @@ def budget_sweep(task: Task, model: nn.Module, loader, threat: ThreatModel | Non
     if large is not None:
         attacks[LARGE] = PGD(task, large, steps=steps)
     torch.manual_seed(seed)
-    result = evaluate_predictions(task, model, loader, attacks, accelerator, progress)
+    result = evaluate_predictions(task, model, loader, attacks, accelerator, progress,
+                                  seed=seed if split_processes else None, split_processes=split_processes)
     axis, _ = axis_of(threat)
-    default_x = threat.snr_db if isinstance(threat, SNRBall) else threat.eps * axis_of(threat)[1]
-    sweep = BudgetSweep(axis=axis, default_x=default_x,
+    sweep = BudgetSweep(axis=axis, default_x=threat.axis_value(),
                         attack={**PGD(task, threat, steps=steps).describe(), "eps": None},
                         clean_accuracy=float(result.clean_correct().float().mean()))
     for p, name in zip(grid, attacks):

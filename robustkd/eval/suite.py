@@ -15,8 +15,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..attacks.base import Attack, attacks_for, create_attack, parse_attack_spec
-from ..registry import ATTACKS, RegistryError
+from ..attacks.base import Attack, split_attack_specs  # noqa: F401 - split_attack_specs: re-exported for the CLI
+from ..attacks.base import build_attacks as _build_attacks
 from ..task import Batch, DataNotFoundError, Task
 from .curves import DEFAULT_FACTORS, BudgetSweep, budget_sweep
 from .metrics import DEFAULT_BINS, compute_metrics
@@ -41,55 +41,29 @@ class Evaluation:
         return not any(c.failed for c in self.checks)
 
 
-def split_attack_specs(text: str) -> list[str]:
-    """``"pgd20,autoattack"`` -> two specs; a part with ``=`` continues the previous spec when that one has
-    options (``"pgd:steps=50,eps=4/255,autoattack"`` -> two specs); ``;`` always separates."""
-    if ";" in text:
-        return [s.strip() for s in text.split(";") if s.strip()]
-    specs: list[str] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        if specs and "=" in part and ":" in specs[-1] and ":" not in part.split("=", 1)[0]:
-            specs[-1] += "," + part
-        else:
-            specs.append(part)
-    return specs
-
-
-def build_attacks(specs: str | Iterable[str] | Mapping[str, Attack], task: Task) -> dict[str, Attack]:
-    """Attacks from specs (``pgd20``, ``autoattack``, ``pgd:eps=4/255``); a name that does not exist for
-    the task's modality is refused with the list of those that do."""
+def build_attacks(specs: str | Iterable[str] | Mapping[str, Attack], task: Task, **defaults: Any) -> dict[str, Attack]:
+    """Attacks from specs in the one spec language (:mod:`robustkd.attacks.base`: ``pgd20;autoattack``,
+    ``pgd:eps=4/255``); ``defaults`` (e.g. the run's ``eps=``/``norm=``) apply unless a spec names them.
+    A mapping of built attacks is taken as it is."""
     if isinstance(specs, Mapping):
         return dict(specs)
-    if isinstance(specs, str):
-        specs = split_attack_specs(specs)
-    attacks: dict[str, Attack] = {}
-    available = attacks_for(task)
-    for spec in specs:
-        spec = spec.strip()
-        if not spec:
-            continue
-        name, _ = parse_attack_spec(spec)
-        if name not in available:
-            where = "is not registered" if name not in ATTACKS else f"does not work on {task.modality} tasks"
-            raise RegistryError(f"the attack {name!r} (from {spec!r}) {where}. Attacks for {task.name!r} "
-                                f"({task.modality}): {', '.join(available) or '(none)'}.")
-        attacks[spec] = create_attack(spec, task)
+    attacks = _build_attacks(specs, task, **defaults)
     if not attacks:
         raise ValueError("no attacks given: pass at least one, e.g. pgd20")
     return attacks
 
 
 class _OnDevice:
-    """A loader whose batches are moved to ``device`` (tensors only)."""
+    """A loader whose batches are moved to ``device`` (``accelerate.utils.send_to_device``)."""
 
     def __init__(self, loader: Iterable[Batch], device: torch.device):
         self.loader, self.device = loader, device
 
     def __iter__(self) -> Iterator[Batch]:
+        from accelerate.utils import send_to_device
+
         for batch in self.loader:
-            yield {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            yield send_to_device(batch, self.device)
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
@@ -138,11 +112,14 @@ def run_evaluation(task: Task, model: nn.Module, attacks: str | Sequence[str] | 
                    n_bins: int = DEFAULT_BINS, curve_factors: Sequence[float] = DEFAULT_FACTORS,
                    curve_steps: int = 10, output_dir: str | Path | None = None,
                    model_meta: Mapping[str, Any] | None = None, history: list[dict[str, Any]] | None = None,
-                   data_dir: str | None = None, progress: bool = False, verbose: bool = True) -> Evaluation:
+                   data_dir: str | None = None, progress: bool = False, verbose: bool = True,
+                   sections: Mapping[str, Any] | None = None) -> Evaluation:
     """Evaluate ``model`` on ``task``: clean and robust accuracy (per attack, worst case), calibration,
     consistency, the accuracy-vs-budget curve and the sanity checks; write ``report.json``, PNGs and
     ``report.html`` to ``output_dir`` when given. ``history`` (a run's ``metrics.jsonl`` rows) adds the
-    robust-overfitting analysis. Failed sanity checks are printed loudly (``verbose``) and set
+    robust-overfitting analysis. ``sections`` are extra top-level report sections (a recipe's run
+    configuration, MTARD balance, achieved SNR, ...); a value that is callable is called after the
+    attacks ran, so it can report what they measured. Failed sanity checks are printed loudly (``verbose``) and set
     ``Evaluation.passed`` to False; they never raise, so the report is always written."""
     from .. import __version__
     from .report import build_report, write_report
@@ -163,20 +140,24 @@ def run_evaluation(task: Task, model: nn.Module, attacks: str | Sequence[str] | 
 
     before = snapshot(model)
     torch.manual_seed(seed)
-    result = evaluate_predictions(task, model, loader, attacks, progress=progress)
+    # split over the processes of `accelerate launch` / torchrun (one process: all batches), per-batch seeds
+    result = evaluate_predictions(task, model, loader, attacks, progress=progress, seed=seed, split_processes=True)
     metrics = compute_metrics(result, n_bins)
     summary = result.summary()
     sweep, _ = budget_sweep(task, model, loader, factors=curve_factors, steps=curve_steps, seed=seed,
-                            progress=progress)
+                            progress=progress, split_processes=True)
     changed = changed_tensors(model, before)
     checks = run_sanity_checks(task, model, first, sweep, attacks, summary.get("robust_accuracy", {}),
                                int(result.labels.numel()), changed)
+    extra = {k: (v() if callable(v) else v) for k, v in (sections or {}).items()}
     report = build_report(
         task=task, model=model_info(model, **dict(model_meta or {})), attacks=attacks, metrics=metrics,
         sweep=sweep, checks=checks, seed=seed, split=split, history=history, data_dir=data_dir,
-        seconds=time.perf_counter() - started, device=str(device), version=__version__)
+        seconds=time.perf_counter() - started, device=str(device), version=__version__, sections=extra)
     files: dict[str, Path] = {}
-    if output_dir is not None:
+    from .robustness import _process_group
+
+    if output_dir is not None and _process_group()[1] == 0:  # the main process writes
         files = write_report(report, output_dir, history=history)
     if verbose:
         announce(checks)

@@ -1,0 +1,611 @@
+"""One declaration of a run's configuration: recipe flags, config files, presets and validation.
+
+The flags of every recipe are generated from the dataclasses below (with
+:class:`transformers.HfArgumentParser`); each field is a flag (``--data-dir`` and ``--data_dir``
+both work). A run's settings are resolved in layers, later ones winning:
+
+1. the declaration's defaults, then the recipe's own defaults;
+2. a preset (``--preset NAME``, or the recipe's default preset: the paper's CIFAR-10 ResNet-18 run
+   of its method), see :mod:`robustkd.presets`;
+3. a YAML file (``--config FILE.yaml``: a mapping of field names to values, or a run's
+   ``config.yaml``);
+4. the flags given on the command line.
+
+Settings that belong to the preset's method (``method_kwargs``, the attack's objective, start and
+mode) and to its model (``model_kwargs``) are taken from the preset only while the run keeps that
+method / model; otherwise the method's own defaults apply (``robustkd/presets/methods.yaml``).
+When ``--epochs`` changes a preset's length and ``--milestones`` is not given, the preset's LR
+milestones scale with it. ``--print-config`` prints the result and exits; every run writes it to
+``config.yaml`` in its output directory, with the preset and the overrides named.
+
+    python recipes/cifar_adr.py --preset adr/cifar10/resnet18_trades_sgd_adr --print-config
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Sequence
+
+CONFIG_FILE = "config.yaml"
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work (the message names it and the fix)."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+# -- the declaration ------------------------------------------------------------------------------
+@dataclass
+class DataArgs:
+    _argument_group_name = "data"
+    dataset: str = _f("cifar10", "task name (robustkd's registered tasks: cifar10, cifar100, tinyimagenet, sst2, "
+                      "fsdd, ...)")
+    data_dir: Optional[str] = _f(None, "local copy of the data (needed offline); without it the task loads its hub "
+                                 "data set and fails at once, with this hint, when there is no network")
+    max_train_samples: Optional[int] = _f(None, "train on a seeded random subset of this many examples")
+    max_eval_samples: Optional[int] = _f(None, "evaluate on a seeded random subset of this many examples")
+
+
+@dataclass
+class ModelArgs:
+    _argument_group_name = "model and method"
+    model: str = _f("resnet18", "model name for the task (e.g. small_cnn, resnet18, preact_resnet18, wrn34_10, "
+                    "timm:<name>)")
+    model_kwargs: Optional[str] = _f(None, 'JSON keyword arguments for the model factory, e.g. \'{"width": 16}\' '
+                                     "for small_cnn")
+    method: str = _f("adr", "training method: standard, pgd_at, trades, adr, adr_trades, mtard, ...")
+    method_kwargs: Optional[str] = _f(None, "JSON keyword arguments for the method, e.g. "
+                                      '\'{"tau": [2.5, 2.0], "lam": [0.7, 0.95]}\' for adr')
+    beta: float = _f(6.0, "TRADES' robustness weight (trades, adr_trades)")
+    awp: bool = _f(False, "add adversarial weight perturbation (Wu et al. 2020)")
+    awp_gamma: float = _f(5e-3, "AWP's relative weight-perturbation size")
+    awp_warmup: int = _f(0, "epochs before AWP starts")
+    ema_decay: Optional[float] = _f(None, "keep an EMA (weight-averaged) model with this decay; methods that need "
+                                    "one (ADR) use 0.995 by default")
+    ema_warmup: bool = _f(False, "ramp the EMA decay as timm does, min(decay, (1+t)/(10+t)), so short runs get a "
+                          "useful teacher (not in ADR's reference)")
+    clean_teacher: Optional[str] = _f(None, "MTARD: the naturally trained teacher: a recipe --output-dir, "
+                                      "timm:<name>, or a Hugging Face model directory")
+    robust_teacher: Optional[str] = _f(None, "MTARD: the adversarially trained teacher (same forms), or 'ema' for "
+                                       "the student's EMA self-teacher (teacher-free MTARD)")
+    teacher_weights: Literal["auto", "student", "ema"] = _f("auto", "which weights of a recipe output dir to use "
+                                                            "as teacher (auto: the EMA model when it kept one)")
+
+
+@dataclass
+class ThreatArgs:
+    _argument_group_name = "threat model and attacks"
+    eps: str = _f("8/255", "perturbation budget of training and, unless an attack names its own, of the "
+                  "evaluation attacks (8/255 or 0.031)")
+    norm: Literal["linf", "l2"] = _f("linf", "norm of the budget")
+    attack_steps: int = _f(10, "PGD steps of the training attack")
+    attack_step_size: Optional[str] = _f("2/255", "PGD step size of the training attack (default: the threat "
+                                         "model's)")
+    attack_random_start: Optional[str] = _f(None, "training attack's start: uniform, normal, zero, ... "
+                                            "(default: the method's)")
+    attack_init_std: Optional[float] = _f(None, "scale of a normal / small random start (default: the method's)")
+    attack_loss: Optional[str] = _f(None, "objective the training attack maximises: ce, kl (default: the method's)")
+    attack_mode: Optional[Literal["train", "eval"]] = _f(None, "mode the model is in while the training attack "
+                                                         "runs (default: the method's)")
+    eval_attacks: str = _f("pgd20", "attacks evaluated every --eval-every epochs (specs: pgd20, pgd:steps=50, fgsm, "
+                           "autoattack, ...; ',' or ';' separated)")
+    final_attacks: str = _f("pgd20,autoattack", "attacks of the final report")
+
+
+@dataclass
+class OptimArgs:
+    _argument_group_name = "optimisation"
+    epochs: int = _f(200, "training epochs")
+    batch_size: int = _f(128, "training batch size (per process)")
+    eval_batch_size: int = _f(256, "evaluation batch size")
+    drop_last: bool = _f(False, "drop the last partial training batch of each epoch")
+    optimizer: Literal["sgd", "adamw"] = _f("sgd", "optimizer")
+    lr: float = _f(0.1, "learning rate")
+    momentum: float = _f(0.9, "SGD momentum")
+    nesterov: bool = _f(False, "Nesterov momentum (ADR's reference SGD uses it; give --nesterov false to turn a "
+                        "preset's off)")
+    weight_decay: float = _f(5e-4, "weight decay")
+    lr_schedule: Literal["multistep", "cosine", "constant"] = _f("multistep", "LR schedule")
+    milestones: Optional[str] = _f(None, "LR decay epochs, comma-separated (default: 50%%,75%% of --epochs)")
+    lr_gamma: float = _f(0.1, "LR factor at each milestone")
+    lr_warmup_epochs: float = _f(0, "linear LR warm-up epochs before the schedule")
+    lr_warmup_init: Optional[float] = _f(None, "LR at the start of the warm-up")
+    lr_min: Optional[float] = _f(None, "the cosine schedule's final LR")
+    grad_accum: int = _f(1, "gradient accumulation steps")
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = _f(None, "mixed precision (default: Accelerate's "
+                                                                  "setting, e.g. accelerate launch --mixed_precision)")
+
+
+@dataclass
+class RunArgs:
+    _argument_group_name = "run"
+    output_dir: str = _f("runs/robustkd", "where the run writes its checkpoints, config.yaml and report.json")
+    seed: int = _f(0, "random seed")
+    eval_every: int = _f(1, "evaluate every N epochs (0: only at the end)")
+    curve_steps: int = _f(10, "PGD steps per budget of the final report's accuracy-vs-budget curve")
+    resume: bool = _f(False, "continue from the last checkpoint in --output-dir")
+    log_with: Optional[str] = _f(None, "an Accelerate tracker (tensorboard, wandb, ...)")
+    cpu: bool = _f(False, "force CPU even when a GPU is present")
+    no_progress: bool = _f(False, "hide progress bars")
+
+
+@dataclass
+class ConfigArgs:
+    _argument_group_name = "configuration"
+    preset: Optional[str] = _f(None, "start from a reference configuration (robustkd presets lists them); flags "
+                               "given here override single settings")
+    config: Optional[str] = _f(None, "a YAML file of settings (field: value), e.g. a run's config.yaml")
+    print_config: bool = _f(False, "print the resolved settings and exit without training")
+
+
+COMMON = (DataArgs, ModelArgs, ThreatArgs, OptimArgs, RunArgs, ConfigArgs)
+#: Fields that say how to configure, not what to run (never recorded as settings).
+CONTROL = ("preset", "config", "print_config")
+#: Settings of a method (taken from a preset only while the run keeps the preset's method).
+METHOD_BOUND = ("method_kwargs", "attack_random_start", "attack_init_std", "attack_loss", "attack_mode")
+
+
+@dataclass
+class Recipe:
+    """What a recipe declares: its description, its default preset, its own defaults and extra groups."""
+
+    description: str
+    default_preset: str | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    extra: tuple[type, ...] = ()
+    #: Called with the resolved settings before they are validated, printed or used (e.g. to fold
+    #: a recipe's own flags into ``method_kwargs``); may raise :class:`ConfigError`.
+    finalize: Callable[[dict[str, Any]], None] | None = None
+
+    @property
+    def dataclasses(self) -> tuple[type, ...]:
+        return (*COMMON, *self.extra)
+
+
+def declared_fields(recipe: Recipe) -> dict[str, Any]:
+    """Field name -> default over the recipe's dataclasses."""
+    out: dict[str, Any] = {}
+    for dc in recipe.dataclasses:
+        for f in fields(dc):
+            out[f.name] = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    return out
+
+
+def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(recipe.dataclasses, description=recipe.description,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if recipe.default_preset:
+        parser.epilog = (f"Without --preset the run starts from {recipe.default_preset} (the paper's run); "
+                         "`robustkd presets` lists the others.")
+    return parser
+
+
+def _given(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
+    """The settings given on the command line (and only those)."""
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    return vars(quiet.parse_args(list(argv)))
+
+
+# -- resolution -----------------------------------------------------------------------------------
+def _load_file(path: str, known: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path} is not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must be a mapping of settings (field: value)")
+    preset = data.get("preset")
+    if "settings" in data:  # a run's config.yaml: the resolved settings, with provenance beside them
+        data = data["settings"] or {}
+    unknown = sorted(set(data) - set(known) - set(CONTROL))
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(sorted(set(known) - set(CONTROL)))}")
+    return {k: v for k, v in data.items() if k not in CONTROL}, preset
+
+
+def _as_dict(value: Any, name: str) -> dict[str, Any]:
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    try:
+        parsed = json.loads(value)
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--{name.replace('_', '-')} must be a JSON object, e.g. '{{\"width\": 16}}' "
+                          f"(got {value!r})") from exc
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"--{name.replace('_', '-')} must be a JSON object (got {value!r})")
+    return parsed
+
+
+def _as_milestones(value: Any) -> list[int] | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [m for m in str(value).replace(" ", "").split(",") if m]
+    try:
+        return [int(m) for m in items]
+    except ValueError as exc:
+        raise ConfigError(f"--milestones takes comma-separated epochs, e.g. 100,150 (got {value!r})") from exc
+
+
+def _as_specs(value: Any) -> list[str]:
+    from .attacks.base import split_attack_specs
+
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    text = str(value)
+    if ";" in text:
+        return [s.strip() for s in text.split(";") if s.strip()]
+    return split_attack_specs(text)
+
+
+def _budget(value: Any, name: str) -> float:
+    from .threat import eps_from_pixels
+
+    try:
+        return float(eps_from_pixels(value))
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not a number: give e.g. 8/255 or 0.031") from exc
+
+
+def validate(s: dict[str, Any]) -> None:
+    """Refuse settings that cannot work, with one line naming the setting and the fix."""
+    if s["epochs"] < 1:
+        raise ConfigError(f"--epochs must be at least 1 (got {s['epochs']})")
+    for name in ("max_train_samples", "max_eval_samples"):
+        if s.get(name) is not None and s[name] <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of examples (got {s[name]}); "
+                              "leave it out to use the whole split")
+    for name in ("batch_size", "eval_batch_size", "attack_steps", "grad_accum"):
+        if s.get(name) is not None and s[name] < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {s[name]})")
+    if s["eval_every"] < 0:
+        raise ConfigError(f"--eval-every must be 0 (only at the end) or a positive number of epochs "
+                          f"(got {s['eval_every']})")
+    if s["lr"] <= 0:
+        raise ConfigError(f"--lr must be positive (got {s['lr']})")
+    eps = _budget(s["eps"], "eps")
+    if eps < 0:
+        raise ConfigError(f"--eps must not be negative (got {s['eps']})")
+    if s["norm"] == "linf" and eps > 1:
+        raise ConfigError(f"--eps {s['eps']} is larger than the whole input range [0, 1] under L-inf: did you mean "
+                          f"{s['eps']}/255?")
+    if s.get("attack_step_size") not in (None, ""):
+        _budget(s["attack_step_size"], "attack_step_size")
+    if s.get("milestones"):
+        bad = [m for m in s["milestones"] if m < 1]
+        if bad:
+            raise ConfigError(f"--milestones are epochs >= 1 (got {bad})")
+
+
+@dataclass
+class RunConfig:
+    """The resolved settings of a run and where they came from."""
+
+    settings: dict[str, Any]
+    preset: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # settings that differ from the preset's, by source
+    config_file: str | None = None
+    notes: list[str] = field(default_factory=list)  # what resolution did on its own (scaled milestones, ...)
+    unsupported: list[str] = field(default_factory=list)  # the preset's reference behaviour robustkd lacks
+
+    @property
+    def args(self) -> argparse.Namespace:
+        """The settings as attributes (``cfg.args.epochs``)."""
+        return argparse.Namespace(**self.settings, preset=self.preset, overrides=self.overrides,
+                                  config=self.config_file)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"preset": self.preset}
+        if self.preset:
+            from .presets import get_preset
+
+            out["source"] = get_preset(self.preset).source
+        out["overrides"] = self.overrides
+        if self.config_file:
+            out["config_file"] = self.config_file
+        if self.notes:
+            out["notes"] = self.notes
+        if self.unsupported:
+            out["unsupported"] = self.unsupported
+        out["settings"] = self.settings
+        return out
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(json.loads(json.dumps(self.to_dict(), default=str)), sort_keys=False, width=120)
+
+    def write(self, output_dir: str | Path) -> Path:
+        """``config.yaml`` in ``output_dir``: readable again with ``--config``."""
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / CONFIG_FILE
+        path.write_text(self.to_yaml())
+        return path
+
+
+def resolve(recipe: Recipe, argv: Sequence[str] | None = None) -> RunConfig:
+    """The run's settings from the layers described in the module docstring (validated)."""
+    from .presets import get_preset
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(recipe)
+    parser.parse_args(argv)  # usage errors (unknown flag, bad choice) exit 2 here, argparse's way
+    given = _given(parser, argv)
+    known = declared_fields(recipe)
+    for key in list(given):
+        if key not in known:
+            given.pop(key)
+    base = {k: v for k, v in known.items() if k not in CONTROL}
+    base.update(recipe.defaults)
+
+    file_values: dict[str, Any] = {}
+    file_preset = None
+    if given.get("config"):
+        file_values, file_preset = _load_file(given["config"], known)
+    preset_name = given.get("preset") or file_preset or recipe.default_preset
+    preset = get_preset(preset_name) if preset_name else None
+
+    settings = dict(base)
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if preset is not None:
+        unknown = sorted(set(preset.settings) - set(settings))
+        if unknown:
+            raise ConfigError(f"preset {preset.name} sets {', '.join(unknown)}, which this recipe does not declare")
+        layers.append(("preset", copy.deepcopy(preset.settings)))
+    layers.append(("config", file_values))
+    layers.append(("command line", {k: v for k, v in given.items() if k not in CONTROL}))
+    for _, values in layers:
+        settings.update(values)
+    user = {**file_values, **{k: v for k, v in given.items() if k not in CONTROL}}
+
+    notes: list[str] = []
+    if preset is not None:
+        ps = preset.settings
+        if settings["method"] != ps["method"]:  # the preset's method settings belong to its method
+            for key in METHOD_BOUND:
+                if key not in user:
+                    settings[key] = base.get(key)
+            notes.append(f"method {settings['method']} instead of the preset's {ps['method']}: its method_kwargs and "
+                         "attack start / objective / mode are the method's own defaults")
+        if settings["model"] != ps["model"] and "model_kwargs" not in user:
+            settings["model_kwargs"] = base.get("model_kwargs")
+        if ("epochs" in user and "milestones" not in user and ps.get("milestones")
+                and settings["epochs"] != ps["epochs"]):
+            scaled = sorted({max(1, round(m * settings["epochs"] / ps["epochs"])) for m in ps["milestones"]})
+            notes.append(f"milestones {ps['milestones']} of {ps['epochs']} epochs scaled to {scaled} for "
+                         f"{settings['epochs']} epochs")
+            settings["milestones"] = scaled
+
+    settings["model_kwargs"] = _as_dict(settings.get("model_kwargs"), "model_kwargs")
+    settings["method_kwargs"] = _as_dict(settings.get("method_kwargs"), "method_kwargs")
+    settings["milestones"] = _as_milestones(settings.get("milestones"))
+    for key in ("eval_attacks", "final_attacks"):
+        settings[key] = _as_specs(settings.get(key))
+    for key in ("eps", "attack_step_size"):
+        if settings.get(key) is not None:
+            settings[key] = str(settings[key])
+    if recipe.finalize is not None:
+        recipe.finalize(settings)
+    validate(settings)
+
+    if preset is not None:
+        overrides = {k: settings[k] for k in user if k in preset.settings and settings[k] != preset.settings[k]}
+        overrides.update({k: settings[k] for k in user if k not in preset.settings and settings[k] != base.get(k)})
+    else:
+        overrides = {k: settings[k] for k in user if settings[k] != base.get(k)}
+    unsupported = list(preset.unsupported) if preset is not None else []
+    return RunConfig(settings=settings, preset=preset.name if preset else None, overrides=overrides,
+                     config_file=given.get("config"), notes=notes, unsupported=unsupported)
+
+
+def parse(recipe: Recipe, argv: Sequence[str] | None = None) -> RunConfig:
+    """Resolve the settings; with ``--print-config`` print them and exit 0 (nothing is run or written)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = resolve(recipe, argv)
+    parser = build_parser(recipe)
+    if _given(parser, argv).get("print_config"):
+        print(cfg.to_yaml(), end="")
+        raise SystemExit(0)
+    for line in cfg.unsupported:
+        logger.warning("preset %s: the reference uses %s", cfg.preset, line)
+    for line in cfg.notes:
+        logger.info("%s", line)
+    return cfg
+
+
+# -- what a configuration builds ------------------------------------------------------------------
+def train_config(s: dict[str, Any] | argparse.Namespace) -> Any:
+    """The :class:`~robustkd.trainer.TrainConfig` of the settings (see :func:`unapplied_settings` for
+    those a trainer of this build does not know)."""
+    from dataclasses import fields as dc_fields
+
+    from .trainer import TrainConfig
+
+    s = vars(s) if isinstance(s, argparse.Namespace) else s
+    values = {
+        "epochs": s["epochs"], "batch_size": s["batch_size"], "eval_batch_size": s["eval_batch_size"],
+        "optimizer": s["optimizer"], "lr": s["lr"], "momentum": s["momentum"], "weight_decay": s["weight_decay"],
+        "lr_schedule": s["lr_schedule"], "milestones": s["milestones"], "lr_gamma": s["lr_gamma"],
+        "mixed_precision": s["mixed_precision"], "grad_accum": s["grad_accum"], "ema_decay": s["ema_decay"],
+        "ema_warmup": s["ema_warmup"], "awp_gamma": s["awp_gamma"] if s["awp"] else None,
+        "awp_warmup": s["awp_warmup"], "eval_every": s["eval_every"], "eval_attacks": list(s["eval_attacks"]),
+        "max_train_samples": s["max_train_samples"], "max_eval_samples": s["max_eval_samples"], "seed": s["seed"],
+        "output_dir": s["output_dir"], "resume": s["resume"], "cpu": s["cpu"], "log_with": s["log_with"],
+        "progress": not s["no_progress"],
+    }
+    known = {f.name for f in dc_fields(TrainConfig)}
+    for name, _ in _OPTIONAL_TRAIN:
+        if name in known and s.get(name) is not None:
+            values[name] = s[name]
+    return TrainConfig(**values)
+
+
+#: Trainer settings newer than some builds of the trainer, with their "off" value.
+_OPTIONAL_TRAIN = (("nesterov", False), ("drop_last", False), ("lr_warmup_epochs", 0), ("lr_warmup_init", None),
+                   ("lr_min", None))
+
+
+def unapplied_settings(s: dict[str, Any] | argparse.Namespace) -> list[str]:
+    """Settings (from a preset or a flag) that this build's trainer cannot apply: each is logged as a
+    warning and recorded in the run's config.yaml, never dropped silently."""
+    from dataclasses import fields as dc_fields
+
+    from .trainer import TrainConfig
+
+    s = vars(s) if isinstance(s, argparse.Namespace) else s
+    known = {f.name for f in dc_fields(TrainConfig)}
+    out = []
+    for name, off in _OPTIONAL_TRAIN:
+        value = s.get(name)
+        if name not in known and value not in (off, None):
+            out.append(f"{name}={value} is not applied: this robustkd's trainer has no {name} setting")
+            logger.warning("%s", out[-1])
+    return out
+    return TrainConfig(**values)
+
+
+def eval_attack_defaults(s: dict[str, Any]) -> dict[str, Any]:
+    """The run's training threat model as defaults for its evaluation attacks."""
+    from .threat import eps_from_pixels
+
+    return {"eps": eps_from_pixels(s["eps"]), "norm": s["norm"]}
+
+
+def build_attacks(specs: Sequence[str], task: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Evaluation attacks in the run's threat model: ``defaults`` (eps, norm) apply to an attack whose
+    spec names no budget of its own and that takes both (the rest keep their own threat model)."""
+    import inspect
+
+    from .attacks.base import create_attack, parse_attack_spec
+    from .registry import ATTACKS
+
+    threat_keys = set(defaults) | set(inspect.signature(task.threat_model).parameters) - {"kwargs", "self"}
+    attacks = {}
+    for spec in specs:
+        name, options = parse_attack_spec(spec)
+        extra: dict[str, Any] = {}
+        if not (set(options) & threat_keys) and name in ATTACKS:
+            # only an attack that takes the whole threat model (eps and norm) gets the run's; one with a
+            # norm of its own (pgd_l2, snr_pgd, ...) keeps its defaults
+            params = inspect.signature(ATTACKS.get(name)).parameters
+            if all(k in params for k in defaults):
+                extra = dict(defaults)
+        attacks[spec] = create_attack(spec, task, **extra)
+    return attacks
+
+
+def build_method(s: dict[str, Any] | argparse.Namespace, task: Any, *, threat: Any = None,
+                 relative_step: bool = False) -> Any:
+    """The run's method, with its training attack, attack mode and teachers, from the settings.
+
+    The attack is PGD in the run's threat model (``threat``, default ``task.threat_model(eps, norm)``)
+    with ``attack_steps`` and ``attack_step_size`` (relative to each input's radius with
+    ``relative_step``); its objective, start and mode are the settings' when given (a preset gives
+    them) and otherwise the method's own (``robustkd/presets/methods.yaml``). Teachers named by
+    ``clean_teacher`` / ``robust_teacher`` are loaded with :func:`robustkd.teachers.load_teacher`.
+    Settings left out take their defaults: ``build_method({"method": "pgd_at", "attack_steps": 2},
+    task, threat=task.threat_model())`` is the method in the task's own threat model.
+    """
+    from .attacks.pgd import PGD
+    from .presets import method_defaults
+    from .registry import METHODS
+    from .threat import eps_from_pixels
+
+    s = vars(s) if isinstance(s, argparse.Namespace) else s
+    name = s["method"]
+    factory = METHODS.get(name)
+    own = method_defaults(name)
+    atk_defaults = own.get("attack")
+    attack = None
+    mode = None
+    if atk_defaults is not None:
+        if threat is None:
+            threat = task.threat_model(eps=eps_from_pixels(s["eps"]), norm=s["norm"])
+        step = s.get("attack_step_size")
+        step = float(eps_from_pixels(step)) if step not in (None, "") else None
+        start = s.get("attack_random_start") or atk_defaults.get("random_start", "uniform")
+        init_std = s.get("attack_init_std")
+        if init_std is None:
+            init_std = atk_defaults.get("init_std", 0.001)
+        loss = s.get("attack_loss") or atk_defaults.get("loss", "ce")
+        attack = PGD(task, threat, steps=s.get("attack_steps", 10), step_size=None if relative_step else step,
+                     rel_step_size=step if relative_step else None, random_start=start, init_std=init_std, loss=loss)
+        mode = s.get("attack_mode") or atk_defaults.get("mode")
+    kwargs = {**own.get("method_kwargs", {}), **(s.get("method_kwargs") or {})}
+    if name in ("trades", "adr_trades") and s.get("beta") is not None:
+        kwargs.setdefault("beta", s["beta"])
+    _check_method_kwargs(name, factory, kwargs)
+    if own.get("teachers"):
+        kwargs.update(load_teachers(s, task))
+    method = factory(task, attack, **kwargs)
+    if mode is not None:
+        method.attack_mode = mode
+    return method
+
+
+def _check_method_kwargs(name: str, factory: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse a method setting the method does not take, before any work, with the setting named."""
+    import inspect
+
+    from .distill import methods
+
+    target = methods.ADR if name in ("adr", "adr_trades") else factory
+    params = inspect.signature(target).parameters
+    if name in ("adr", "adr_trades") and {"tau", "lam"} & set(kwargs) and "tau" not in params:
+        # Bridge for ADR builds without the tau / lam keywords: the same schedules as a rectifier.
+        from .distill.targets import ADRRectifier
+        from .schedules import Schedule
+
+        tau, lam = kwargs.pop("tau", (2.5, 2.0)), kwargs.pop("lam", (0.7, 0.95))
+        kwargs["rectifier"] = ADRRectifier(Schedule(*tau), Schedule(*lam))
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(kwargs) - set(params) - {"clean_teacher", "robust_teacher"})
+    if unknown:
+        raise ConfigError(f"the method {name!r} takes no setting {', '.join(unknown)} (method_kwargs); it takes "
+                          f"{', '.join(k for k in params if k not in ('self', 'task', 'attack'))}")
+
+
+def load_teachers(s: dict[str, Any], task: Any) -> dict[str, Any]:
+    """MTARD's teachers from ``clean_teacher`` / ``robust_teacher`` (``'ema'``: the student's EMA)."""
+    from .teachers import load_teacher
+
+    if not s.get("clean_teacher") or not s.get("robust_teacher"):
+        raise ConfigError(f"--method {s['method']} needs --clean-teacher and --robust-teacher (a recipe "
+                          "--output-dir, timm:<name>, a Hugging Face model directory; the robust one may be 'ema')")
+    which = s.get("teacher_weights", "auto")
+    clean = load_teacher(s["clean_teacher"], task, which=which, name="clean")
+    robust = "ema" if s["robust_teacher"] == "ema" else load_teacher(s["robust_teacher"], task, which=which,
+                                                                       name="robust")
+    return {"clean_teacher": clean, "robust_teacher": robust}
+
+
+__all__ = ["ConfigError", "Recipe", "RunConfig", "build_attacks", "build_method", "build_parser", "parse", "resolve",
+           "train_config", "unapplied_settings", "validate", "CONFIG_FILE"]

@@ -1,0 +1,175 @@
+"""Run directories on the Hugging Face Hub: ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``
+through ``huggingface_hub.ModelHubMixin``, with a model card written from the run's report.
+
+    from robustkd.hub import RobustKDRun
+    run = RobustKDRun.from_pretrained("runs/adr")            # a run directory, or a Hub repo id
+    run.save_pretrained("runs/adr-hub")                      # weights, robustkd.json, reports, README.md
+    run.push_to_hub("me/cifar10-adr")                        # online
+    model = run.load_model(task)                             # the EMA model when the run kept one
+
+The folder holds the run's ``model.safetensors`` (student), ``ema.safetensors`` (EMA / weight
+average, when kept), ``robustkd.json`` (how to rebuild the model), ``report.json`` and, when the run
+was evaluated with ``robustkd eval``, ``eval_report.json``; ``README.md`` is the model card with the
+measured accuracies and calibration in the Hub's ``model-index`` metadata.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin
+from huggingface_hub.repocard_data import EvalResult
+from torch import nn
+
+from .checkpoint import META_FILE, WEIGHT_FILES, read_meta
+from .task import Task
+
+REPORT_FILE = "report.json"
+EVAL_REPORT_FILE = "eval_report.json"
+COPIED = (META_FILE, *WEIGHT_FILES.values(), REPORT_FILE, EVAL_REPORT_FILE, "metrics.jsonl")
+
+
+class RobustKDRun(ModelHubMixin, library_name="robustkd",
+                  tags=["adversarial-robustness", "knowledge-distillation", "robustkd"]):
+    """A recipe's output directory as a Hub model. ``eval_dir``: a ``robustkd eval --output-dir`` of this
+    run, whose report (clean / adversarial accuracy, ECE) goes into the model card."""
+
+    def __init__(self, run_dir: str | Path, eval_dir: str | Path | None = None):
+        self.run_dir = Path(run_dir).expanduser()
+        self.meta = read_meta(self.run_dir)
+        if not any((self.run_dir / f).exists() for f in WEIGHT_FILES.values()):
+            raise FileNotFoundError(f"{self.run_dir} has no {' or '.join(WEIGHT_FILES.values())}: the run did not finish")
+        self.eval_report = None
+        if eval_dir is not None:
+            path = Path(eval_dir).expanduser()
+            path = path / "report.json" if path.is_dir() else path
+            if not path.exists():
+                raise FileNotFoundError(f"no evaluation report at {path}: pass the --output-dir of `robustkd eval`")
+            self.eval_report = json.loads(path.read_text())
+        elif (self.run_dir / EVAL_REPORT_FILE).exists():
+            self.eval_report = json.loads((self.run_dir / EVAL_REPORT_FILE).read_text())
+        report = self.run_dir / REPORT_FILE
+        self.report = json.loads(report.read_text()) if report.exists() else {}
+
+    # -- the mixin's two hooks -------------------------------------------------------------------
+    def _save_pretrained(self, save_directory: Path) -> None:
+        for name in COPIED:
+            src = self.run_dir / name
+            if src.exists() and src.resolve() != (save_directory / name).resolve():
+                shutil.copy2(src, save_directory / name)
+        if self.eval_report is not None:
+            (save_directory / EVAL_REPORT_FILE).write_text(json.dumps(self.eval_report, indent=2, default=str))
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
+                         force_download: bool, proxies: dict | None, resume_download: bool | None,
+                         local_files_only: bool, token: str | bool | None, **kwargs: Any) -> "RobustKDRun":
+        path = Path(model_id).expanduser()
+        if not path.is_dir():
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir,
+                                          force_download=force_download, local_files_only=local_files_only,
+                                          token=token))
+        return cls(path, **kwargs)
+
+    # -- using it ----------------------------------------------------------------------------------
+    def load_model(self, task: Task | None = None, which: str = "auto", data_dir: str | None = None) -> nn.Module:
+        """The trained model (EMA when kept, with ``which="auto"``) for ``task`` (default: the recorded one)."""
+        from .checkpoint import load_model
+        from .registry import TASKS
+
+        if task is None:
+            task = TASKS.get(self.meta["task"])(data_dir=data_dir)
+        return load_model(self.run_dir, task, which)  # type: ignore[arg-type]
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        return model_card(self.meta, self.report, self.eval_report)
+
+
+# -- the model card ----------------------------------------------------------------------------------
+def _results(meta: dict[str, Any], report: dict[str, Any], eval_report: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Rows (name, metric type, value) of what was measured: the eval report's when there is one (it has ECE),
+    else the training run's final evaluation (EMA model's figures when kept)."""
+    rows: list[dict[str, Any]] = []
+    if eval_report is not None:
+        m = eval_report["metrics"]
+        which = eval_report.get("model", {}).get("which") or ""
+        tag = f" ({which} model)" if which else ""
+        rows.append({"name": f"clean accuracy{tag}", "type": "accuracy", "value": m["clean"]["accuracy"]})
+        rows.append({"name": f"clean ECE{tag}", "type": "ece", "value": m["clean"]["ece"]})
+        for spec, d in m.get("adversarial", {}).items():
+            rows.append({"name": f"robust accuracy, {spec}{tag}", "type": "accuracy", "value": d["accuracy"]})
+            rows.append({"name": f"ECE under {spec}{tag}", "type": "ece", "value": d["ece"]})
+        if "worst_case" in m:
+            rows.append({"name": f"worst-case robust accuracy{tag}", "type": "accuracy",
+                         "value": m["worst_case"]["accuracy"]})
+        return rows
+    for block, tag in ((report.get("ema"), " (EMA model)"), (report, "")):
+        if block and "clean_accuracy" in block:
+            rows.append({"name": f"clean accuracy{tag}", "type": "accuracy", "value": block["clean_accuracy"]})
+            for spec, acc in (block.get("robust_accuracy") or {}).items():
+                rows.append({"name": f"robust accuracy, {spec}{tag}", "type": "accuracy", "value": acc})
+    return rows
+
+
+def model_card(meta: dict[str, Any], report: dict[str, Any], eval_report: dict[str, Any] | None = None) -> ModelCard:
+    """A Hub model card: metadata (``model-index`` with every measured figure) and a readable summary."""
+    task = meta.get("task") or report.get("task") or "unknown"
+    method = meta.get("method") or report.get("method") or "unknown"
+    preset = meta.get("preset") or (report.get("config") or {}).get("preset")
+    modality = (eval_report or {}).get("task", {}).get("modality")
+    task_type = f"{modality}-classification" if modality else "classification"
+    split = (eval_report or {}).get("split", "test")
+    rows = _results(meta, report, eval_report)
+    evals = [EvalResult(task_type=task_type, dataset_type=task, dataset_name=task, dataset_split=split,
+                        metric_type=r["type"], metric_name=r["name"], metric_value=round(float(r["value"]), 4))
+             for r in rows]
+    name = f"{task}-{meta.get('model', 'model')}-{method}"
+    data = ModelCardData(library_name="robustkd", model_name=name, eval_results=evals or None,
+                         tags=["adversarial-robustness", "robustkd", method, task], datasets=[task],
+                         metrics=sorted({r["type"] for r in rows}) or None)
+    data.pipeline_tag = task_type if modality else None
+    attacks = (eval_report or report).get("attacks", {})
+    lines = [f"# {name}", "",
+             f"A `{meta.get('model')}` trained on **{task}** with **{method}**"
+             + (f" (preset `{preset}`)" if preset else "") + " by [robustkd](https://pypi.org/project/robustkd/).", "",
+             "| measured | value |", "| --- | --- |"]
+    lines += [f"| {r['name']} | {float(r['value']):.4f} |" for r in rows] or ["| (not evaluated) | |"]
+    if eval_report is None:
+        lines += ["", "Calibration (ECE) is measured by `robustkd eval`; pass its output with `robustkd push --eval`."]
+    if attacks:
+        lines += ["", "Attacks:", ""] + [f"- `{spec}`: " + ", ".join(f"{k}={v}" for k, v in d.items()
+                                                                     if k not in ("runtime_checks",))
+                                         for spec, d in attacks.items()]
+    lines += ["", "## Use", "", "```python", "from robustkd.hub import RobustKDRun", "",
+              f"run = RobustKDRun.from_pretrained(\"REPO_ID\")", "model = run.load_model()  # the EMA model when kept",
+              "```", "", "Inputs are raw values in the task's domain (pixels in [0, 1]); normalisation is inside "
+              "the model.", "", "## Training configuration", "", "```json",
+              json.dumps(report.get("config") or meta, indent=2, default=str), "```", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def push_run(run_dir: str | Path, repo_id: str, *, eval_dir: str | Path | None = None, folder: str | Path | None = None,
+             private: bool | None = None) -> tuple[Path, str | None]:
+    """Write the Hub folder (``folder``, default ``RUN/hub``) and push it to ``repo_id`` when online.
+    Returns (the folder, the commit URL or None when offline)."""
+    run = RobustKDRun(run_dir, eval_dir)
+    folder = Path(folder) if folder is not None else run.run_dir / "hub"
+    run.save_pretrained(folder)
+    if offline():
+        return folder, None
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    url = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="robustkd push")
+    return folder, str(url)
