@@ -529,3 +529,22 @@ def write_results(study: Study, command: str | None = None) -> dict[str, Path]:
     atomic_write_text(out / RESULTS_MD, "\n".join(line for line in md if line is not None))
     return {"json": out / RESULTS_JSON, "markdown": out / RESULTS_MD, "scatter": out / SCATTER_PNG,
             "curves": out / CURVES_PNG}
+
+
+def update_document(doc: str | Path, study: Study, markdown: str) -> Path:
+    """Replace the block between ``<!-- sweep:NAME -->`` and ``<!-- /sweep:NAME -->`` in ``doc`` (NAME is
+    the study file's stem) with ``markdown``, so a page's tables are regenerated rather than retyped."""
+    from .checkpoint import atomic_write_text
+
+    doc = Path(doc)
+    if not doc.is_file():
+        raise FileNotFoundError(f"--update-doc: no document at {doc}")
+    text = doc.read_text()
+    begin, end = f"<!-- sweep:{study.path.stem} -->", f"<!-- /sweep:{study.path.stem} -->"
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise StudyError(f"--update-doc: {doc} needs one '{begin}' line and one '{end}' line after it, around the "
+                         "block the sweep may replace")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    atomic_write_text(doc, f"{head}{begin}\n{markdown.strip()}\n{end}{tail}")
+    return doc
