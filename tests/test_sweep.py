@@ -28,7 +28,7 @@ def study_file(tmp_path, cifar_dir, monkeypatch) -> Path:
         "seeds": [0, 1],
         "flags": {"data-dir": cifar_dir, "model": "small_cnn", "model-kwargs": {"width": 8}, "epochs": 1,
                   "batch-size": 32, "max-train-samples": 64, "max-eval-samples": 16, "attack-steps": 1,
-                  "eval-attacks": "pgd2", "final-attacks": "pgd20", "cpu": True, "no-progress": True,
+                  "eval-attacks": "pgd2", "final-attacks": "pgd20", "curve-steps": 2, "cpu": True, "no-progress": True,
                   "awp": False},
         "variants": {"pgd_at": {"label": "PGD-AT", "flags": {"method": "pgd_at"}}},
     }
