@@ -16,8 +16,6 @@ teacher is a recipe --output-dir (its EMA model when it kept one), ``timm:<name>
 Face model directory. The report adds the per-epoch temperatures and loss weights (``balance``,
 balance.png). docs/mtard.md shows the whole offline pipeline.
 """
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional

@@ -10,8 +10,6 @@ amplitude ball (``--eps``). Reports clean accuracy and PGD-20 robust accuracy at
 example actually achieved. ``--method`` picks standard, pgd_at, trades, adr, adr_trades, or
 mtard (with ``--clean-teacher`` and ``--robust-teacher``).
 """
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -54,6 +52,7 @@ def build_speech_task(s: dict[str, Any]) -> Task:
     kwargs: dict[str, Any] = {"clip_seconds": s["clip_seconds"], "resample": s["resample"], "cache_dir": s["cache_dir"]}
     if s["sample_rate"] is not None:
         kwargs["sample_rate"] = s["sample_rate"]
+    kwargs.update(s.get("task_kwargs") or {})  # --task-kwargs: e.g. {"downmix": true}
     task = TASKS.get(s["dataset"])(data_dir=s["data_dir"], **kwargs)
     if getattr(task, "sample_rate", None) is None:
         raise ConfigError(f"--dataset {s['dataset']!r} is not a waveform task; this recipe trains audio tasks "

@@ -12,13 +12,12 @@ validation sentences as the other attacks (at most ``--textattack-examples`` of 
 and its EMA copy. ``--attack-step-size`` is relative to each token's radius here. The TextAttack
 result is the report's ``textattack`` section (``ema/report.json`` for the EMA copy).
 """
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from robustkd.attacks.text import textattack_evaluate
 from robustkd.config import Recipe, parse
+from robustkd.eval.robustness import resolve_attacks
 from robustkd.recipe import build_task, main_guard, run_recipe
 
 
@@ -43,23 +42,27 @@ RECIPE = Recipe(__doc__.split("\n\n")[0], defaults=dict(
     lr_schedule="constant", eval_batch_size=64, robust_teacher="ema"), extra=(TextArgs,))
 
 
-def textattack_section(s: dict[str, Any], task):
+def textattack_section(s: dict[str, Any]):
     """The report's ``textattack`` section: a TextAttack recipe on the report's evaluation points
     (``--max-eval-samples``, ``--seed``), capped at ``--textattack-examples`` (a prefix of that seeded
-    sample; validation rows are sorted by label, so never the first rows of the split)."""
-    data = task.dataset("test")
-    cap = min(s["max_eval_samples"] or len(data), s["textattack_examples"] or len(data))
-    idx = task.sample_indices("test", cap, s["seed"])
-    idx = list(range(len(data))) if idx is None else idx
-    texts, labels = [data.texts[i] for i in idx], [data.labels[i] for i in idx]
+    sample; validation rows are sorted by label, so never the first rows of the split). The sample is
+    drawn when the section is built, after the model (and so the tokenizer) is loaded."""
 
     def sections(trainer, which, model, attacks) -> dict[str, Any]:
         if s["textattack_recipe"].lower() == "none" or (which == "ema" and s["textattack_on"] == "student"):
             return {}
+        task = trainer.task
+        data = task.dataset("test")
+        cap = min(s["max_eval_samples"] or len(data), s["textattack_examples"] or len(data))
+        idx = task.sample_indices("test", cap, s["seed"])
+        idx = list(range(len(data))) if idx is None else idx
+        texts, labels = [data.texts[i] for i in idx], [data.labels[i] for i in idx]
         result = textattack_evaluate(task, model, texts, labels, s["textattack_recipe"],
                                      query_budget=s["textattack_query_budget"],
                                      batch_size=s["eval_batch_size"])
-        return {"textattack": {"recipe": s["textattack_recipe"], "sample": "the evaluation points" if len(idx) == len(data) or len(idx) == s["max_eval_samples"] else "a seeded prefix of the evaluation points", **result}}
+        sample = ("the evaluation points" if len(idx) == len(data) or len(idx) == s["max_eval_samples"]
+                  else "a seeded prefix of the evaluation points")
+        return {"textattack": {"recipe": s["textattack_recipe"], "sample": sample, **result}}
     return sections
 
 
@@ -68,8 +71,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     s = cfg.settings
     task = build_task(s, max_length=s["max_length"],
                       **{k: s[k] for k in ("text_column", "label_column") if s[k]})
+    if s["textattack_recipe"].lower() != "none":  # an unknown or offline-unavailable recipe fails before training
+        resolve_attacks([f"textattack:{s['textattack_recipe']}"], task)
     # --attack-step-size is relative to each token's radius here
-    return run_recipe(cfg, task=task, relative_step=True, sections=textattack_section(s, task))
+    return run_recipe(cfg, task=task, relative_step=True, sections=textattack_section(s))
 
 
 if __name__ == "__main__":

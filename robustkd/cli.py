@@ -67,6 +67,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.suite import load_checkpoint, run_evaluation, split_attack_specs
     from .registry import TASKS
 
+    from .checkpoint import check_writable
+
+    check_writable(args.output_dir)  # a file, read-only or full location fails now, not after the evaluation
     meta = read_meta(args.checkpoint) if args.checkpoint else {}
     task_name = args.task or meta.get("task")
     if not task_name:
@@ -101,9 +104,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seed=args.seed, device=device, curve_factors=factors, curve_steps=args.curve_steps,
         output_dir=args.output_dir, history=load_history(args.checkpoint) if args.checkpoint else None,
         data_dir=data_dir, model_meta=model_meta, progress=not args.no_progress)
-    if state.is_main_process:
-        print(summary_text(ev.report))
-        print(f"report: {ev.files['report']}\npage:   {ev.files['html']}")
+    if not state.is_main_process:
+        return 0  # the main process reports (and sets the exit status; a launcher turns 3 into its own failure)
+    print(summary_text(ev.report))
+    print(f"report: {ev.files['report']}\npage:   {ev.files['html']}")
     return 0 if ev.passed else EXIT_SANITY_FAILED
 
 
@@ -328,7 +332,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(f"{preset.name}: {preset.description}\nsource: {preset.source}")
         width = max(len(k) for k in preset.settings)
         for key, value in preset.settings.items():
-            print(f"  {key:<{width}}  {json.dumps(value)}" + (f"    # {line}" if key in preset.lines else ""))
+            print(f"  {key:<{width}}  {json.dumps(value)}" + (f"    # {preset.lines[key]}" if key in preset.lines else ""))
         for kw in ("tau", "lam", "eta", "beta", "kl_scale", "temp_lr", "t_min", "t_max", "decay"):
             if kw in preset.lines:
                 print(f"  {'':<{width}}  method_kwargs.{kw}: line {preset.lines[kw]}")

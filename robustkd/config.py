@@ -53,6 +53,8 @@ class DataArgs:
                                  "data set and fails at once, with this hint, when there is no network")
     max_train_samples: Optional[int] = _f(None, "train on a seeded random subset of this many examples")
     max_eval_samples: Optional[int] = _f(None, "evaluate on a seeded random subset of this many examples")
+    task_kwargs: Optional[str] = _f(None, 'JSON options for the task, e.g. \'{"drop_empty": true}\', '
+                                    '\'{"image_column": "img"}\', \'{"downmix": true}\', \'{"encoding": "latin-1"}\'')
 
 
 @dataclass
@@ -74,9 +76,12 @@ class ModelArgs:
     ema_warmup: bool = _f(False, "ramp the EMA decay as timm does, min(decay, (1+t)/(10+t)), so short runs get a "
                           "useful teacher (not in ADR's reference)")
     clean_teacher: Optional[str] = _f(None, "MTARD: the naturally trained teacher: a recipe --output-dir, "
-                                      "timm:<name>, or a Hugging Face model directory")
+                                      "timm:<name>, a Hugging Face model directory, or what the task loads by "
+                                      "name (images: autoattack-example:resnet18, robustbench:NAME, ARCH:WEIGHTS.pt)")
     robust_teacher: Optional[str] = _f(None, "MTARD: the adversarially trained teacher (same forms), or 'ema' for "
                                        "the student's EMA self-teacher (teacher-free MTARD)")
+    teacher_model_dir: Optional[str] = _f(None, "where robustbench:NAME teachers live (RobustBench's layout "
+                                          "DIR/<dataset>/<threat>/<NAME>.pt)")
     teacher_weights: Literal["auto", "student", "ema"] = _f("auto", "which weights of a recipe output dir to use "
                                                             "as teacher (auto: the EMA model when it kept one)")
 
@@ -133,7 +138,15 @@ class RunArgs:
     eval_every: int = _f(1, "evaluate every N epochs (0: only at the end)")
     curve_steps: int = _f(10, "PGD steps per budget of the final report's accuracy-vs-budget curve")
     resume: bool = _f(False, "continue from the last checkpoint in --output-dir")
-    log_with: Optional[str] = _f(None, "an Accelerate tracker (tensorboard, wandb, ...)")
+    overwrite: bool = _f(False, "--output-dir holds another run: move it aside to NAME.old-<time> (never deleted) "
+                         "and start afresh")
+    max_nonfinite_steps: int = _f(0, "skip up to N steps whose loss is not finite (normal with fp16); 0: stop at "
+                                  "the first, keeping the last good checkpoint")
+    log_with: Optional[str] = _f(None, "log metrics to an Accelerate tracker: tensorboard (pip install "
+                                 "'robustkd[tensorboard]'; logs under --output-dir) or wandb (pip install "
+                                 "'robustkd[wandb]')")
+    run_name: Optional[str] = _f(None, "the tracker run's name (default: the --output-dir's name)")
+    tags: Optional[str] = _f(None, "comma-separated tracker tags (wandb)")
     cpu: bool = _f(False, "force CPU even when a GPU is present")
     no_progress: bool = _f(False, "hide progress bars")
 
@@ -254,14 +267,7 @@ def _as_milestones(value: Any) -> list[int] | None:
 def _as_specs(value: Any) -> list[str]:
     from .attacks.base import split_attack_specs
 
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [str(v).strip() for v in value if str(v).strip()]
-    text = str(value)
-    if ";" in text:
-        return [s.strip() for s in text.split(";") if s.strip()]
-    return split_attack_specs(text)
+    return split_attack_specs(value)  # the one spec language: ';' and ',' alike, lists item by item
 
 
 def _budget(value: Any, name: str) -> float:
@@ -404,6 +410,7 @@ def resolve(recipe: Recipe, argv: Sequence[str] | None = None) -> RunConfig:
             settings["milestones"] = scaled
 
     settings["model_kwargs"] = _as_dict(settings.get("model_kwargs"), "model_kwargs")
+    settings["task_kwargs"] = _as_dict(settings.get("task_kwargs"), "task_kwargs")
     settings["method_kwargs"] = _as_dict(settings.get("method_kwargs"), "method_kwargs")
     settings["milestones"] = _as_milestones(settings.get("milestones"))
     for key in ("eval_attacks", "final_attacks"):
@@ -458,6 +465,7 @@ def train_config(s: dict[str, Any] | argparse.Namespace) -> Any:
         "awp_warmup": s["awp_warmup"], "eval_every": s["eval_every"], "eval_attacks": list(s["eval_attacks"]),
         "max_train_samples": s["max_train_samples"], "max_eval_samples": s["max_eval_samples"], "seed": s["seed"],
         "output_dir": s["output_dir"], "resume": s["resume"], "cpu": s["cpu"], "log_with": s["log_with"],
+        "run_name": s.get("run_name"), "tags": [t for t in (s.get("tags") or "").split(",") if t],
         "progress": not s["no_progress"],
     }
     known = {f.name for f in dc_fields(TrainConfig)}
@@ -469,7 +477,7 @@ def train_config(s: dict[str, Any] | argparse.Namespace) -> Any:
 
 #: Trainer settings newer than some builds of the trainer, with their "off" value.
 _OPTIONAL_TRAIN = (("nesterov", False), ("drop_last", False), ("lr_warmup_epochs", 0), ("lr_warmup_init", None),
-                   ("lr_min", None))
+                   ("lr_min", None), ("overwrite", False), ("max_nonfinite_steps", 0))
 
 
 def unapplied_settings(s: dict[str, Any] | argparse.Namespace) -> list[str]:
@@ -488,7 +496,6 @@ def unapplied_settings(s: dict[str, Any] | argparse.Namespace) -> list[str]:
             out.append(f"{name}={value} is not applied: this robustkd's trainer has no {name} setting")
             logger.warning("%s", out[-1])
     return out
-    return TrainConfig(**values)
 
 
 def eval_attack_defaults(s: dict[str, Any]) -> dict[str, Any]:
@@ -499,26 +506,11 @@ def eval_attack_defaults(s: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_attacks(specs: Sequence[str], task: Any, defaults: dict[str, Any]) -> dict[str, Any]:
-    """Evaluation attacks in the run's threat model: ``defaults`` (eps, norm) apply to an attack whose
-    spec names no budget of its own and that takes both (the rest keep their own threat model)."""
-    import inspect
+    """Evaluation attacks in the run's threat model: ``defaults`` (eps, norm) are the budget of every attack
+    whose spec names none of its own and that takes both (see :func:`robustkd.attacks.base.create_attack`)."""
+    from .attacks.base import build_attacks as _build
 
-    from .attacks.base import create_attack, parse_attack_spec
-    from .registry import ATTACKS
-
-    threat_keys = set(defaults) | set(inspect.signature(task.threat_model).parameters) - {"kwargs", "self"}
-    attacks = {}
-    for spec in specs:
-        name, options = parse_attack_spec(spec)
-        extra: dict[str, Any] = {}
-        if not (set(options) & threat_keys) and name in ATTACKS:
-            # only an attack that takes the whole threat model (eps and norm) gets the run's; one with a
-            # norm of its own (pgd_l2, snr_pgd, ...) keeps its defaults
-            params = inspect.signature(ATTACKS.get(name)).parameters
-            if all(k in params for k in defaults):
-                extra = dict(defaults)
-        attacks[spec] = create_attack(spec, task, **extra)
-    return attacks
+    return _build(specs, task, **defaults)
 
 
 def build_method(s: dict[str, Any] | argparse.Namespace, task: Any, *, threat: Any = None,
@@ -601,9 +593,10 @@ def load_teachers(s: dict[str, Any], task: Any) -> dict[str, Any]:
         raise ConfigError(f"--method {s['method']} needs --clean-teacher and --robust-teacher (a recipe "
                           "--output-dir, timm:<name>, a Hugging Face model directory; the robust one may be 'ema')")
     which = s.get("teacher_weights", "auto")
-    clean = load_teacher(s["clean_teacher"], task, which=which, name="clean")
+    options = {"model_dir": s["teacher_model_dir"]} if s.get("teacher_model_dir") else {}
+    clean = load_teacher(s["clean_teacher"], task, which=which, name="clean", **options)
     robust = "ema" if s["robust_teacher"] == "ema" else load_teacher(s["robust_teacher"], task, which=which,
-                                                                       name="robust")
+                                                                       name="robust", **options)
     return {"clean_teacher": clean, "robust_teacher": robust}
 
 

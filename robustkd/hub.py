@@ -8,7 +8,7 @@ through ``huggingface_hub.ModelHubMixin``, with a model card written from the ru
     model = run.load_model(task)                             # the EMA model when the run kept one
 
 The folder holds the run's ``model.safetensors`` (student), ``ema.safetensors`` (EMA / weight
-average, when kept), ``robustkd.json`` (how to rebuild the model), ``report.json`` and, when the run
+average, when kept), ``robustkd.json`` and ``config.json`` (how to rebuild the model), ``report.json`` and, when the run
 was evaluated with ``robustkd eval``, ``eval_report.json``; ``README.md`` is the model card with the
 measured accuracies and calibration in the Hub's ``model-index`` metadata.
 """
@@ -61,6 +61,8 @@ class RobustKDRun(ModelHubMixin, library_name="robustkd",
                 shutil.copy2(src, save_directory / name)
         if self.eval_report is not None:
             (save_directory / EVAL_REPORT_FILE).write_text(json.dumps(self.eval_report, indent=2, default=str))
+        # the Hub's config.json: how to rebuild the model (the mixin would otherwise record local paths)
+        (save_directory / "config.json").write_text(json.dumps(self.meta, indent=2, default=str))
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
@@ -73,7 +75,7 @@ class RobustKDRun(ModelHubMixin, library_name="robustkd",
             path = Path(snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir,
                                           force_download=force_download, local_files_only=local_files_only,
                                           token=token))
-        return cls(path, **kwargs)
+        return cls(path, eval_dir=kwargs.get("eval_dir"))
 
     # -- using it ----------------------------------------------------------------------------------
     def load_model(self, task: Task | None = None, which: str = "auto", data_dir: str | None = None) -> nn.Module:

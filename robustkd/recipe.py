@@ -20,6 +20,7 @@ from torch import nn
 from .config import (ConfigError, RunConfig, build_attacks, build_method, eval_attack_defaults, train_config,
                      unapplied_settings)
 from .distill.methods import Method
+from .eval.robustness import resolve_attacks
 from .registry import TASKS, RegistryError
 from .task import DataNotFoundError, Task
 from .trainer import ConfigMismatchError, Trainer
@@ -30,7 +31,7 @@ Sections = Callable[[Trainer, str, nn.Module, Mapping[str, Any]], Mapping[str, A
 
 
 def build_task(s: Mapping[str, Any], **kwargs: Any) -> Task:
-    return TASKS.get(s["dataset"])(data_dir=s["data_dir"], **kwargs)
+    return TASKS.get(s["dataset"])(data_dir=s["data_dir"], **{**kwargs, **(s.get("task_kwargs") or {})})
 
 
 def run_recipe(cfg: RunConfig, task: Task | None = None, method: Method | None = None, *,
@@ -43,6 +44,7 @@ def run_recipe(cfg: RunConfig, task: Task | None = None, method: Method | None =
     task = task or build_task(s)
     model = task.build_model(s["model"], **s["model_kwargs"])
     method = method or build_method(s, task, threat=threat, relative_step=relative_step)
+    resolve_attacks(s["final_attacks"], task, **eval_attack_defaults(s))  # typos fail now, not after training
     cfg.notes.extend(unapplied_settings(s))
     info = {"model": s["model"], "model_kwargs": s["model_kwargs"], "dataset": s["dataset"],
             "data_dir": s["data_dir"], "preset": cfg.preset, **dict(run_info or {})}

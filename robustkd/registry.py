@@ -177,7 +177,7 @@ def _same_definition(a: Any, b: Any) -> bool:
 
 def _source_of(obj: Any) -> str:
     module = (getattr(obj, "__module__", "") or "").split(".")[0]
-    if module in ("robustkd", "tasks"):
+    if module in ("robustkd", "robustkd_tasks"):
         return "built-in"
     try:
         dists = importlib_metadata.packages_distributions().get(module)

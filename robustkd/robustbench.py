@@ -149,7 +149,7 @@ def model_info(report: dict[str, Any], *, name: str = "", link: str = "", author
                 dataset=dataset, venue=venue, architecture=architecture or report["model"].get("name", ""),
                 eps=protocol["eps"], clean_acc=clean, reported=reported if reported is not None else robust,
                 autoattack_acc=robust, footnote=footnote)
-    return info, threat, notes
+    return {k: v for k, v in info.items() if v is not None}, threat, notes
 
 
 def write_model_info(info: dict[str, Any], out_dir: str | Path, model_name: str, threat: str) -> Path:

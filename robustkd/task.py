@@ -27,13 +27,13 @@ def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, .
     if wanted:
         if wanted not in columns:
             raise ValueError(f"no {what} column {wanted!r}; the data has columns {columns}: pass "
-                             f"{what}_column=<one of them>")
+                             f"{what}_column=<one of them> (recipes: --task-kwargs '{{\"{what}_column\": \"...\"}}')")
         return wanted
     for c in candidates:
         if c in columns:
             return c
     raise ValueError(f"no {what} column among {list(candidates)}; the data has columns {columns}: "
-                     f"name it with {what}_column=...")
+                     f"name it with {what}_column=... (recipes: --task-kwargs '{{\"{what}_column\": \"...\"}}')")
 
 
 class Adversarial(NamedTuple):

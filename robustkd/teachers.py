@@ -76,11 +76,13 @@ class EMATeacher(Teacher):
         decay = self.current_decay()
         ema_params = list(self.model.parameters())
         params = [p.detach().to(e.dtype) for p, e in zip(source.parameters(), ema_params)]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        # decay * ema + (1 - decay) * theta in this order, as timm's ModelEmaV2 (ADR's reference) rounds it
+        torch._foreach_mul_(ema_params, decay)
+        torch._foreach_add_(ema_params, torch._foreach_mul(params, 1.0 - decay))
         floats = []
         for b_ema, b in zip(self.model.buffers(), source.buffers()):
             if b_ema.is_floating_point() and self.buffers == "ema":
-                b_ema.lerp_(b.to(b_ema.dtype), 1.0 - decay)
+                b_ema.copy_(decay * b_ema + (1.0 - decay) * b.to(b_ema.dtype))
             else:
                 b_ema.copy_(b)
             if b_ema.is_floating_point():

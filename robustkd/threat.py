@@ -62,7 +62,7 @@ class ThreatModel:
              std: float = 0.001) -> Tensor:
         """A starting perturbation: ``uniform`` in the ball, ``normal`` (``std * N(0, 1)``, TRADES'
         original code and MTARD's), ``trades`` (``std * U[0, 1)``, the TRADES attack of ADR's
-        reference, src/util/trades_attack.py:20) or ``zero``.
+        reference, src/util/trades_attack.py:28) or ``zero``.
 
         The two small starts are not clamped to the input domain, as in their reference code (the
         first step's projection does it); they are kept inside the ball and the mask."""
@@ -73,7 +73,7 @@ class ThreatModel:
             return self.project(x, delta, mask, clamp_domain=False)
         elif mode == "uniform":
             r = self.radius(x)
-            if self.norm == "linf":  # a float radius draws as ADR's reference PGD does (src/util/pgd_attack.py:21)
+            if self.norm == "linf":  # a float radius draws as ADR's reference PGD does (src/util/pgd_attack.py:24)
                 delta = torch.empty_like(x).uniform_(-r, r) if isinstance(r, float) else (torch.rand_like(x) * 2 - 1) * r
             else:  # uniform direction, radius scaled by u^(1/d) for a uniform draw in the ball
                 direction = torch.randn_like(x)

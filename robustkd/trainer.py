@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from torch import nn
 
 from .attacks.base import Attack, create_attack
 from .awp import AWP
-from .checkpoint import atomic_write_text, save_model_dir
+from .checkpoint import (CheckpointError, RunDirError, atomic_write_text, prepare_output_dir, read_latest,
+                         save_model_dir, write_failed)
 from .distill.methods import Method, Progress
 from .eval.robustness import evaluate
 from .task import Task
@@ -70,6 +72,9 @@ class TrainConfig:
     resume: bool = False
     cpu: bool = False
     log_with: str | None = None  # any Accelerate tracker: tensorboard, wandb, ...
+    # ecosystem: the tracker run's name (default: the output directory's name) and tags (wandb)
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
     progress: bool = True
     keep_checkpoints: int = 1
     # -- speed modes (docs/performance.md); all off by default, none changes what is computed --
@@ -78,6 +83,9 @@ class TrainConfig:
     tf32: bool = False  # TF32 matmuls and convolutions on Ampere+ GPUs (no effect on CPU)
     num_workers: int = 0  # data-loader worker processes
     pin_memory: bool = False  # page-locked host batches, copied to the GPU without blocking
+    # guards: output-directory safety and divergence handling
+    overwrite: bool = False  # move a run already in output_dir aside (NAME.old-<time>) instead of refusing
+    max_nonfinite_steps: int = 0  # skip up to N steps with a non-finite loss (mixed precision); 0: stop at the first
 
     def resolved_milestones(self) -> list[int]:
         """LR decay epochs; the default (50 % and 75 % of the run) skips epoch 0 so short runs keep their LR."""
@@ -88,6 +96,13 @@ class TrainConfig:
 
 class ConfigMismatchError(ValueError):
     """A checkpoint made with another configuration than the one asked to resume it."""
+
+
+class DivergenceError(ValueError):
+    """Training produced a non-finite loss or parameter; the last good checkpoint is kept, nothing final written."""
+
+
+NONFINITE_CHECK_EVERY = 10  # micro-steps between host checks of the on-device non-finite flag (no per-step sync)
 
 
 @dataclass
@@ -107,7 +122,7 @@ class _TrainState:
 
 
 # Fields that must match to resume a checkpoint (others, e.g. eval settings or epochs, may change).
-_RESUME_KEYS = ("task", "model", "num_classes", "method", "batch_size", "optimizer", "grad_accum", "awp_gamma",
+_RESUME_KEYS = ("task", "model", "model_kwargs", "num_classes", "method", "batch_size", "optimizer", "grad_accum", "awp_gamma",
                 "ema_decay", "ema_warmup", "max_train_samples", "seed")
 
 
@@ -121,19 +136,22 @@ class Trainer:
 
         self.task, self.method, self.config = task, method, config
         self.run_info = dict(run_info or {})
+        self.output_dir = Path(config.output_dir)
+        self._resume_from = self._preflight(model)  # output dir and resume checks: before any work
         if config.awp_gamma is not None and config.grad_accum > 1:
             raise ValueError("AWP perturbs the weights once per optimizer step and cannot be combined with "
                              "gradient accumulation: use --grad-accum 1 or drop --awp")
+        check_trackers(config.log_with)
         self.accelerator = Accelerator(
             cpu=config.cpu or not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum, log_with=config.log_with,
             project_dir=config.output_dir,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=config.pin_memory))
         set_seed(config.seed)
-        self.output_dir = Path(config.output_dir)
         acc = self.accelerator
         _set_tf32(config.tf32, acc.device)
         loader_options = {"num_workers": config.num_workers, "pin_memory": config.pin_memory}
+        self._claim_output_dir(model)
         self.train_loader = task.dataloader("train", config.batch_size, max_samples=config.max_train_samples,
                                             seed=config.seed, drop_last=config.drop_last, **loader_options)
         self.eval_loader = task.dataloader("test", config.eval_batch_size, max_samples=config.max_eval_samples,
@@ -163,12 +181,72 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = self._make_scheduler()
         self.state = _TrainState()
+        self._reset_nonfinite()
         # Accelerate needs only state_dict/load_state_dict, which the method, EMA and counters all have
         for obj in (self.scheduler, self.state, self.method) + ((self.ema,) if self.ema else ()):
             acc.register_for_checkpointing(obj)
         self.eval_attacks = {spec: create_attack(spec, task) for spec in config.eval_attacks}
 
     # -- setup helpers ------------------------------------------------------------------
+    def _needed_bytes(self, model: nn.Module) -> int:
+        """Room for the run's files: ``keep_checkpoints + 1`` checkpoints (the new one is written before the
+        old is pruned), each the model, EMA and optimizer state, plus the final weights; 10 % margin."""
+        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        per_ckpt = size * (2 + (2 if self.config.optimizer == "adamw" else 1))
+        return int(1.1 * ((self.config.keep_checkpoints + 1) * per_ckpt + 2 * size))
+
+    def _preflight(self, model: nn.Module) -> Path | None:
+        """Refuse a bad output location, another run in ``output_dir`` (without ``resume``/``overwrite``),
+        or a checkpoint that cannot be resumed; returns the checkpoint to resume. Changes nothing on disk."""
+        c = self.config
+        if c.resume and c.overwrite:
+            prepare_output_dir(c.output_dir, resume=True, overwrite=True)  # raises the one-line error
+        from .checkpoint import check_writable, run_markers
+
+        check_writable(c.output_dir, self._needed_bytes(model))
+        if not c.resume:
+            if run_markers(c.output_dir) and not c.overwrite:
+                prepare_output_dir(c.output_dir)  # raises: the directory holds another run
+            self.run_id: str | None = uuid.uuid4().hex[:12]
+            return None
+        ckpt = read_latest(self.output_dir / CHECKPOINT_DIR)
+        if ckpt is None:
+            if found := run_markers(c.output_dir):  # resuming "from scratch" would overwrite that run's files
+                raise RunDirError(f"--output-dir {c.output_dir} holds a run ({', '.join(found)}) but no checkpoint to "
+                                  "resume: drop --resume and pass --overwrite to move it aside, or choose a new "
+                                  "--output-dir")
+            self.run_id = uuid.uuid4().hex[:12]
+            return None
+        self.run_id = self._check_resume_config(ckpt).get("run_id")
+        return ckpt
+
+    def _check_resume_config(self, ckpt: Path) -> dict[str, Any]:
+        """The checkpoint's run config; :class:`ConfigMismatchError` when a field of ``_RESUME_KEYS`` differs."""
+        saved = json.loads((ckpt / "run_config.json").read_text())
+        now = {**self.run_info, "task": self.task.name, "num_classes": self.task.num_classes,
+               "method": self.method.name, **asdict(self.config)}
+        diffs = {k: (saved.get(k), now.get(k)) for k in _RESUME_KEYS if _norm(saved.get(k)) != _norm(now.get(k))}
+        if diffs:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
+            raise ConfigMismatchError(f"the checkpoint {ckpt} was made with another configuration ({detail}). "
+                                      "Resume with the same settings, or use a new --output-dir.")
+        return saved
+
+    def _claim_output_dir(self, model: nn.Module) -> None:
+        """Move an old run aside (``overwrite``) on the main process; share one run id across processes."""
+        from accelerate.utils import broadcast_object_list
+
+        acc, c = self.accelerator, self.config
+        if acc.is_main_process and not c.resume:
+            moved = prepare_output_dir(c.output_dir, overwrite=c.overwrite, need_bytes=self._needed_bytes(model))
+            if moved is not None:
+                logger.warning(f"moved the previous run in {c.output_dir} aside to {moved} (--overwrite)")
+        ids = [self.run_id]
+        if acc.num_processes > 1:
+            broadcast_object_list(ids)
+        self.run_id = ids[0]
+        acc.wait_for_everyone()
+
     def _validate(self, model: nn.Module) -> None:
         """Check data and model against the task on one batch of each split, before any work."""
         for loader in (self.train_loader, self.eval_loader):
@@ -225,12 +303,17 @@ class Trainer:
             self.awp.perturb(victim, v)
         with acc.accumulate(model):
             loss, logs = method.loss(model, batch, prepared, progress)
-            acc.backward(loss)
-            if v is not None and self.awp.restores_before_step:  # the gradient at w + v updates w
-                self.awp.restore(victim, v)
-            if self.config.max_grad_norm is not None and acc.sync_gradients:
-                acc.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
-            self.optimizer.step()
+            if self._loss_ok(loss):  # False only for a skipped step under --max-nonfinite-steps
+                acc.backward(loss)
+                if v is not None and self.awp.restores_before_step:  # the gradient at w + v updates w
+                    self.awp.restore(victim, v)
+                if self.config.max_grad_norm is not None and acc.sync_gradients:
+                    acc.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
+                self.optimizer.step()
+            else:
+                if v is not None and self.awp.restores_before_step:
+                    self.awp.restore(victim, v)
+                logs = {**logs, "skipped": True}
             self.optimizer.zero_grad(set_to_none=True)
         if v is not None and not self.awp.restores_before_step:
             self.awp.restore(victim, v)
@@ -260,10 +343,19 @@ class Trainer:
         acc, c = self.accelerator, self.config
         if c.resume:
             self.resume()
+        metrics = self.output_dir / "metrics.jsonl"
         if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                # this run's rows only: a resumed run restarts from the checkpoint's history (no duplicates)
+                atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in self.state.history))
+            except OSError as exc:
+                raise write_failed(metrics, exc) from exc
+        self._reset_nonfinite()
         if c.log_with:
-            acc.init_trackers(self.output_dir.name, config=_flat_config(self.run_config()))
+            name = c.run_name or self.output_dir.name
+            acc.init_trackers(name, config=_flat_config(self.run_config()),
+                              init_kwargs={"wandb": {"name": name, "tags": list(c.tags)}})
         for epoch in range(self.state.epoch, c.epochs):
             if hasattr(self.train_loader, "set_epoch"):
                 self.train_loader.set_epoch(epoch)
@@ -273,10 +365,14 @@ class Trainer:
                        disable=not (c.progress and acc.is_local_main_process))
             for i, batch in enumerate(bar):
                 logs = self.train_step(batch)
-                loss_sum += logs["loss"].float()
-                n += 1
+                if not logs.get("skipped", False):
+                    loss_sum += logs["loss"].float()
+                    n += 1
+                if i % NONFINITE_CHECK_EVERY == 0:
+                    self.check_finite(epoch)  # one host sync every NONFINITE_CHECK_EVERY steps
                 if i % 10 == 0 and not bar.disable:  # a host sync: only when the bar is shown
                     bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
+            self.check_finite(epoch, parameters=True)
             record: dict[str, Any] = {"epoch": epoch + 1, "step": self.state.step,
                                       "lr": self.optimizer.param_groups[0]["lr"],
                                       "train_loss": float(acc.reduce(loss_sum, "mean")) / max(n, 1),
@@ -287,10 +383,14 @@ class Trainer:
             reduce_([b for b in unwrap(self.model).buffers() if b.is_floating_point()])
             if c.eval_every and ((epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs):
                 record.update(self.evaluate_all(prefix_ema="ema_"))
+            record["run_id"] = self.run_id
             self.state.history.append(record)
             if acc.is_main_process:
-                with open(self.output_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                try:
+                    with open(metrics, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                except OSError as exc:
+                    raise write_failed(metrics, exc, self._latest_checkpoint()) from exc
                 logger.info(_summary_line(record))
             if c.log_with:
                 acc.log({k: v for k, v in _flat_config(record).items() if isinstance(v, (int, float))}, step=epoch + 1)
@@ -299,6 +399,62 @@ class Trainer:
         if c.log_with:
             acc.end_training()
         return self.state.history
+
+    # -- divergence ---------------------------------------------------------------------
+    def _reset_nonfinite(self) -> None:
+        device = self.accelerator.device
+        self._nonfinite = torch.zeros((), dtype=torch.long, device=device)  # non-finite losses since the start
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)  # 1-based step of the first
+        self._skipped = 0  # steps skipped under max_nonfinite_steps
+
+    def _loss_ok(self, loss: torch.Tensor) -> bool:
+        """Record a non-finite loss on the device (no host sync); with ``max_nonfinite_steps`` > 0 sync
+        once per step to skip such a step, and stop after more than that many."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._nonfinite += bad
+        self._first_bad = torch.where(bad & (self._first_bad < 0), self.state.step + 1, self._first_bad)
+        if self.config.max_nonfinite_steps <= 0:
+            return True
+        if self.accelerator.num_processes > 1:  # every process must skip the same steps (DDP's all-reduce)
+            bad = self.accelerator.reduce(bad.float(), "sum") > 0
+        if not bool(bad):
+            return True
+        self._skipped += 1
+        if self._skipped > self.config.max_nonfinite_steps:
+            raise self._divergence(f"the loss was non-finite in {self._skipped} steps (more than "
+                                   f"--max-nonfinite-steps {self.config.max_nonfinite_steps}), the last at step "
+                                   f"{self.state.step + 1}")
+        return False
+
+    def check_finite(self, epoch: int, parameters: bool = False) -> None:
+        """Raise :class:`DivergenceError` when a loss since the last check (or, with ``parameters``, a
+        weight) is non-finite. One host sync; called every few steps and before every evaluation/checkpoint."""
+        count = self._nonfinite
+        if self.accelerator.num_processes > 1:  # all processes stop together, or none does
+            count = self.accelerator.reduce(count.clone(), "sum")
+        if self.config.max_nonfinite_steps <= 0 and int(count) > 0:
+            raise self._divergence(f"the loss became non-finite at step {int(self._first_bad)} (epoch {epoch + 1})")
+        if parameters:
+            params = [p.detach() for p in unwrap(self.model).parameters()]
+            if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+                raise self._divergence(f"the weights became non-finite by step {self.state.step} (epoch {epoch + 1})")
+
+    def _divergence(self, what: str) -> DivergenceError:
+        c = self.config
+        latest = self._latest_checkpoint()
+        kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint had been written yet"
+        return DivergenceError(
+            f"training diverged: {what}. Likely cause: the learning rate is too high (--lr {c.lr:g}); lower it, "
+            f"clip gradients (--max-grad-norm), or with mixed precision allow skipped steps "
+            f"(--max-nonfinite-steps N). {kept[0].upper() + kept[1:]}; no final weights or report were written.")
+
+    def _latest_checkpoint(self) -> Path | None:
+        pointer = self.output_dir / CHECKPOINT_DIR / "latest"
+        try:
+            name = pointer.read_text().strip()
+        except OSError:
+            return None
+        return pointer.parent / name if name else None
 
     def evaluate_all(self, attacks: dict[str, Attack] | None = None, prefix_ema: str = "ema_") -> dict[str, Any]:
         """Clean and robust accuracy of the student and, when kept, the EMA model."""
@@ -312,7 +468,7 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------
     def run_config(self) -> dict[str, Any]:
-        return {**self.run_info, "task": self.task.name, "num_classes": self.task.num_classes,
+        return {**self.run_info, "run_id": self.run_id, "task": self.task.name, "num_classes": self.task.num_classes,
                 "method": self.method.name, "method_config": self.method.describe(), **asdict(self.config)}
 
     def save_checkpoint(self) -> Path:
@@ -321,38 +477,57 @@ class Trainer:
         root = self.output_dir / CHECKPOINT_DIR
         final = root / f"epoch-{self.state.epoch}"
         tmp = root / f".tmp-epoch-{self.state.epoch}"
+        previous = self._latest_checkpoint()
+        try:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp), safe_serialization=True)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                (tmp / "run_config.json").write_text(json.dumps(self.run_config(), indent=2, default=str))
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                atomic_write_text(root / "latest", final.name)
+        except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError (iostream error)
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, RuntimeError) and "write" not in str(exc).lower() and "iostream" not in str(exc):
+                raise
+            if not isinstance(exc, OSError):
+                exc = OSError(0, f"{_disk_cause(tmp)} ({str(exc).splitlines()[0][:100]})")
+            raise write_failed(tmp, exc, previous) from exc
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            (tmp / "run_config.json").write_text(json.dumps(self.run_config(), indent=2, default=str))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            atomic_write_text(root / "latest", final.name)
-            kept = sorted((p for p in root.glob("epoch-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-            for old in kept[:-max(self.config.keep_checkpoints, 1)]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._prune(root, final)
         acc.wait_for_everyone()
         return final
 
+    def _prune(self, root: Path, newest: Path) -> None:
+        """Keep the newest ``keep_checkpoints`` checkpoints *of this run* (its run id); never touch others."""
+        def run_id(p: Path) -> Any:
+            try:
+                return json.loads((p / "run_config.json").read_text()).get("run_id")
+            except (OSError, ValueError):
+                return "<unreadable>"
+
+        ours = [p for p in root.glob("epoch-*") if p.is_dir() and p != newest and run_id(p) == self.run_id]
+        ours = sorted(ours, key=lambda p: int(p.name.split("-")[1])) + [newest]
+        for old in ours[:-max(self.config.keep_checkpoints, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+
     def resume(self) -> bool:
         """Load the latest checkpoint under ``output_dir`` (if any); refuse one from another configuration."""
-        pointer = self.output_dir / CHECKPOINT_DIR / "latest"
-        if not pointer.exists():
+        ckpt = self._resume_from
+        if ckpt is None:
             logger.info(f"no checkpoint under {self.output_dir}: starting from scratch")
             return False
-        ckpt = pointer.parent / pointer.read_text().strip()
-        saved = json.loads((ckpt / "run_config.json").read_text())
-        now = self.run_config()
-        diffs = {k: (saved.get(k), now.get(k)) for k in _RESUME_KEYS if saved.get(k) != now.get(k)}
-        if diffs:
-            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
-            raise ConfigMismatchError(f"the checkpoint {ckpt} was made with another configuration ({detail}). "
-                                      "Resume with the same settings, or use a new --output-dir.")
-        self.accelerator.load_state(str(ckpt))
+        self._check_resume_config(ckpt)  # again: the config may have been changed since __init__
+        try:
+            self.accelerator.load_state(str(ckpt))
+        except (RuntimeError, KeyError) as exc:  # shapes or keys that passed the config check but not the load
+            raise CheckpointError(f"the checkpoint {ckpt} does not fit this run ({str(exc).strip().splitlines()[0][:160]}"
+                                  "): resume with the settings it was made with, or use a new --output-dir") from exc
         logger.info(f"resumed from {ckpt} (epoch {self.state.epoch}, step {self.state.step})")
         return True
 
@@ -360,10 +535,32 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
-            meta = {**self.run_info, "task": self.task.name, "num_classes": self.task.num_classes,
-                    "method": self.method.name, "epochs": self.state.epoch}
-            save_model_dir(self.output_dir, unwrap(self.model), self.ema.model if self.ema else None, meta)
+            meta = {**self.run_info, "run_id": self.run_id, "task": self.task.name,
+                    "num_classes": self.task.num_classes, "method": self.method.name, "epochs": self.state.epoch}
+            try:
+                save_model_dir(self.output_dir, unwrap(self.model), self.ema.model if self.ema else None, meta)
+            except (OSError, RuntimeError) as exc:
+                if not isinstance(exc, OSError):
+                    exc = OSError(0, f"{_disk_cause(self.output_dir)} ({str(exc).splitlines()[0][:100]})")
+                raise write_failed(self.output_dir, exc, self._latest_checkpoint()) from exc
         acc.wait_for_everyone()
+
+
+def _norm(value: Any) -> Any:
+    """Compare configs as JSON sees them (tuples and lists alike; a missing model_kwargs is {})."""
+    return json.loads(json.dumps(value, default=str)) if value not in (None, {}) else None
+
+
+def _disk_cause(path: Path) -> str:
+    """Name why a write failed when the library gave no errno (torch: "iostream error")."""
+    from .checkpoint import _nearest_existing
+
+    base = _nearest_existing(path)
+    if shutil.disk_usage(base).free < 2**20:
+        return f"no space left on the device holding {base}"
+    if not os.access(base, os.W_OK):
+        return f"{base} is read-only"
+    return "the write failed"
 
 
 def _set_tf32(enabled: bool, device: torch.device) -> None:
@@ -393,6 +590,20 @@ def _summary_line(record: dict[str, Any]) -> str:
                 parts.append(f"{prefix}{name} {acc:.4f}")
     parts.append(f"{record['epoch_seconds']:.1f}s")
     return " | ".join(parts)
+
+
+def check_trackers(log_with: str | None) -> None:
+    """Refuse a named tracker whose package is missing (Accelerate would skip it without a word)."""
+    if not log_with:
+        return
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    for name in (n.strip() for n in str(log_with).split(",")):
+        if name and name != "all" and name not in available:
+            raise ValueError(f"--log-with {name}: the {name} package is not installed (pip install "
+                             f"'robustkd[{name}]' or pip install {name}); installed trackers: "
+                             f"{', '.join(sorted(available)) or 'none'}")
 
 
 def lr_factor(k: int, schedule: str, *, lr: float, total: int, milestones: list[int], gamma: float = 0.1,

@@ -150,6 +150,7 @@ def _load_image_folder(root: Path, split: str, size: int | None) -> tuple[Tensor
 
     for name in SPLIT_ALIASES.get(split, (split,)):
         if (root / name).is_dir():
+            _check_folder_classes(root, name)
             folder = ImageFolder(str(root / name))
             images = [_pil_to_array(folder.loader(path), size) for path, _ in folder.samples]
             if not images:
@@ -158,6 +159,26 @@ def _load_image_folder(root: Path, split: str, size: int | None) -> tuple[Tensor
             return x, torch.tensor(folder.targets, dtype=torch.long), folder.classes
     raise DataNotFoundError(f"no {split!r} folder in {root}: an ImageFolder tree needs {root}/train/<class>/*.png "
                             f"and {root}/test/<class>/*.png (or val/).")
+
+
+def _folder_classes(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _check_folder_classes(root: Path, split_dir: str) -> None:
+    """Every split of an ImageFolder tree must have the same class folders: ImageFolder numbers the
+    classes of each split on its own, so a class missing from one split shifts that split's labels."""
+    splits = [n for n in ("train", "test", "validation", "valid", "val") if (root / n).is_dir()]
+    ref = "train" if "train" in splits else splits[0]
+    if split_dir == ref:
+        return
+    want, have = _folder_classes(root / ref), _folder_classes(root / split_dir)
+    if want != have:
+        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        parts = ([f"lacks {missing}"] if missing else []) + ([f"has {extra} that {ref}/ does not"] if extra else [])
+        raise DataNotFoundError(f"the ImageFolder split {root / split_dir} {' and '.join(parts)} (class folders of "
+                                f"{ref}/: {len(want)}): its labels would be numbered differently. Give every split "
+                                "the same class folders.")
 
 
 @functools.lru_cache(maxsize=8)
@@ -256,10 +277,11 @@ class ImageClassification(ContinuousTask):
                              f"got {tuple(x.shape)}")
         lo, hi = float(x.min()), float(x.max())
         if lo < 0.0 or hi > 1.0:
-            raise ValueError(
-                f"image values span [{lo:.3f}, {hi:.3f}] but must lie in [0, 1]: attacks and budgets like 8/255 "
-                "assume raw pixels. Remove Normalize from your data pipeline; robustkd models normalise inside."
-            )
+            hint = ("they look like 0-255 pixel values: divide the images by 255 (or pass uint8 tensors)"
+                    if lo >= 0.0 and hi <= 255.0 else "remove Normalize from your data pipeline; robustkd models "
+                    "normalise inside")
+            raise ValueError(f"image values span [{lo:.3f}, {hi:.3f}] but must lie in [0, 1] (attacks and budgets "
+                             f"like 8/255 assume raw pixels): {hint}.")
 
     def build_model(self, name: str, *, normalize: bool = True, **kwargs: Any) -> nn.Module:
         """A registered image model or ``timm:<name>``; with ``normalize`` (default) it starts with this
@@ -270,6 +292,12 @@ class ImageClassification(ContinuousTask):
         if name.startswith("timm:"):
             import timm
 
+            if not timm.is_model(name[5:]):
+                import difflib
+
+                close = difflib.get_close_matches(name[5:], timm.list_models(), n=3)
+                raise ValueError(f"timm has no model {name[5:]!r}" + (f": did you mean {', '.join('timm:' + c for c in close)}?"
+                                 if close else " (list them with python -c \"import timm; print(timm.list_models('*net*'))\")"))
             return with_normalization(timm.create_model(name[5:], num_classes=self.num_classes, **kwargs),
                                       normalize, mean, std)
         factory = MODELS.get(name)
@@ -287,7 +315,7 @@ class ImageClassification(ContinuousTask):
         """A pretrained image model for this task (the ``Task.load_pretrained`` hook): ``timm:<name>``
         (pretrained timm weights, refused when their head has another class count), a Hugging Face image
         classifier directory (``config.json``; its own normalisation inside), or one of
-        :mod:`tasks.image_pretrained`'s forms (``autoattack-example:resnet18``, ``robustbench:NAME``,
+        :mod:`robustkd_tasks.image_pretrained`'s forms (``autoattack-example:resnet18``, ``robustbench:NAME``,
         ``ARCH:PATH``). ``None`` for anything else."""
         from .image_pretrained import load_image_pretrained
 
@@ -305,6 +333,10 @@ class ImageClassification(ContinuousTask):
         norm = norm or self.norm
         if eps is None:
             eps = self.eps if norm == self.norm else {"linf": 8 / 255, "l2": 0.5}[norm]
+        width = self.input_domain[1] - self.input_domain[0]
+        if norm == "linf" and eps > width:
+            raise ValueError(f"an L-inf budget of {eps:g} exceeds the image value range [0, 1] (every pixel could take "
+                             f"any value): did you mean {eps:g}/255 (= {eps / 255:.4f})? Write the budget as {eps:g}/255")
         return ThreatModel(eps, norm, domain=self.input_domain)
 
     default_eval_attacks = ("pgd20", "autoattack")

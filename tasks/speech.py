@@ -61,7 +61,8 @@ def read_wav(path: str | Path, *, sample_rate: int | None = None, resample: bool
     if data.shape[1] != 1:
         if not downmix:
             raise AudioDataError(f"audio file {path} has {data.shape[1]} channels but speech tasks take mono audio: "
-                                 "convert it to mono, or build the task with downmix=True to average the channels")
+                                 "convert it to mono, or build the task with downmix=True to average the channels (recipes: "
+                                 "--task-kwargs '{\"downmix\": true}')")
         data = data.mean(axis=1, keepdims=True)
     wave = torch.from_numpy(np.ascontiguousarray(data[:, 0]))
     if sample_rate is not None and rate != sample_rate:

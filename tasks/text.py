@@ -54,7 +54,7 @@ def _data_files(root: Path) -> dict[str, list[Path]]:
 
 @functools.lru_cache(maxsize=16)
 def load_raw_split(data_dir: str | None, hub_name: str | None, hub_config: str | None, split: str,
-                   trust_remote_code: bool = False) -> Any:
+                   trust_remote_code: bool = False, encoding: str | None = None) -> Any:
     """One split as a ``datasets.Dataset`` (cached per process). Raises :class:`DataNotFoundError`
     with the fix when the data cannot be found."""
     import datasets
@@ -73,7 +73,18 @@ def load_raw_split(data_dir: str | None, hub_name: str | None, hub_config: str |
                 kinds = {DATA_SUFFIXES[f.suffix] for f in files}
                 if len(kinds) > 1:
                     raise DataNotFoundError(f"split {name!r} in {root} mixes file types {sorted(kinds)}: keep one")
-                return datasets.load_dataset(kinds.pop(), data_files={name: [str(f) for f in files]}, split=name)
+                kind = kinds.pop()
+                options = {"encoding": encoding} if (encoding and kind == "csv") else {}
+                try:
+                    return datasets.load_dataset(kind, data_files={name: [str(f) for f in files]}, split=name, **options)
+                except Exception as exc:  # noqa: BLE001 - datasets wraps the decode error in its own
+                    cause = _decode_error(exc)
+                    if cause is None:
+                        raise
+                    raise ValueError(f"{', '.join(str(f) for f in files)} is not {encoding or 'UTF-8'} text ({cause}): "
+                                     "re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT) or name its "
+                                     "encoding with encoding='latin-1' (recipes: --task-kwargs "
+                                     "'{\"encoding\": \"latin-1\"}')") from None
         raise DataNotFoundError(f"no {split!r} split in {root}: found splits {sorted(groups)} (file names must start "
                                 f"with the split name, e.g. '{SPLIT_ALIASES.get(split, (split,))[0]}-00000-of-00001.parquet').")
     if hub_name is None:
@@ -82,14 +93,27 @@ def load_raw_split(data_dir: str | None, hub_name: str | None, hub_config: str |
         ds = datasets.load_dataset(hub_name, hub_config, trust_remote_code=trust_remote_code) \
             if trust_remote_code else datasets.load_dataset(hub_name, hub_config)
     except Exception as exc:  # noqa: BLE001 - offline, missing or forbidden: the same fix
+        remote = (" The data set runs its own code: if you trust it, pass trust_remote_code=True (recipes: "
+                  "--task-kwargs '{\"trust_remote_code\": true}').") if "trust_remote_code" in str(exc) else ""
         raise DataNotFoundError(
             f"could not load {hub_name!r} from the Hugging Face hub ({type(exc).__name__}: {str(exc)[:200]}). "
             "With no network, pass --data-dir with a local copy (parquet/CSV/JSON files named by split). "
-            "robustkd never substitutes other data.") from exc
+            f"robustkd never substitutes other data.{remote}") from exc
     for name in SPLIT_ALIASES.get(split, (split,)):
         if name in ds:
             return ds[name]
     raise DataNotFoundError(f"{hub_name!r} has splits {list(ds)}, none of them {split!r}")
+
+
+def _decode_error(exc: BaseException | None) -> str | None:
+    """The UnicodeDecodeError somewhere in ``exc``'s chain, as text; None when there is none."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, UnicodeDecodeError):
+            return f"byte 0x{exc.object[exc.start]:02x} at position {exc.start} is not valid {exc.encoding}"
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class TextDataset(Dataset):
@@ -122,7 +146,7 @@ class TextClassification(Task):
                  hub_name: str | None = None, hub_config: str | None = None, text_column: str | None = None,
                  label_column: str | None = None, num_classes: int | None = None, tokenizer: Any = None,
                  max_length: int = 128, trust_remote_code: bool = False, eps: float = 0.1, norm: str = "l2",
-                 drop_empty: bool = False):
+                 drop_empty: bool = False, encoding: str | None = None, force_tokenizer: bool = False):
         if max_length < 4:
             raise ValueError(f"max_length must be at least 4 tokens, got {max_length}")
         self.name = name
@@ -132,6 +156,7 @@ class TextClassification(Task):
         self._num_classes = num_classes
         self.max_length, self.trust_remote_code = int(max_length), bool(trust_remote_code)
         self.eps, self.norm, self.drop_empty = float(eps), norm, drop_empty
+        self.encoding, self.force_tokenizer = encoding, bool(force_tokenizer)
         self.label_names: list[str] | None = None
         self.truncated: dict[str, int] = {}
         self._datasets: dict[str, TextDataset] = {}
@@ -147,6 +172,7 @@ class TextClassification(Task):
         if num is None:
             raise ValueError("the model has no config.num_labels: pass a transformers sequence-classification model")
         task = cls(kwargs.pop("name", "text_classification"), num_classes=int(num), tokenizer=tokenizer, **kwargs)
+        task.check_tokenizer_source(model)
         task.check_vocabulary(model)
         return task
 
@@ -202,7 +228,8 @@ class TextClassification(Task):
     # -- data -----------------------------------------------------------------------------
     def raw(self, split: str) -> Any:
         """The split as a ``datasets.Dataset`` before tokenisation."""
-        return load_raw_split(self.data_dir, self.hub_name, self.hub_config, split, self.trust_remote_code)
+        return load_raw_split(self.data_dir, self.hub_name, self.hub_config, split, self.trust_remote_code,
+                              self.encoding)
 
     def columns(self, split: str = "train") -> tuple[str, str]:
         cols = list(self.raw(split).column_names)
@@ -271,7 +298,8 @@ class TextClassification(Task):
         empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
         if empty and not self.drop_empty:
             raise ValueError(f"{self.name} {split}: {len(empty)} texts are empty or not strings (first at row "
-                             f"{empty[0]}: {texts[empty[0]]!r}). Clean the data or pass drop_empty=True to drop them.")
+                             f"{empty[0]}: {texts[empty[0]]!r}). Clean the data or pass drop_empty=True to drop them (recipes: "
+                             "--task-kwargs '{\"drop_empty\": true}').")
         if empty:
             keep = sorted(set(range(len(texts))) - set(empty))
             warnings.warn(f"{self.name} {split}: dropped {len(empty)} empty texts (drop_empty=True)", stacklevel=3)
@@ -332,8 +360,25 @@ class TextClassification(Task):
                                     "directory (e.g. ../shared/models/all-MiniLM-L6-v2).") from exc
         if self.tokenizer is None:
             self.set_tokenizer(name)
+        self.check_tokenizer_source(model)
         self.check_vocabulary(model)
         return model
+
+    def check_tokenizer_source(self, model: nn.Module) -> None:
+        """Refuse a tokenizer saved from another model than ``model`` (compared by the last part of each one's
+        name or path: ``org/name`` and a local ``.../name`` copy agree) unless the task has ``force_tokenizer``.
+        A tokenizer of another model can share the vocabulary size yet map words to other ids."""
+        tok = self._need_tokenizer()
+        tok_name = str(getattr(tok, "name_or_path", "") or "")
+        model_name = str(getattr(getattr(unwrap(model), "config", None), "_name_or_path", "") or "")
+        if self.force_tokenizer or not tok_name or not model_name:
+            return
+        a, b = Path(tok_name.rstrip("/")).name.lower(), Path(model_name.rstrip("/")).name.lower()
+        if a != b:
+            raise ValueError(f"the tokenizer comes from {tok_name!r} but the model from {model_name!r}: another "
+                             "model's tokenizer maps words to other ids. Use the model's own tokenizer, or pass "
+                             "force_tokenizer=True if they are the same (recipes: --task-kwargs "
+                             "'{\"force_tokenizer\": true}')")
 
     def check_vocabulary(self, model: nn.Module) -> None:
         """Refuse a tokenizer whose ids do not fit the model's embedding table."""

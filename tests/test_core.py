@@ -299,8 +299,11 @@ def test_one_spec_language_for_every_list_of_attacks(cifar_task):
     with pytest.raises(AttackSpecError, match="twice"):
         parse_attack_spec("pgd20:steps=5")
     # run-wide defaults apply unless the spec names the option, and only to attacks that take it
-    a = create_attack("pgd:eps=4/255", cifar_task, eps=0.5, norm="l2", steps=3)
-    assert a.threat.eps == pytest.approx(4 / 255) and a.threat.norm == "l2" and a.steps == 3
+    a = create_attack("pgd", cifar_task, eps=0.5, norm="l2", steps=3)
+    assert a.threat.eps == 0.5 and a.threat.norm == "l2" and a.steps == 3
+    b = create_attack("pgd:eps=4/255", cifar_task, eps=0.5, norm="l2")  # a budget of its own: all of it kept
+    assert b.threat.eps == pytest.approx(4 / 255) and b.threat.norm == "linf"
+    assert create_attack("pgd_l2", cifar_task, eps=8 / 255, norm="linf").threat.eps == 0.5  # takes no norm: its own
     assert create_attack("pgd7", cifar_task, steps=3).steps == 7
     # the mode option: the attack runs the victim in it and restores the caller's mode
     assert create_attack("pgd2", cifar_task).mode == "eval"

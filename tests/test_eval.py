@@ -153,7 +153,7 @@ class BNQuadrantNet(Hand):
 class TrainModeAttack(Attack):
     """A broken attack plug-in: it runs the model in train mode (and returns no perturbation)."""
 
-    def __call__(self, model, batch, targets=None) -> Adversarial:
+    def perturb(self, model, batch, targets=None) -> Adversarial:
         model.train()
         model(batch["inputs"] * 0.5)
         return Adversarial(batch, torch.zeros_like(batch["inputs"]))
@@ -223,7 +223,8 @@ def test_budget_grid_scales_eps_and_snr():
 def test_healthy_model_passes_every_check():
     ev = _evaluate(QuadrantNet(), ("pgd10", HEALTHY_AA))
     assert _status(ev) == {"eval_mode": "pass", "budget_zero": "pass", "monotone_budget": "pass",
-                           "strongest_vs_pgd": "pass", "large_budget": "pass"}, [c.detail for c in ev.checks]
+                           "strongest_vs_pgd": "pass", "large_budget": "pass", "probability_outputs": "pass",
+                           "input_gradient": "pass"}, [c.detail for c in ev.checks]
     assert ev.passed
     m = ev.report["metrics"]
     assert m["clean"]["accuracy"] == 1.0 and m["worst_case"]["accuracy"] == 0.0
@@ -358,13 +359,14 @@ def test_bad_attack_names_and_missing_splits_are_clear():
 @pytest.fixture(scope="module")
 def cifar_run(cifar_dir, tmp_path_factory) -> Path:
     """small_cnn trained by the image recipe for one epoch on 256 CIFAR-10 images."""
-    from robustkd.recipe import common_parser, run_recipe
+    from robustkd.config import Recipe, parse
+    from robustkd.recipe import run_recipe
 
     out = tmp_path_factory.mktemp("cifar_run")
-    args = common_parser("test", model="small_cnn", method="pgd_at").parse_args(
+    args = parse(Recipe("test", defaults={"model": "small_cnn", "method": "pgd_at"}),
         ["--data-dir", cifar_dir, "--epochs", "1", "--max-train-samples", "256", "--max-eval-samples", "32",
          "--batch-size", "64", "--attack-steps", "3", "--final-attacks", "pgd3", "--eval-attacks", "pgd3",
-         "--output-dir", str(out), "--cpu", "--no-progress"])
+         "--output-dir", str(out), "--cpu", "--no-progress", "--curve-steps", "2"])
     run_recipe(args)
     return out
 

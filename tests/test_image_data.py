@@ -10,7 +10,7 @@ from PIL import Image
 
 from robustkd import create_task
 from robustkd.task import DataNotFoundError
-from tasks.image import collate_augment, load_images
+from robustkd_tasks.image import collate_augment, load_images
 
 
 def _write_cifar_batches(root, n=4):

@@ -419,7 +419,7 @@ def test_load_teacher_errors(tmp_path, cifar_task):
     save_model(other, str(tmp_path / "ok" / "model.safetensors"))  # weights of another architecture
     with pytest.raises(ValueError, match="do not fit the model"):
         load_teacher(tmp_path / "ok", cifar_task, probe=probe)
-    with pytest.raises(ValueError, match="could not load the pretrained timm teacher"):
+    with pytest.raises(ValueError, match="could not load the pretrained timm model"):
         load_teacher("timm:no_such_model_xyz", cifar_task, probe=probe)
     with pytest.raises(ValueError, match="'ema' is not a file teacher"):
         load_teacher("ema", cifar_task, probe=probe)
@@ -470,17 +470,20 @@ def test_end_to_end_pipeline_on_cifar(tmp_path, cifar_dir, monkeypatch):
     teachers (the same small run serves as both, to keep the test fast) and teacher-free MTARD."""
     common = ["--data-dir", cifar_dir, "--model", "small_cnn", "--max-train-samples", "32", "--max-eval-samples",
               "16", "--epochs", "1", "--batch-size", "16", "--eval-every", "0", "--final-attacks", "pgd:steps=2",
-              "--attack-steps", "2", "--no-progress", "--cpu"]
+              "--attack-steps", "2", "--no-progress", "--cpu", "--curve-steps", "2"]
     adr = REPO / "recipes" / "cifar_adr.py"
     mtard = REPO / "recipes" / "cifar_mtard.py"
     _run_recipe(adr, [*common, "--method", "standard", "--output-dir", str(tmp_path / "clean")], monkeypatch)
     _run_recipe(mtard, [*common, "--clean-teacher", str(tmp_path / "clean"), "--robust-teacher", str(tmp_path / "clean"),
                         "--output-dir", str(tmp_path / "mtard")], monkeypatch)
     report = json.loads((tmp_path / "mtard" / "report.json").read_text())
-    assert report["method"] == "mtard" and 0.0 <= report["clean_accuracy"] <= 1.0
-    assert "pgd:steps=2" in report["robust_accuracy"]
-    assert report["config"]["method_config"]["entropy_balance"]["mode"] == "reference"
-    assert report["config"]["milestones"] == [1] and report["config"]["weight_decay"] == 2e-4
+    assert report["schema_version"] == 1 and report["model"]["method"] == "mtard"
+    assert 0.0 <= report["metrics"]["clean"]["accuracy"] <= 1.0 and "pgd:steps=2" in report["metrics"]["adversarial"]
+    # the recipe's default is the MTARD CIFAR-10 script: no entropy balance, the script's KL scale
+    assert report["run"]["preset"] == "mtard/cifar10/resnet18"
+    assert report["method"]["entropy_balance"]["mode"] == "off" and report["method"]["kl_scale"] == "reference"
+    settings = report["run"]["settings"]
+    assert settings["milestones"] == [1] and settings["weight_decay"] == 2e-4 and settings["attack_mode"] == "eval"
     assert report["balance"]["epoch"] == [1] and report["balance"]["t_nat"][0] >= 1.0
     assert 0.0 <= report["balance"]["w_adv"][0] <= 1.0
     assert (tmp_path / "mtard" / "balance.png").stat().st_size > 0
@@ -490,7 +493,9 @@ def test_end_to_end_pipeline_on_cifar(tmp_path, cifar_dir, monkeypatch):
     _run_recipe(mtard, [*common, "--clean-teacher", str(tmp_path / "clean"), "--robust-teacher", "ema",
                         "--entropy-balance", "exact", "--output-dir", str(tmp_path / "mtard_ema")], monkeypatch)
     report = json.loads((tmp_path / "mtard_ema" / "report.json").read_text())
-    assert report["config"]["method_config"]["robust_teacher"] == "ema" and "ema" in report
+    assert report["run"]["settings"]["robust_teacher"] == "ema" and "ema" in report
+    assert report["run"]["overrides"]["entropy_balance"] == "exact" and report["method"]["entropy_balance"]["mode"] == "exact"
+    assert (tmp_path / "mtard_ema" / "ema" / "report.json").exists()
     assert (tmp_path / "mtard_ema" / "ema.safetensors").exists()
     with pytest.raises(FileNotFoundError, match="teacher .* does not exist"):
         _run_recipe(mtard, [*common, "--clean-teacher", str(tmp_path / "nope"), "--robust-teacher", "ema",

@@ -150,7 +150,7 @@ def test_kit_passes_on_builtin_image_attacks(spec, synthetic, fitted):
 class EscapingAttack(Attack):
     """Broken on purpose: steps twice the budget and never projects."""
 
-    def __call__(self, model, batch, targets=None):
+    def perturb(self, model, batch, targets=None):
         eps = self.task.threat_model().eps
         return Adversarial(batch, 2 * eps * torch.randn_like(batch["inputs"]).sign())
 
@@ -181,7 +181,7 @@ def test_attack_descending_the_loss_fails_the_noise_check(synthetic, fitted):
 
 
 def _synthetic_subclass(**overrides):
-    from tasks.image import SyntheticImages
+    from robustkd_tasks.image import SyntheticImages
 
     name = "Broken" + "".join(k.title() for k in overrides)
     return type(name, (SyntheticImages,), {"__module__": __name__, **overrides})(n_train=64, n_test=32)
@@ -279,7 +279,7 @@ def test_duplicate_names_from_two_plugins_name_both_sources(tmp_path, monkeypatc
     with pytest.raises(RegistryError, match=r"'only_one': .*plugin_one_mod.Solo.*test_plugins.*Other"):
         @registry.register("only_one")
         class Other(Attack):
-            def __call__(self, model, batch, targets=None):
+            def perturb(self, model, batch, targets=None):
                 """Never called: only the registration matters here."""
 
 
@@ -366,12 +366,13 @@ def test_example_plugin_from_a_recipe_and_robustkd_list(tabular_installed, tmp_p
         [sys.executable, str(REPO / "recipes" / "cifar_adr.py"), "--dataset", "tabular_blobs", "--model", "tabular_mlp",
          "--epochs", "1", "--batch-size", "32", "--max-train-samples", "128", "--max-eval-samples", "64",
          "--eps", "0.05", "--attack-step-size", "0.0125", "--attack-steps", "3", "--eval-attacks", "pgd:steps=3",
-         "--final-attacks", "pgd:steps=3,random_search16", "--cpu", "--no-progress", "--output-dir", str(out)],
+         "--final-attacks", "pgd:steps=3,random_search16", "--cpu", "--no-progress", "--output-dir", str(out),
+         "--curve-steps", "2"],
         capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["task"] == "tabular_blobs" and report["model"] == "tabular_mlp" and report["method"] == "adr"
-    assert set(report["robust_accuracy"]) == {"pgd:steps=3", "random_search16"}
+    assert report["task"]["name"] == "tabular_blobs" and report["model"]["name"] == "tabular_mlp"
+    assert report["model"]["method"] == "adr" and set(report["metrics"]["adversarial"]) == {"pgd:steps=3", "random_search16"}
     assert report["attacks"]["random_search16"] == {"attack": "random_search", "type": "ThreatModel", "norm": "linf",
                                                     "eps": 0.05, "domain": [0.0, 1.0], "per_token": False,
                                                     "relative": False, "samples": 16}
@@ -428,3 +429,43 @@ def test_docs_walkthrough_runs(tmp_path, monkeypatch):
             assert line in documented, r
     for module in ("my_plugin", "test_my_plugin"):
         sys.modules.pop(module, None)
+
+
+# -- the core knows no modality ------------------------------------------------------------------
+def test_core_imports_no_plugin_package_and_names_no_modality():
+    import ast
+
+    core = REPO / "robustkd"
+    offenders = []
+    for path in sorted(core.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [f"{path.relative_to(REPO)}:{node.lineno} imports {n}" for n in names
+                          if n.split(".")[0] in ("tasks", "robustkd_tasks")]
+            # any comparison involving a ``.modality`` attribute is a branch on the modality
+            if isinstance(node, ast.Compare) and any(
+                    isinstance(n, ast.Attribute) and n.attr == "modality" for n in ast.walk(node)):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno} branches on .modality")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_builtin_plugins_install_as_robustkd_tasks_with_every_package_listed():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    setup = project["tool"]["setuptools"]
+    assert setup["package-dir"] == {"robustkd_tasks": "tasks"}
+    packages = set(setup["packages"])
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "robustkd").rglob("__init__.py")}
+    assert on_disk <= packages, f"packages missing from pyproject.toml: {sorted(on_disk - packages)}"
+    assert "robustkd_tasks" in packages and (REPO / "tasks" / "__init__.py").exists()
+    points = project["project"]["entry-points"]["robustkd.tasks"]
+    assert all(v.startswith("robustkd_tasks.") for v in points.values()), points
+    import robustkd_tasks.image
+
+    assert TASKS.entry("cifar10").source == "built-in" and TASKS.get("cifar10").__module__ == "robustkd_tasks.image"

@@ -16,7 +16,7 @@ from robustkd.attacks.speech import SNRMeter
 from robustkd.registry import MODELS, RegistryError
 from robustkd.task import DataNotFoundError
 from robustkd.threat import SNRBall, ThreatModel, snr_db
-from tasks.speech import AudioDataError, WavFolder, fix_length, read_wav
+from robustkd_tasks.speech import AudioDataError, WavFolder, fix_length, read_wav
 
 REPO = Path(__file__).resolve().parents[1]
 SNR_TOL_DB = 1e-4  # float32 rounding of the L2 projection; the bound itself is exact
@@ -258,7 +258,7 @@ def _tiny_wav2vec2_weights(path: Path) -> dict:
 
 @pytest.mark.parametrize("name", ["mel_cnn", "m5", "wav2vec2"])
 def test_models_are_differentiable_to_the_waveform(name, tmp_path):
-    from tasks.speech_models import m5, mel_cnn, wav2vec2
+    from robustkd_tasks.speech_models import m5, mel_cnn, wav2vec2
 
     x = (0.1 * torch.randn(3, 16000)).requires_grad_(True)
     if name == "wav2vec2":
@@ -276,7 +276,7 @@ def test_models_are_differentiable_to_the_waveform(name, tmp_path):
 
 
 def test_wav2vec2_needs_local_weights_and_16k(tmp_path):
-    from tasks.speech_models import wav2vec2
+    from robustkd_tasks.speech_models import wav2vec2
 
     with pytest.raises(ValueError, match="weights=PATH"):
         wav2vec2(10, 16000)
@@ -309,28 +309,31 @@ def test_short_adr_run_on_fsdd_writes_report(shared, tmp_path):
     finally:
         sys.path.remove(str(REPO / "recipes"))
     out = tmp_path / "run"
-    args = speech_adr.parser().parse_args([
+    report = speech_adr.main([
         "--dataset", "fsdd", "--data-dir", str(shared / "data" / "fsdd"), "--method", "adr",
         "--max-train-samples", "100", "--max-eval-samples", "32", "--epochs", "1", "--batch-size", "32",
         "--attack-steps", "2", "--width", "8", "--eval-attacks", "pgd2:snr_db=30", "--output-dir", str(out),
-        "--final-attacks", "pgd3:snr_db=40,pgd3:snr_db=30,pgd3:snr_db=20,pgd3:eps=0.002", "--no-progress"])
-    report = speech_adr.run(args)
+        "--final-attacks", "pgd3:snr_db=40,pgd3:snr_db=30,pgd3:snr_db=20,pgd3:eps=0.002", "--no-progress",
+        "--curve-steps", "2"])
     saved = json.loads((out / "report.json").read_text())
-    assert saved["method"] == "adr" and saved["task"] == "fsdd" and saved["model"] == "mel_cnn"
+    assert saved["model"]["method"] == "adr" and saved["task"]["name"] == "fsdd" and saved["model"]["name"] == "mel_cnn"
     specs = ["pgd3:snr_db=40", "pgd3:snr_db=30", "pgd3:snr_db=20", "pgd3:eps=0.002"]
-    assert sorted(saved["robust_accuracy"]) == sorted(specs) and sorted(saved["ema"]["robust_accuracy"]) == sorted(specs)
+    assert sorted(saved["metrics"]["adversarial"]) == sorted(specs)
+    assert sorted(saved["ema"]["robust_accuracy"]) == sorted(specs)
+    ema = json.loads((out / "ema" / "report.json").read_text())
+    assert ema["achieved_snr"]["pgd3:snr_db=20"]["num_below_bound"] == 0
     for spec in specs[:3]:
         meas = saved["achieved_snr"][spec]
         assert meas["num_examples"] == 32 and meas["num_below_bound"] == 0
         assert meas["min_snr_db"] >= meas["bound_snr_db"] - SNR_TOL_DB
     assert saved["achieved_snr"]["pgd3:eps=0.002"]["max_abs_delta"] <= 0.002 + 1e-7
     assert saved["attacks"]["pgd3:snr_db=20"]["type"] == "SNRBall"
-    assert saved["config"]["train_threat"]["snr_db"] == 30.0
+    assert saved["threat_models"]["train"]["snr_db"] == 30.0
     assert report["data"] == {"sample_rate": 8000, "clip_seconds": 1.0, "num_train": 2700, "num_test": 300}
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and "pgd2:snr_db=30" in json.loads(lines[0])["robust_accuracy"]
-    assert (out / "training_curves.png").exists() and (out / "model.safetensors").exists()
-    assert 0.0 <= saved["clean_accuracy"] <= 1.0
+    assert (out / "training_curve.png").exists() and (out / "model.safetensors").exists()
+    assert 0.0 <= saved["metrics"]["clean"]["accuracy"] <= 1.0
 
 
 def test_mtard_on_fsdd_with_teachers_from_a_speech_run(shared, tmp_path):
@@ -342,17 +345,16 @@ def test_mtard_on_fsdd_with_teachers_from_a_speech_run(shared, tmp_path):
         sys.path.remove(str(REPO / "recipes"))
     common = ["--dataset", "fsdd", "--data-dir", str(shared / "data" / "fsdd"), "--max-train-samples", "64",
               "--max-eval-samples", "16", "--epochs", "1", "--batch-size", "32", "--attack-steps", "2",
-              "--width", "8", "--eval-every", "0", "--final-attacks", "pgd2:snr_db=30", "--no-progress"]
+              "--width", "8", "--eval-every", "0", "--final-attacks", "pgd2:snr_db=30", "--no-progress",
+              "--curve-steps", "2"]
     teacher = tmp_path / "teacher"
-    speech_adr.run(speech_adr.parser().parse_args(common + ["--method", "standard", "--output-dir", str(teacher)]))
+    speech_adr.main(common + ["--method", "standard", "--output-dir", str(teacher)])
     with pytest.raises(ValueError, match="--clean-teacher"):
-        speech_adr.run(speech_adr.parser().parse_args(common + ["--method", "mtard", "--output-dir",
-                                                                str(tmp_path / "x")]))
+        speech_adr.main(common + ["--method", "mtard", "--output-dir", str(tmp_path / "x")])
     out = tmp_path / "mtard"
-    report = speech_adr.run(speech_adr.parser().parse_args(
-        common + ["--method", "mtard", "--clean-teacher", str(teacher), "--robust-teacher", "ema",
-                  "--output-dir", str(out)]))
-    assert report["method"] == "mtard" and (out / "report.json").exists()
+    report = speech_adr.main(common + ["--method", "mtard", "--clean-teacher", str(teacher), "--robust-teacher", "ema",
+                                       "--output-dir", str(out)])
+    assert report["model"]["method"] == "mtard" and (out / "report.json").exists()
     assert report["achieved_snr"]["pgd2:snr_db=30"]["num_below_bound"] == 0
 
 

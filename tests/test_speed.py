@@ -16,7 +16,7 @@ from robustkd.attacks.pgd import PGD
 from robustkd.distill.mtard import MTARD
 from robustkd.teachers import FrozenTeacher
 from robustkd.trainer import TrainConfig, Trainer
-from tasks.image import augment_images
+from robustkd_tasks.image import augment_images
 from test_text import tiny  # noqa: F401 - fixture: a tiny BERT and SST-2-shaped data
 
 CUDA = torch.cuda.is_available()
@@ -262,3 +262,15 @@ def test_textattack_in_the_sst2_report_runs_on_the_report_s_points_in_batched_qu
     saved = json.loads((out / "report.json").read_text())
     assert saved["attacks"]["textattack:deepwordbug"]["num_examples"] == 5
     assert saved["attacks"]["textattack:deepwordbug"]["sample"] == "the evaluation points"
+
+
+@pytest.mark.skipif(CUDA, reason="checks the refusal on a machine without a GPU")
+def test_gpu_throughput_bench_refuses_clearly_without_a_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_throughput.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "needs a CUDA device" in proc.stderr and proc.stderr.count("\n") == 1 and not proc.stdout

@@ -300,10 +300,11 @@ def test_sst2_recipe_writes_report(tiny, tmp_path):
                           "--batch-size", "8", "--max-train-samples", "16", "--attack-steps", "2",
                           "--eval-attacks", "embedding_pgd2", "--final-attacks", "embedding_pgd3,token_substitution",
                           "--textattack-examples", "3", "--output-dir", str(out), "--cpu", "--no-progress",
-                          "--max-eval-samples", "8"])
+                          "--max-eval-samples", "8", "--curve-steps", "2"])
     saved = json.loads((out / "report.json").read_text())
-    assert saved["task"] == "sst2" and saved["method"] == "adr"
-    assert set(saved["robust_accuracy"]) == {"embedding_pgd3", "token_substitution", "textattack:deepwordbug"}
-    assert "ema" in saved and "textattack:deepwordbug" in saved["ema"]["robust_accuracy"]
-    assert saved["textattack"]["student"]["num_examples"] == 3
-    assert report["clean_accuracy"] == saved["clean_accuracy"]
+    ema = json.loads((out / "ema" / "report.json").read_text())
+    assert saved["task"]["name"] == "sst2" and saved["model"]["method"] == "adr"
+    assert set(saved["metrics"]["adversarial"]) == {"embedding_pgd3", "token_substitution"}
+    assert saved["textattack"]["num_examples"] == 3 and ema["textattack"]["recipe"] == "deepwordbug"
+    assert 0.0 <= saved["textattack"]["accuracy_under_attack"] <= 1.0
+    assert report["metrics"]["clean"]["accuracy"] == saved["metrics"]["clean"]["accuracy"]

@@ -34,17 +34,28 @@ def test_one_epoch_recipe_on_the_shared_cifar_subset_writes_the_report(cifar_dir
     _recipe(["--data-dir", cifar_dir, "--model", "small_cnn", "--epochs", "1", "--max-train-samples", "128",
              "--max-eval-samples", "32", "--batch-size", "64", "--attack-steps", "3", "--eval-attacks", "pgd:steps=3",
              "--final-attacks", "pgd20,autoattack:version=custom,attacks=apgd-ce,steps=5", "--output-dir", str(out),
-             "--no-progress"], monkeypatch)
+             "--no-progress", "--curve-steps", "2"], monkeypatch)
     report = json.loads((out / "report.json").read_text())
-    assert report["method"] == "adr" and report["config"]["model"] == "small_cnn"
-    for block in (report, report["ema"]):
-        assert 0.0 <= block["clean_accuracy"] <= 1.0
-        assert set(block["robust_accuracy"]) == {"pgd20", "autoattack:version=custom,attacks=apgd-ce,steps=5"}
-        assert all(0.0 <= a <= block["clean_accuracy"] + 1e-9 for a in block["robust_accuracy"].values())
-    assert report["autoattack_backend"].startswith("pyautoattack ")
+    ema_report = json.loads((out / "ema" / "report.json").read_text())
+    # the same versioned report as `robustkd eval`, for the model and its EMA copy
+    assert report["schema_version"] == ema_report["schema_version"] == 1
+    assert report["model"]["method"] == "adr" and report["model"]["name"] == "small_cnn"
+    assert (report["model"]["which"], ema_report["model"]["which"]) == ("student", "ema")
+    assert report["run"]["preset"] == "adr/cifar10/resnet18_pgd_sgd_adr" and report["run"]["overrides"]["model"] == "small_cnn"
+    specs = {"pgd20", "autoattack:version=custom,attacks=apgd-ce,steps=5"}
+    for block in (report, ema_report):
+        clean = block["metrics"]["clean"]["accuracy"]
+        assert 0.0 <= clean <= 1.0 and set(block["metrics"]["adversarial"]) == specs
+        assert all(0.0 <= d["accuracy"] <= clean + 1e-9 for d in block["metrics"]["adversarial"].values())
+        assert "ece" in block["metrics"]["clean"] and block["sanity"]["checks"]  # calibration, sanity checks
+    assert report["ema"]["robust_accuracy"]["pgd20"] == ema_report["metrics"]["adversarial"]["pgd20"]["accuracy"]
+    assert report["attacks"]["autoattack:version=custom,attacks=apgd-ce,steps=5"]["backend"].startswith("pyautoattack ")
+    # trained and evaluated in the same threat model, and the report says so
+    assert report["threat_models"]["train"]["eps"] == pytest.approx(8 / 255) == report["attacks"]["pgd20"]["eps"]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1
-    for name in ("training_curves.png", "schedule.png", "model.safetensors", "ema.safetensors", "robustkd.json"):
+    for name in ("training_curve.png", "schedule.png", "model.safetensors", "ema.safetensors", "robustkd.json",
+                 "config.yaml", "report.html"):
         assert (out / name).stat().st_size > 0, name
     # the output directory is accepted wherever a checkpoint or teacher is asked for
     task = create_task("cifar10", data_dir=cifar_dir)

@@ -25,8 +25,10 @@ language through :func:`split_attack_specs` and :func:`create_attack`:
   ``key=value`` part after a spec with options continues that spec:
   ``pgd:steps=50,eps=4/255,autoattack`` == ``pgd:steps=50,eps=4/255;autoattack``.
 
-``create_attack(spec, task, **defaults)`` applies ``defaults`` (e.g. the run's ``eps=``/``norm=``)
-unless the spec names the option itself, and only to attacks that take it.
+``create_attack(spec, task, **defaults)`` applies ``defaults`` unless the spec names them: the run's
+threat model (``eps=``/``norm=``, ...) as one budget -- to an attack whose spec names no budget of its
+own and that takes all of those options (``pgd_l2`` and ``snr_pgd`` keep their own) -- and any other
+option (``steps=``, ``mode=``) one by one, to attacks that take it.
 """
 from __future__ import annotations
 
@@ -101,6 +103,14 @@ class Attack(ABC):
 
     requires: tuple[type, ...] = ()
     mode: str | None = "eval"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__call__" in cls.__dict__ and "perturb" not in cls.__dict__ and not any(
+                "perturb" in b.__dict__ for b in cls.__mro__[1:-1] if b is not Attack):
+            raise TypeError(f"{cls.__qualname__} overrides __call__: an Attack implements perturb(model, batch, "
+                            "targets) instead, and Attack.__call__ runs it with the victim in the attack's mode "
+                            "(rename the method)")
 
     def __init__(self, task: Task):
         check_capabilities(type(self), task)
@@ -235,8 +245,9 @@ def _expected(factory: Any, key: str) -> str | None:
             if type(p.default) is kind:
                 return kind.__name__
     ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
-    for kind in ("bool", "float", "int", "list", "str"):  # float before int: "float | None"
-        if re.search(rf"\b{kind}\b", str(ann)):
+    for kind, pattern in (("bool", "bool"), ("float", "float"), ("int", "int"), ("list", "list|tuple|Sequence"),
+                          ("str", "str")):  # float before int ("float | None"), lists before str ("Sequence[str]")
+        if re.search(rf"\b({pattern})\b", str(ann)):
             return kind
     return None
 
@@ -293,17 +304,40 @@ def _accepts(factory: Any, key: str) -> bool:
     return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+def _threat_keys(task: Task) -> set[str]:
+    """The options of the task's threat model (``eps``, ``norm``, ``snr_db``, ...)."""
+    try:
+        params = inspect.signature(task.threat_model).parameters
+    except (TypeError, ValueError):
+        return {"eps", "norm"}
+    return {k for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} | {"eps", "norm"}
+
+
+def _named_params(factory: Any) -> set[str]:
+    sig = _signature(factory)
+    return set() if sig is None else {k for k, p in sig.parameters.items() if p.kind is not p.VAR_KEYWORD}
+
+
 def create_attack(spec: str, task: Task, **defaults: Any) -> Attack:
-    """Build a registered attack from a spec (see this module's docstring). ``defaults`` (e.g. the run's
-    ``eps=``, ``norm=``) apply unless the spec names them; ``None`` values and options the attack does not
-    take are skipped, so one set of defaults serves every attack in a list."""
+    """Build a registered attack from a spec (see this module's docstring) with run-wide ``defaults``.
+
+    Threat-model defaults (``eps``, ``norm``, ... -- the options of ``task.threat_model``) are one
+    budget: they apply together, only when the spec names none of them and the attack takes every one
+    of them by name (``pgd_l2`` keeps its L2 default, ``snr_pgd`` its SNR, ``pgd20:snr_db=30`` its SNR
+    ball). Other defaults (``steps=``, ``loss=``, ``mode=``, ...) apply one by one unless the spec names
+    them, to attacks that take them. ``None`` values count as not given."""
     name, kwargs = parse_attack_spec(spec)
     factory = ATTACKS.get(name)
     check_capabilities(factory, task, name)
+    defaults = {k: v for k, v in defaults.items() if v is not None}
+    threat_keys = _threat_keys(task)
+    budget = {k: v for k, v in defaults.items() if k in threat_keys}
+    if budget and not (set(kwargs) & threat_keys) and set(budget) <= _named_params(factory):
+        kwargs.update(budget)
     for key, value in defaults.items():
-        if key not in kwargs and value is not None and (key == "mode" or _accepts(factory, key)):
+        if key not in threat_keys and key not in kwargs and (key == "mode" or _accepts(factory, key)):
             kwargs[key] = value
-    mode = kwargs.pop("mode", None) if "mode" not in (_signature(factory) or inspect.Signature()).parameters else None
+    mode = kwargs.pop("mode", None) if "mode" not in _named_params(factory) else None
     try:
         attack = factory(task, **kwargs)
     except TypeError as exc:

@@ -79,9 +79,13 @@ class PGD(Attack):
             delta = threat.init(x, self.random_start, mask, self.init_std)
             for _ in range(self.steps):
                 delta.requires_grad_(True)
-                loss = self.objective(task.logits(model, batch, delta), targets).sum()
+                # the batch mean, as the reference attacks reduce (the step direction is scale-free,
+                # but the rounding of the gradient is not)
+                loss = self.objective(task.logits(model, batch, delta), targets).mean()
                 (grad,) = torch.autograd.grad(loss, delta)
-                delta = threat.project(x, threat.step(delta.detach(), grad, alpha), mask)
+                # step from the perturbed point itself, as the reference attacks do (x_adv + alpha * sign(g),
+                # then back into the ball around x), so their iterates agree to the last bit
+                delta = threat.project(x, threat.step(x + delta.detach(), grad, alpha) - x, mask)
             if self.restarts == 1:
                 return Adversarial(batch, delta.detach())
             best, best_score = self._keep_worst(model, batch, targets, delta.detach(), best, best_score)

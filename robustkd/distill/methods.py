@@ -183,8 +183,10 @@ class TRADES(Method):
         self.forward = forward
 
     def _reference(self, victim: nn.Module, batch: Batch) -> Tensor:
-        with torch.no_grad(), victim_mode(victim, self.attack_mode):  # the reference runs in the attack's mode
-            return torch.softmax(self.task.logits(victim, batch).float(), dim=1)
+        # exp(log_softmax): the reference hands the KL log-probabilities (log_target=True); the
+        # natural prediction runs in the attack's mode, as the reference's
+        with torch.no_grad(), victim_mode(victim, self.attack_mode):
+            return torch.log_softmax(self.task.logits(victim, batch).float(), dim=1).exp()
 
     def prepare(self, victim, batch, progress):
         labels = self.task.labels(batch)

@@ -14,6 +14,48 @@ from torch import Tensor, nn
 from ..attacks.base import Attack, build_attacks, victim_mode
 from ..task import Task
 
+_NO_GRAD_ERRORS = ("does not require grad", "appears to not have been used in the graph")
+
+
+def is_no_input_gradient_error(exc: BaseException) -> bool:
+    """True for autograd's errors when a model's output does not depend differentiably on its input."""
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _NO_GRAD_ERRORS)
+
+
+def gradient_floor(model: nn.Module) -> Any:
+    """Make a model whose output is cut from its input's graph (``detach()``, a no-grad median filter)
+    return a *zero* input gradient instead of crashing gradient attacks: a forward hook adds
+    ``0 * sum(input)`` to the output (values unchanged). The attacks then find nothing, which the
+    ``input_gradient`` sanity check reports as a failure. Returns the hook handle (its ``remove()``
+    takes the hook off again); None when the model already has one."""
+    if getattr(model, "_robustkd_gradient_floor", False):
+        return None
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        grads = [t for t in (*args, *kwargs.values()) if torch.is_tensor(t) and t.requires_grad]
+        if not grads:
+            return output
+        zero = sum((t.float() * 0).sum() for t in grads)
+        if torch.is_tensor(output):
+            return output + zero.to(output.dtype)
+        if hasattr(output, "logits"):
+            output.logits = output.logits + zero.to(output.logits.dtype)
+            return output
+        if isinstance(output, tuple) and output and torch.is_tensor(output[0]):
+            return (output[0] + zero.to(output[0].dtype), *output[1:])
+        return output
+
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    model._robustkd_gradient_floor = True  # type: ignore[attr-defined]
+    remove = handle.remove
+
+    def _remove() -> None:
+        remove()
+        model._robustkd_gradient_floor = False  # type: ignore[attr-defined]
+
+    handle.remove = _remove  # type: ignore[method-assign]
+    return handle
+
 
 @dataclass
 class EvalResult:
@@ -58,10 +100,15 @@ def evaluate_predictions(task: Task, model: nn.Module, loader, attacks: dict[str
         raise ValueError("split_processes splits an unsharded loader; an accelerator-prepared loader is sharded already")
     n_proc, rank = _process_group() if split_processes else (1, 0)
     show = progress and (accelerator is None or accelerator.is_local_main_process) and rank == 0
-    with victim_mode(model, "eval"):  # each attack sets (and restores) its own mode on top
-        rows = [_evaluate_batch(task, model, i, batch, attacks, accelerator, seed)
-                for i, batch in enumerate(tqdm(loader, desc="evaluating", leave=False, disable=not show))
-                if i % n_proc == rank]
+    floors: list[Any] = []  # set when the model turns out to give no input gradient
+    try:
+        with victim_mode(model, "eval"):  # each attack sets (and restores) its own mode on top
+            rows = [_evaluate_batch(task, model, i, batch, attacks, accelerator, seed, floors)
+                    for i, batch in enumerate(tqdm(loader, desc="evaluating", leave=False, disable=not show))
+                    if i % n_proc == rank]
+    finally:
+        for handle in floors:
+            handle.remove()
     if n_proc > 1:
         from accelerate.utils import gather_object
 
@@ -82,8 +129,13 @@ def _process_group() -> tuple[int, int]:
 
 
 def _evaluate_batch(task: Task, model: nn.Module, index: int, batch: Any, attacks: dict[str, Attack],
-                    accelerator: Any, seed: int | None) -> tuple[int, Tensor, Tensor, dict[str, Tensor]]:
-    """One batch: labels, clean and per-attack probabilities (gathered across an accelerator's processes)."""
+                    accelerator: Any, seed: int | None,
+                    floors: list[Any] | None = None) -> tuple[int, Tensor, Tensor, dict[str, Tensor]]:
+    """One batch: labels, clean and per-attack probabilities (gathered across an accelerator's processes).
+    A model with no input gradient gets :func:`gradient_floor` (its handle appended to ``floors``) instead
+    of crashing the attack."""
+    if index == 0:
+        task.validate_batch(batch)  # inputs outside the task's domain (0-255 images) are refused, not attacked
     if seed is not None:
         torch.manual_seed(seed + index)
     y = task.labels(batch)
@@ -91,13 +143,51 @@ def _evaluate_batch(task: Task, model: nn.Module, index: int, batch: Any, attack
         clean = task.logits(model, batch).float().softmax(1)
     advs: dict[str, Tensor] = {}
     for name, attack in attacks.items():
-        result = attack(model, batch, y)
+        try:
+            result = attack(model, batch, y)
+        except RuntimeError as exc:  # no input gradient: attack with a zero gradient; sanity checks flag it
+            handle = gradient_floor(model) if is_no_input_gradient_error(exc) else None
+            if handle is None:
+                raise
+            if floors is not None:
+                floors.append(handle)
+            result = attack(model, batch, y)
         with torch.no_grad():
             advs[name] = task.logits(model, *result).float().softmax(1)
     if accelerator is not None:
         y, clean = accelerator.gather_for_metrics(y), accelerator.gather_for_metrics(clean)
         advs = {k: accelerator.gather_for_metrics(v) for k, v in advs.items()}
     return index, y.cpu(), clean.cpu(), {k: v.cpu() for k, v in advs.items()}
+
+
+def resolve_attacks(specs: list[str] | tuple[str, ...], task: Task, **defaults: Any) -> dict[str, Attack]:
+    """Build every attack a run will use *before* it trains, so that a typo, a malformed option or a
+    missing offline resource fails at once in one line rather than after all training.
+    ``textattack:<recipe>`` specs are checked (known recipe, its offline resources present) but not built;
+    the others are returned, built (with ``defaults`` such as ``eps=``, ``norm=``), by spec."""
+    from ..registry import RegistryError
+
+    specs = [s.strip() for s in specs if s and s.strip()]
+    text_specs = [s for s in specs if s.split(":", 1)[0].lower() == "textattack"]
+    built: dict[str, Attack] = {}
+    for spec in (s for s in specs if s not in text_specs):
+        try:
+            built.update(build_attacks([spec], task, **defaults))
+        except RegistryError:
+            raise
+        except (TypeError, ValueError, KeyError) as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(msg if spec in msg else f"bad attack spec {spec!r}: {msg}") from exc
+    for spec in text_specs:
+        from ..attacks.text import missing_resources
+
+        recipe = spec.split(":", 1)[1] if ":" in spec else ""
+        missing = missing_resources(recipe)  # an unknown recipe raises ValueError naming the known ones
+        if missing:
+            needs = "; ".join(f"{r.name} ({r.how})" for r in missing)
+            raise ValueError(f"the TextAttack recipe {recipe!r} needs what this machine lacks: {needs}. Pick a recipe "
+                             "that works offline (deepwordbug, pruthi, input-reduction) or 'none'")
+    return built
 
 
 def evaluate(task: Task, model: nn.Module, loader=None, attacks: dict[str, Attack] | list[str] | None = None,

@@ -11,7 +11,13 @@ conventions (Carlini et al. 2019, "On evaluating adversarial robustness"; Croce 
 ``budget_zero``      PGD with budget 0 gives the clean accuracy;
 ``monotone_budget``  accuracy never rises as the budget grows;
 ``strongest_vs_pgd`` the strongest attack (AutoAttack) is never weaker than PGD at the same budget;
-``large_budget``     a budget covering the whole input domain drives accuracy to about 0 (images, audio).
+``large_budget``     a budget covering the whole input domain drives accuracy to about 0 (images, audio);
+``probability_outputs`` the model returns logits, not probabilities (rows >= 0 summing to 1), since a
+                     softmax on top of probabilities flattens the attacks' loss;
+``input_gradient``   the loss has a non-zero gradient with respect to the input for most examples (a
+                     ``detach()``, a no-grad or rounding pre-processing step, or saturated logits give none).
+
+Every failure's detail ends with the fix to try.
 """
 from __future__ import annotations
 
@@ -201,13 +207,92 @@ def check_strongest_vs_pgd(attacks: Mapping[str, Attack], robust_accuracy: Mappi
     return SanityCheck("strongest_vs_pgd", "pass", "the strongest attack is never weaker than PGD", values)
 
 
+PROBABILITY_FIX = ("Fix: evaluate the logits (remove the final softmax from the model, or wrap it to return "
+                   "log-probabilities).")
+GRADIENT_FIX = ("Fix: evaluate with an attack that needs no gradient of this model: BPDA (the identity, or a "
+                "differentiable approximation, in the backward pass of the non-differentiable step), a transfer "
+                "attack from a differentiable surrogate, or a gradient-free attack (Square); for saturated logits, "
+                "a margin loss (pgd:loss=dlr / AutoAttack).")
+MAX_ZERO_GRADIENT_FRACTION = 0.5
+
+
+def check_probability_outputs(task: Task, model: nn.Module, batch: Batch) -> SanityCheck:
+    """Flag a model whose outputs are probabilities: every row non-negative and summing to 1."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = task.logits(model, batch).float()
+    finally:
+        model.train(was_training)
+    sums = out.sum(1)
+    values = {"min_output": float(out.min()), "max_row_sum_error": float((sums - 1).abs().max())}
+    if bool((out >= 0).all()) and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3)):
+        return SanityCheck("probability_outputs", "fail",
+                           "the model outputs probabilities (every row is non-negative and sums to 1), not logits: "
+                           "the attacks' cross-entropy applies a second softmax, whose gradients all but vanish, so "
+                           f"the robust accuracy is overstated. {PROBABILITY_FIX}", values)
+    return SanityCheck("probability_outputs", "pass", "the model outputs logits, not probabilities", values)
+
+
+def input_gradient_status(task: Task, model: nn.Module, batch: Batch) -> tuple[str, float]:
+    """``("none", 1.0)`` when the output is cut from the input's graph, else ``("ok" | "zero", fraction of
+    the correctly classified examples -- the ones an attack must move -- whose cross-entropy gradient with
+    respect to the attacked input is exactly zero)``. Sign-based attacks move on any non-zero gradient,
+    however small, so only an exact zero masks them."""
+    if getattr(model, "_robustkd_gradient_floor", False):
+        return "none", 1.0  # robustness.gradient_floor was installed because the graph is cut
+    was_training = model.training
+    model.eval()
+    try:
+        base = task.perturbation_base(model, batch).detach()
+        delta = torch.zeros_like(base, dtype=torch.float32 if not base.is_floating_point() else base.dtype,
+                                 requires_grad=True)
+        with torch.enable_grad():
+            out = task.logits(model, batch, delta)
+            if not out.requires_grad:
+                return "none", 1.0
+            labels = task.labels(batch)
+            loss = torch.nn.functional.cross_entropy(out.float(), labels, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, delta, allow_unused=True)
+    finally:
+        model.train(was_training)
+    if grad is None:
+        return "none", 1.0
+    correct = out.detach().argmax(1) == labels
+    if not bool(correct.any()):
+        return "ok", 0.0
+    zero = (grad.flatten(1).abs().amax(1) == 0)[correct].float().mean().item()
+    return ("zero" if zero > MAX_ZERO_GRADIENT_FRACTION else "ok"), zero
+
+
+def check_input_gradient(task: Task, model: nn.Module, batch: Batch) -> SanityCheck:
+    """Gradient attacks need a gradient: flag a model that gives none, or an exactly-zero one for most examples."""
+    status, zero = input_gradient_status(task, model, batch)
+    values = {"status": status, "zero_gradient_fraction": zero, "max_zero_gradient_fraction": MAX_ZERO_GRADIENT_FRACTION}
+    if status == "none":
+        return SanityCheck("input_gradient", "fail",
+                           "the model's output does not depend differentiably on its input (a detach(), a no-grad or "
+                           "non-differentiable pre-processing step such as a median filter): gradient attacks ran "
+                           f"with a zero gradient and their robust accuracy means nothing. {GRADIENT_FIX}", values)
+    if status == "zero":
+        return SanityCheck("input_gradient", "fail",
+                           f"the loss has an exactly zero input gradient for {zero:.0%} of the correctly classified "
+                           "examples (quantised or "
+                           "rounded inputs, a zero-gradient layer, or logits so large the softmax saturates): gradient "
+                           f"attacks cannot move them. {GRADIENT_FIX}", values)
+    return SanityCheck("input_gradient", "pass", f"non-zero input gradient for {1 - zero:.0%} of the correctly "
+                       "classified examples", values)
+
+
 def run_sanity_checks(task: Task, model: nn.Module, batch: Batch, sweep: BudgetSweep, attacks: Mapping[str, Attack],
                       robust_accuracy: Mapping[str, float], n: int, changed: list[str] | None = None,
                       large_max_accuracy: float = LARGE_BUDGET_MAX_ACCURACY) -> list[SanityCheck]:
-    """All five checks, in a fixed order."""
+    """All seven checks, in a fixed order."""
     return [check_eval_mode(task, model, batch, changed), check_budget_zero(sweep, n), check_monotone(sweep, n),
             check_strongest_vs_pgd(attacks, robust_accuracy, n, sweep),
-            check_large_budget(sweep, task, large_max_accuracy)]
+            check_large_budget(sweep, task, large_max_accuracy), check_probability_outputs(task, model, batch),
+            check_input_gradient(task, model, batch)]
 
 
 def format_checks(checks: list[SanityCheck]) -> str:

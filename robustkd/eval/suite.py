@@ -20,8 +20,8 @@ from ..attacks.base import build_attacks as _build_attacks
 from ..task import Batch, DataNotFoundError, Task
 from .curves import DEFAULT_FACTORS, BudgetSweep, budget_sweep
 from .metrics import DEFAULT_BINS, compute_metrics
-from .robustness import EvalResult, evaluate_predictions
-from .sanity import SanityCheck, announce, changed_tensors, run_sanity_checks, snapshot
+from .robustness import EvalResult, evaluate_predictions, gradient_floor
+from .sanity import SanityCheck, announce, changed_tensors, input_gradient_status, run_sanity_checks, snapshot
 
 
 @dataclass
@@ -138,6 +138,7 @@ def run_evaluation(task: Task, model: nn.Module, attacks: str | Sequence[str] | 
         raise DataNotFoundError(f"the {split!r} split of {task.name!r} is empty")
     task.check_model(model, first)
 
+    floor = gradient_floor(model) if input_gradient_status(task, model, first)[0] == "none" else None
     before = snapshot(model)
     torch.manual_seed(seed)
     # split over the processes of `accelerate launch` / torchrun (one process: all batches), per-batch seeds
@@ -159,6 +160,8 @@ def run_evaluation(task: Task, model: nn.Module, attacks: str | Sequence[str] | 
 
     if output_dir is not None and _process_group()[1] == 0:  # the main process writes
         files = write_report(report, output_dir, history=history)
+    if floor is not None:
+        floor.remove()
     if verbose:
         announce(checks)
     return Evaluation(report, result, sweep, checks, files)

@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkd.attacks.base import Attack
-from robustkd.task import Adversarial, Batch, Task
+from robustkd.task import Adversarial, Batch, ContinuousTask, Task
 from robustkd.threat import ThreatModel
 
 
 class RandomSearch(Attack):
     """Random search: the highest-loss of ``samples`` uniform draws in the threat ball (gradient-free)."""
 
-    modalities = None  # any task whose inputs are a continuous tensor
+    requires = (ContinuousTask,)  # any task whose inputs are one continuous tensor
 
     def __init__(self, task: Task, threat: ThreatModel | None = None, *, eps: float | None = None,
                  norm: str | None = None, samples: int = 32, steps: int | None = None):
@@ -31,7 +31,7 @@ class RandomSearch(Attack):
             raise ValueError(f"random_search needs samples >= 1, got {self.samples}")
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
+    def perturb(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
         task, threat = self.task, self.threat
         targets = task.labels(batch) if targets is None else targets
         x = task.perturbation_base(model, batch).detach()
