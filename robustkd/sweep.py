@@ -515,12 +515,12 @@ def write_results(study: Study, command: str | None = None) -> dict[str, Path]:
     finished = sum(e["finished"] for e in results["cells"] if e["view"] == "model")
     total = sum(1 for e in results["cells"] if e["view"] == "model")
     attack = next((c["attack"] for c in results["curves"].values() if c["attack"]), "robust")
-    save_figure(scatter_figure(results["rows"], "clean", "pgd20", title=f"{study.title}: PGD-20 vs clean"),
+    save_figure(scatter_figure(results["rows"], "clean", "pgd20", title=f"{study.title}\nPGD-20 vs clean"),
                 out / SCATTER_PNG)
     save_figure(band_figure(results["curves"], f"{attack} accuracy (held-out subset)",
-                            title=f"{study.title}: robust accuracy per epoch, mean ± std over seeds"), out / CURVES_PNG)
+                            title=f"{study.title}\nrobust accuracy per epoch, mean ± std over seeds"), out / CURVES_PNG)
     atomic_write_text(out / RESULTS_JSON, json.dumps(results, indent=2))
-    md = [f"## {study.title}", "", results["description"].strip(), "",
+    md = [f"### {study.title}", "", results["description"].strip(), "",
           f"{finished} of {total} runs finished; seeds {', '.join(map(str, study.seeds))}; "
           f"compute {results['compute_seconds'] / 60:.1f} min (sum of the runs' wall time).", "",
           markdown_table(results), "",
