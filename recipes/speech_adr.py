@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse(RECIPE, argv)
     s = cfg.settings
     task = build_speech_task(s)
-    threat = task.threat_model(snr_db=s["train_snr_db"]) if s["train_threat"] == "snr" else None
-    return run_recipe(cfg, task=task, threat=threat, sections=achieved_snr, attack_wrapper=MeasuredAttack,
+    snr = {"snr_db": s["train_snr_db"]} if s["train_threat"] == "snr" else None
+    threat = task.threat_model(**snr) if snr else None
+    return run_recipe(cfg, task=task, threat=threat, eval_threat=snr, sections=achieved_snr,
+                      attack_wrapper=MeasuredAttack,
                       run_info={"sample_rate": task.sample_rate, "clip_seconds": s["clip_seconds"]})
 
 

@@ -421,6 +421,9 @@ def resolve(recipe: Recipe, argv: Sequence[str] | None = None) -> RunConfig:
     if recipe.finalize is not None:
         recipe.finalize(settings)
     validate(settings)
+    from .registry import METHODS
+
+    _check_method_kwargs(settings["method"], METHODS.get(settings["method"]), settings["method_kwargs"])
 
     if preset is not None:
         overrides = {k: settings[k] for k in user if k in preset.settings and settings[k] != preset.settings[k]}
@@ -448,9 +451,10 @@ def parse(recipe: Recipe, argv: Sequence[str] | None = None) -> RunConfig:
 
 
 # -- what a configuration builds ------------------------------------------------------------------
-def train_config(s: dict[str, Any] | argparse.Namespace) -> Any:
+def train_config(s: dict[str, Any] | argparse.Namespace, eval_threat: dict[str, Any] | None = None) -> Any:
     """The :class:`~robustkd.trainer.TrainConfig` of the settings (see :func:`unapplied_settings` for
-    those a trainer of this build does not know)."""
+    those a trainer of this build does not know); ``eval_threat`` (default: the run's ``eps`` and
+    ``norm``) is the budget of the per-epoch evaluation attacks whose specs name none."""
     from dataclasses import fields as dc_fields
 
     from .trainer import TrainConfig
@@ -466,7 +470,7 @@ def train_config(s: dict[str, Any] | argparse.Namespace) -> Any:
         "max_train_samples": s["max_train_samples"], "max_eval_samples": s["max_eval_samples"], "seed": s["seed"],
         "output_dir": s["output_dir"], "resume": s["resume"], "cpu": s["cpu"], "log_with": s["log_with"],
         "run_name": s.get("run_name"), "tags": [t for t in (s.get("tags") or "").split(",") if t],
-        "progress": not s["no_progress"],
+        "progress": not s["no_progress"], "eval_threat": dict(eval_threat or eval_attack_defaults(s)),
     }
     known = {f.name for f in dc_fields(TrainConfig)}
     for name, _ in _OPTIONAL_TRAIN:
@@ -553,13 +557,12 @@ def build_method(s: dict[str, Any] | argparse.Namespace, task: Any, *, threat: A
     kwargs = {**own.get("method_kwargs", {}), **(s.get("method_kwargs") or {})}
     if name in ("trades", "adr_trades") and s.get("beta") is not None:
         kwargs.setdefault("beta", s["beta"])
-    _check_method_kwargs(name, factory, kwargs)
+    _check_method_kwargs(name, factory, {**kwargs, **({"attack_mode": mode} if mode else {})})
+    if mode is not None:
+        kwargs["attack_mode"] = mode
     if own.get("teachers"):
         kwargs.update(load_teachers(s, task))
-    method = factory(task, attack, **kwargs)
-    if mode is not None:
-        method.attack_mode = mode
-    return method
+    return factory(task, attack, **kwargs)
 
 
 def _check_method_kwargs(name: str, factory: Any, kwargs: dict[str, Any]) -> None:
@@ -570,13 +573,6 @@ def _check_method_kwargs(name: str, factory: Any, kwargs: dict[str, Any]) -> Non
 
     target = methods.ADR if name in ("adr", "adr_trades") else factory
     params = inspect.signature(target).parameters
-    if name in ("adr", "adr_trades") and {"tau", "lam"} & set(kwargs) and "tau" not in params:
-        # Bridge for ADR builds without the tau / lam keywords: the same schedules as a rectifier.
-        from .distill.targets import ADRRectifier
-        from .schedules import Schedule
-
-        tau, lam = kwargs.pop("tau", (2.5, 2.0)), kwargs.pop("lam", (0.7, 0.95))
-        kwargs["rectifier"] = ADRRectifier(Schedule(*tau), Schedule(*lam))
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
     unknown = sorted(set(kwargs) - set(params) - {"clean_teacher", "robust_teacher"})

@@ -114,12 +114,10 @@ class RobustCallback(TrainerCallback):
 
         self.config = config or RobustConfig()
         self.task = task or task_for_model(model, processor, self.config)
-        own = method_defaults(self.config.method)
+        own = method_defaults(self.config.method)  # the method's own attack mode and settings
+        mode = {"attack_mode": own["attack"]["mode"]} if own.get("attack") else {}
         self.method: Method = create_method(self.config.method, self.task, _build_attack(self.config, self.task),
-                                            **{**own["method_kwargs"], **self.config.method_kwargs})
-        mode = (own.get("attack") or {}).get("mode")
-        if mode is not None:
-            self.method.attack_mode = mode  # the method's own (robustkd/presets/methods.yaml)
+                                            **{**own["method_kwargs"], **mode, **self.config.method_kwargs})
         decay = self.config.ema_decay if self.config.ema_decay is not None else (0.995 if self.method.needs_ema else None)
         self.ema_decay = decay
         self.ema: EMATeacher | None = None

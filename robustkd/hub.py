@@ -147,7 +147,7 @@ def model_card(meta: dict[str, Any], report: dict[str, Any], eval_report: dict[s
                                                                      if k not in ("runtime_checks",))
                                          for spec, d in attacks.items()]
     lines += ["", "## Use", "", "```python", "from robustkd.hub import RobustKDRun", "",
-              f"run = RobustKDRun.from_pretrained(\"REPO_ID\")", "model = run.load_model()  # the EMA model when kept",
+              "run = RobustKDRun.from_pretrained(\"REPO_ID\")", "model = run.load_model()  # the EMA model when kept",
               "```", "", "Inputs are raw values in the task's domain (pixels in [0, 1]); normalisation is inside "
               "the model.", "", "## Training configuration", "", "```json",
               json.dumps(report.get("config") or meta, indent=2, default=str), "```", ""]

@@ -36,19 +36,23 @@ def build_task(s: Mapping[str, Any], **kwargs: Any) -> Task:
 
 def run_recipe(cfg: RunConfig, task: Task | None = None, method: Method | None = None, *,
                threat: Any = None, relative_step: bool = False, sections: Sections | None = None,
-               attack_wrapper: Callable[[Any], Any] | None = None,
+               attack_wrapper: Callable[[Any], Any] | None = None, eval_threat: Mapping[str, Any] | None = None,
                run_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train, then evaluate the model (and its EMA copy) under ``final_attacks`` with the evaluation
-    suite; returns the model's report (with an ``ema`` summary when the run kept one)."""
+    suite; returns the model's report (with an ``ema`` summary when the run kept one).
+
+    ``threat`` is the training attack's threat model (default: ``eps`` and ``norm``);
+    ``eval_threat`` the same as threat-model options (e.g. ``{"snr_db": 30}``), the budget of
+    every evaluation attack whose spec names none (default: ``eps`` and ``norm``)."""
     s = cfg.settings
     task = task or build_task(s)
     model = task.build_model(s["model"], **s["model_kwargs"])
     method = method or build_method(s, task, threat=threat, relative_step=relative_step)
-    resolve_attacks(s["final_attacks"], task, **eval_attack_defaults(s))  # typos fail now, not after training
+    resolve_attacks(s["final_attacks"], task, **(eval_threat or eval_attack_defaults(s)))  # typos fail now
     cfg.notes.extend(unapplied_settings(s))
     info = {"model": s["model"], "model_kwargs": s["model_kwargs"], "dataset": s["dataset"],
             "data_dir": s["data_dir"], "preset": cfg.preset, **dict(run_info or {})}
-    trainer = Trainer(task, model, method, train_config(s), run_info=info)
+    trainer = Trainer(task, model, method, train_config(s, eval_threat), run_info=info)
     if trainer.accelerator.is_main_process:
         cfg.write(s["output_dir"])
     trainer.fit()
@@ -68,12 +72,11 @@ def final_report(cfg: RunConfig, trainer: Trainer, *, sections: Sections | None 
     out = Path(s["output_dir"])
     report: dict[str, Any] = {}
     if acc.is_main_process:
-        defaults = eval_attack_defaults(s)
+        defaults = dict(trainer.config.eval_threat or eval_attack_defaults(s))
         train_threat = getattr(getattr(method, "attack", None), "threat", None)
         threat_section = {"train": train_threat.describe() if train_threat is not None else None,
-                          "eval_default": {"eps": defaults["eps"], "norm": defaults["norm"],
-                                           "note": "evaluation attacks use the training budget unless their spec "
-                                                   "names one"}}
+                          "eval_default": {**defaults, "note": "evaluation attacks use this budget unless their "
+                                                               "spec names one or the attack has its own norm"}}
         models = [("student", unwrap(trainer.model))]
         if trainer.ema is not None:
             models.insert(0, ("ema", trainer.ema.model))  # first, so the model's report can point to it

@@ -10,7 +10,6 @@ Offline (``HF_HUB_OFFLINE=1``), a missing file fails at once with that path inst
 """
 from __future__ import annotations
 
-import datetime
 import importlib
 import json
 import os
@@ -93,7 +92,7 @@ def load_robustbench(spec: str, dataset: str, model_dir: str | Path | None = Non
         raise ValueError(f"RobustBench has models for {', '.join(DATASETS)}, not for the task {dataset!r}")
     model_dir = Path(model_dir or os.environ.get("ROBUSTKD_MODEL_DIR", "models")).expanduser()
     path = checkpoint_path(model_dir, dataset, threat_model, name)
-    entry = zoo_entry(name, dataset, threat_model)
+    zoo_entry(name, dataset, threat_model)  # an unknown name fails here, before any download
     if not path.exists() and offline():
         raise FileNotFoundError(f"the RobustBench model {name!r} needs the file {path} and the network is off "
                                 "(HF_HUB_OFFLINE=1): put the checkpoint there, or pass --model-dir where it is")
@@ -105,7 +104,7 @@ def load_robustbench(spec: str, dataset: str, model_dir: str | Path | None = Non
         raise ValueError(f"could not load the RobustBench model {name!r} from {path} ({type(exc).__name__}: "
                          f"{str(exc)[:300]}): download it (online) or put the zoo's checkpoint at that path") from exc
     model.robustkd_source = {"robustbench": name, "threat_model": threat_model, "file": str(path),
-                             "architecture": type(entry["model"]()).__name__ if callable(entry["model"]) else None}
+                             "architecture": type(model).__name__}
     return model.eval()
 
 

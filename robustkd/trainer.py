@@ -77,6 +77,9 @@ class TrainConfig:
     tags: list[str] = field(default_factory=list)
     progress: bool = True
     keep_checkpoints: int = 1
+    # -- presets: the run's threat model (e.g. {"eps": 0.5, "norm": "l2"}), the budget of every
+    # per-epoch evaluation attack whose spec names none (see robustkd.attacks.base.create_attack) --
+    eval_threat: dict[str, Any] | None = None
     # -- speed modes (docs/performance.md); all off by default, none changes what is computed --
     compile: bool = False  # torch.compile the student (the attack and the update both use it)
     channels_last: bool = False  # NHWC memory format for the models and 4-D input tensors
@@ -185,7 +188,7 @@ class Trainer:
         # Accelerate needs only state_dict/load_state_dict, which the method, EMA and counters all have
         for obj in (self.scheduler, self.state, self.method) + ((self.ema,) if self.ema else ()):
             acc.register_for_checkpointing(obj)
-        self.eval_attacks = {spec: create_attack(spec, task) for spec in config.eval_attacks}
+        self.eval_attacks = {spec: create_attack(spec, task, **(config.eval_threat or {})) for spec in config.eval_attacks}
 
     # -- setup helpers ------------------------------------------------------------------
     def _needed_bytes(self, model: nn.Module) -> int:

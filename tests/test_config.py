@@ -38,16 +38,25 @@ def test_print_config_shows_the_resolved_preset_and_runs_nothing(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
 
 
-def test_recipe_defaults_are_the_papers_cifar10_resnet18_runs(tmp_path):
-    adr = yaml.safe_load(_run(ADR, "--print-config", cwd=tmp_path).stdout)
-    assert adr["preset"] == "adr/cifar10/resnet18_pgd_sgd_adr" and adr["overrides"] == {}
-    assert adr["settings"]["method_kwargs"] == {"tau": [2.5, 2.0], "lam": [0.7, 0.95]}
-    mtard = yaml.safe_load(_run(MTARD, "--print-config", cwd=tmp_path).stdout)
-    assert mtard["preset"] == "mtard/cifar10/resnet18" and mtard["settings"]["weight_decay"] == 2e-4
+def _recipe(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_defaults_are_the_papers_cifar10_resnet18_runs():
+    adr = resolve(_recipe(ADR).RECIPE, [])
+    assert adr.preset == "adr/cifar10/resnet18_pgd_sgd_adr" and adr.overrides == {}
+    assert adr.settings["method_kwargs"] == {"tau": [2.5, 2.0], "lam": [0.7, 0.95]}
+    mtard_recipe = _recipe(MTARD).RECIPE
+    mtard = resolve(mtard_recipe, [])
+    assert mtard.preset == "mtard/cifar10/resnet18" and mtard.settings["weight_decay"] == 2e-4
     # the MTARD recipe's own flags land in the method's settings and count as overrides
-    bm = yaml.safe_load(_run(MTARD, "--preset", "bmtard/cifar10/resnet18", "--entropy-balance", "exact",
-                             "--print-config", cwd=tmp_path).stdout)
-    assert bm["settings"]["method_kwargs"]["entropy_balance"] == "exact" and bm["overrides"]["entropy_balance"] == "exact"
+    bm = resolve(mtard_recipe, ["--preset", "bmtard/cifar10/resnet18", "--entropy-balance", "exact"])
+    assert bm.settings["method_kwargs"]["entropy_balance"] == "exact" and bm.overrides["entropy_balance"] == "exact"
 
 
 def test_a_flag_overrides_one_field_and_the_run_records_both():
@@ -87,21 +96,35 @@ def test_config_file_then_flags(tmp_path):
         resolve(ADR_RECIPE, ["--config", str(path)])
 
 
+def test_bad_settings_are_refused_in_one_line_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    run = _run(ADR, "--data-dir", str(tmp_path), "--eps", "8", "--output-dir", str(out), cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "error: --eps 8 is larger than the whole input range [0, 1] under L-inf: did you mean 8/255?"]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--eps", "8"], "did you mean 8/255?"),
     (["--max-train-samples", "0"], "--max-train-samples must be a positive number"),
     (["--max-eval-samples", "-5"], "--max-eval-samples must be a positive number"),
     (["--preset", "adr/cifar10/resnet18_pgd"], "unknown preset"),
     (["--model-kwargs", "{width: 8"], "--model-kwargs must be a JSON object"),
     (["--config", "nope.yaml"], "--config nope.yaml: no such file"),
+    (["--method", "pgd_at", "--method-kwargs", '{"tau": [2, 1]}'], "takes no setting tau"),
+    (["--method", "adrr"], "unknown method 'adrr'"),
 ])
-def test_bad_settings_are_refused_in_one_line_before_any_work(tmp_path, argv, message):
+def test_bad_settings_through_the_recipe_entry_point(tmp_path, capsys, argv, message):
+    from robustkd.recipe import main_guard
+
+    recipe = _recipe(ADR)
     out = tmp_path / "out"
-    run = _run(ADR, "--data-dir", str(tmp_path), *argv, "--output-dir", str(out), cwd=tmp_path)
-    assert run.returncode == 2
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], run.stderr
+    argv = [*argv, "--output-dir", str(out), "--data-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(lambda: recipe.main(argv))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not out.exists()
 
 
@@ -128,9 +151,14 @@ def test_methods_own_their_training_attack():
     assert adr.attack_mode == "train" and adr.attack.random_start == "uniform" and adr.attack.loss_name == "ce"
     assert (adr.rectifier.tau.start, adr.rectifier.tau.end, adr.rectifier.lam.end) == (2.5, 2.0, 0.95)
     trades = build_method(resolve(ADR_RECIPE, ["--method", "trades"]).settings, task)
-    # TRADES' own reference: KL objective from x + 0.001 * N(0, 1), the model in eval mode
-    assert (trades.attack.loss_name, trades.attack.random_start, trades.attack.init_std) == ("kl", "normal", 0.001)
-    assert trades.attack_mode == "eval"
+    # TRADES as ADR's reference runs it: KL objective from x + 0.001 * U[0, 1), the model in train mode,
+    # one forward pass over clean and adversarial inputs
+    assert (trades.attack.loss_name, trades.attack.random_start, trades.attack.init_std) == ("kl", "trades", 0.001)
+    assert trades.attack_mode == "train" and trades.forward == "concat"
+    # TRADES' own code, by name: eval mode, normal start, separate passes
+    original = build_method(resolve(ADR_RECIPE, ["--method", "trades", "--attack-mode", "eval", "--attack-random-start",
+                                                 "normal", "--method-kwargs", '{"forward": "separate"}']).settings, task)
+    assert (original.attack_mode, original.attack.random_start, original.forward) == ("eval", "normal", "separate")
     assert build_method(resolve(ADR_RECIPE, ["--method", "standard"]).settings, task).attack is None
     with pytest.raises(ConfigError, match="--clean-teacher and --robust-teacher"):
         build_method(resolve(ADR_RECIPE, ["--method", "mtard"]).settings, task)
@@ -146,3 +174,35 @@ def test_evaluation_attacks_default_to_the_training_threat_model():
     assert attacks["autoattack"].describe()["norm"] == "l2"
     own = attacks["pgd:eps=4/255"].threat  # an attack that names its budget keeps it
     assert own.eps == pytest.approx(4 / 255) and own.norm == "linf"
+
+
+@pytest.mark.parametrize("name", ["pgd_at", "trades", "adr", "adr_trades"])
+def test_the_methods_table_agrees_with_the_methods_own_constructors(name):
+    """robustkd/presets/methods.yaml and the classes' defaults are one story, not two."""
+    from robustkd.distill.methods import create_method
+    from robustkd.presets import method_defaults
+
+    task = TASKS.get("synthetic")()
+    own = method_defaults(name)["attack"]
+    plain = create_method(name, task)
+    assert plain.attack_mode == own["mode"]
+    assert (plain.attack.random_start, plain.attack.loss_name) == (own["random_start"], own["loss"])
+    if "init_std" in own:
+        assert plain.attack.init_std == own["init_std"]
+
+
+def test_a_run_is_evaluated_in_the_threat_model_it_trains_in(tmp_path):
+    from robustkd.distill.methods import create_method
+    from robustkd.trainer import Trainer
+
+    s = resolve(ADR_RECIPE, ["--model", "small_cnn", "--norm", "l2", "--eps", "0.5", "--eval-attacks",
+                             "pgd20,pgd:eps=4/255,pgd_l2", "--max-train-samples", "8", "--max-eval-samples", "8",
+                             "--batch-size", "4", "--cpu", "--output-dir", str(tmp_path / "run")]).settings
+    config = train_config(s)
+    assert config.eval_threat == {"eps": 0.5, "norm": "l2"}
+    task = TASKS.get("synthetic")()
+    trainer = Trainer(task, task.build_model("small_cnn", width=4), create_method("standard", task), config)
+    per_epoch = trainer.eval_attacks
+    assert (per_epoch["pgd20"].threat.norm, per_epoch["pgd20"].threat.eps) == ("l2", 0.5)
+    assert per_epoch["pgd:eps=4/255"].threat.eps == pytest.approx(4 / 255)
+    assert build_method(s, task).attack.threat.norm == "l2"  # the training attack

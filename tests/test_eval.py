@@ -345,7 +345,7 @@ def test_split_attack_specs():
 # -- bad input ------------------------------------------------------------------------------------
 def test_bad_attack_names_and_missing_splits_are_clear():
     task = Quadrants()
-    with pytest.raises(RegistryError, match=r"'embedding_pgd'.*does not work on image tasks.*autoattack.*pgd"):
+    with pytest.raises(RegistryError, match=r"'embedding_pgd' does not work on the task 'quadrants': it needs EmbeddingInputs.*autoattack.*pgd"):
         run_evaluation(task, QuadrantNet(), ["embedding_pgd"], verbose=False)
     with pytest.raises(RegistryError, match=r"'nosuch'.*is not registered.*Attacks for 'quadrants'"):
         run_evaluation(task, QuadrantNet(), ["nosuch"], verbose=False)

@@ -112,8 +112,8 @@ def test_adr_preset_equals_its_gin_file(file):
         ("8/255", "2/255", 10, "linf", "train")
     if trades:  # TRADES: x + 0.001 * U[0, 1), KL objective, beta 6, one concatenated forward pass
         assert (s["attack_random_start"], s["attack_init_std"], s["attack_loss"], s["beta"]) == \
-            ("uniform_small", 0.001, "kl", 6.0)
-        assert kw["trades_forward"] == "concat"
+            ("trades", 0.001, "kl", 6.0)
+        assert kw["trades_forward" if tau else "forward"] == "concat"
     else:  # PGD: uniform start in the ball, cross-entropy (against ADR's rectified labels)
         assert (s["attack_random_start"], s["attack_loss"]) == ("uniform", "ce")
     assert s["eval_attacks"] == ["pgd:steps=10,step_size=2/255"]

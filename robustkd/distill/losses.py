@@ -16,7 +16,8 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 def trades_kl(adv_logits: Tensor, clean_logits: Tensor) -> Tensor:
     """TRADES' robustness term as its reference code computes it: batch-mean
     KL(softmax(clean) || softmax(adv)), gradients through both."""
-    return F.kl_div(F.log_softmax(adv_logits, dim=1), F.softmax(clean_logits, dim=1), reduction="batchmean")
+    return F.kl_div(F.log_softmax(adv_logits, dim=1), F.log_softmax(clean_logits, dim=1), reduction="batchmean",
+                    log_target=True)  # log-probability target, as ADR's reference (src/advTrainer.py:210,322)
 
 
 def distill_kl(student_logits: Tensor, teacher_probs: Tensor,
