@@ -113,21 +113,6 @@ def _headline(report: Mapping[str, Any]) -> dict[str, Any]:
             "robust_accuracy": {name: d["accuracy"] for name, d in m["adversarial"].items()}}
 
 
-def training_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Best vs final robust accuracy per evaluated attack: the robust-overfitting gap."""
-    out: dict[str, Any] = {}
-    for prefix in ("", "ema_"):
-        rows = [h for h in history if f"{prefix}robust_accuracy" in h]
-        if not rows:
-            continue
-        for name in rows[-1][f"{prefix}robust_accuracy"]:
-            series = [(h["epoch"], h[f"{prefix}robust_accuracy"][name]) for h in rows if name in h[f"{prefix}robust_accuracy"]]
-            best_epoch, best = max(series, key=lambda t: t[1])
-            out[f"{prefix}{name}"] = {"best": best, "best_epoch": best_epoch, "final": series[-1][1],
-                                      "overfitting_gap": best - series[-1][1]}
-    return out
-
-
 def write_schedule(out: Path, trainer: Trainer) -> None:
     """``schedule.png``: what the method anneals over the run (ADR's tau and lambda), when it does."""
     from .eval.plots import plot_curves

@@ -515,12 +515,12 @@ def write_results(study: Study, command: str | None = None) -> dict[str, Path]:
     finished = sum(e["finished"] for e in results["cells"] if e["view"] == "model")
     total = sum(1 for e in results["cells"] if e["view"] == "model")
     attack = next((c["attack"] for c in results["curves"].values() if c["attack"]), "robust")
-    save_figure(scatter_figure(results["rows"], "clean", "pgd20", title=f"{study.title}: PGD-20 vs clean"),
+    save_figure(scatter_figure(results["rows"], "clean", "pgd20", title=f"{study.title}\nPGD-20 vs clean"),
                 out / SCATTER_PNG)
     save_figure(band_figure(results["curves"], f"{attack} accuracy (held-out subset)",
-                            title=f"{study.title}: robust accuracy per epoch, mean ± std over seeds"), out / CURVES_PNG)
+                            title=f"{study.title}\nrobust accuracy per epoch, mean ± std over seeds"), out / CURVES_PNG)
     atomic_write_text(out / RESULTS_JSON, json.dumps(results, indent=2))
-    md = [f"## {study.title}", "", results["description"].strip(), "",
+    md = [f"### {study.title}", "", results["description"].strip(), "",
           f"{finished} of {total} runs finished; seeds {', '.join(map(str, study.seeds))}; "
           f"compute {results['compute_seconds'] / 60:.1f} min (sum of the runs' wall time).", "",
           markdown_table(results), "",
@@ -529,3 +529,22 @@ def write_results(study: Study, command: str | None = None) -> dict[str, Path]:
     atomic_write_text(out / RESULTS_MD, "\n".join(line for line in md if line is not None))
     return {"json": out / RESULTS_JSON, "markdown": out / RESULTS_MD, "scatter": out / SCATTER_PNG,
             "curves": out / CURVES_PNG}
+
+
+def update_document(doc: str | Path, study: Study, markdown: str) -> Path:
+    """Replace the block between ``<!-- sweep:NAME -->`` and ``<!-- /sweep:NAME -->`` in ``doc`` (NAME is
+    the study file's stem) with ``markdown``, so a page's tables are regenerated rather than retyped."""
+    from .checkpoint import atomic_write_text
+
+    doc = Path(doc)
+    if not doc.is_file():
+        raise FileNotFoundError(f"--update-doc: no document at {doc}")
+    text = doc.read_text()
+    begin, end = f"<!-- sweep:{study.path.stem} -->", f"<!-- /sweep:{study.path.stem} -->"
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise StudyError(f"--update-doc: {doc} needs one '{begin}' line and one '{end}' line after it, around the "
+                         "block the sweep may replace")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    atomic_write_text(doc, f"{head}{begin}\n{markdown.strip()}\n{end}{tail}")
+    return doc

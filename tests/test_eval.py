@@ -394,6 +394,9 @@ def test_robustkd_eval_on_cifar_and_compare(cifar_run, cifar_dir, tmp_path, caps
     assert cli_main(["compare", str(tmp_path / "a"), str(tmp_path / "b" / "report.json")]) == 0
     table = capsys.readouterr().out
     assert "clean accuracy" in table and "pgd10 accuracy" in table and "fgsm accuracy" in table and "seed" in table
+    assert cli_main(["compare", str(cifar_run), str(tmp_path / "a")]) == 0  # a run directory and an eval of it
+    table = capsys.readouterr().out
+    assert "settings that differ" in table and "pgd3 accuracy" in table and "pgd10 accuracy" in table
 
 
 def test_robustkd_eval_bad_input(cifar_run, cifar_dir, tmp_path, capsys):

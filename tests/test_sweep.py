@@ -28,7 +28,7 @@ def study_file(tmp_path, cifar_dir, monkeypatch) -> Path:
         "seeds": [0, 1],
         "flags": {"data-dir": cifar_dir, "model": "small_cnn", "model-kwargs": {"width": 8}, "epochs": 1,
                   "batch-size": 32, "max-train-samples": 64, "max-eval-samples": 16, "attack-steps": 1,
-                  "eval-attacks": "pgd2", "final-attacks": "pgd20", "cpu": True, "no-progress": True,
+                  "eval-attacks": "pgd2", "final-attacks": "pgd20", "curve-steps": 2, "cpu": True, "no-progress": True,
                   "awp": False},
         "variants": {"pgd_at": {"label": "PGD-AT", "flags": {"method": "pgd_at"}}},
     }
@@ -64,7 +64,9 @@ def test_sweep_runs_resumes_and_aggregates(study_file, tmp_path, capsys):
     assert meta["returncode"] == 0 and meta["resumed"] and "--resume" in meta["command"]
     assert read_cell_report(cells[1]) is not None
 
-    assert cli_main(["sweep", str(study_file), "--report"]) == 0
+    doc = tmp_path / "page.md"
+    doc.write_text("# Results\n\nkept\n<!-- sweep:tiny -->\nold table\n<!-- /sweep:tiny -->\nkept too\n")
+    assert cli_main(["sweep", str(study_file), "--report", "--update-doc", str(doc)]) == 0
     results = json.loads((out / "results.json").read_text())
     row, = results["rows"]
     assert row["label"] == "PGD-AT" and row["n_finished"] == 2
@@ -79,6 +81,9 @@ def test_sweep_runs_resumes_and_aggregates(study_file, tmp_path, capsys):
     md = (out / "results.md").read_text()
     m = row["metrics"]["clean"]
     assert f"{m['mean']:.3f} ± {m['std']:.3f} (n=2)" in md and "robustkd sweep" in md
+    page = doc.read_text()
+    assert "old table" not in page and md.strip() in page and page.startswith("# Results\n\nkept\n")
+    assert page.endswith("<!-- /sweep:tiny -->\nkept too\n") and "--update-doc" in page
     assert (out / "results_scatter.png").stat().st_size > 1000 and (out / "results_curves.png").stat().st_size > 1000
     assert results["curves"]["PGD-AT"]["epoch"] == [1] and results["curves"]["PGD-AT"]["n"] == [2]
 
