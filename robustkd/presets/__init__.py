@@ -9,7 +9,8 @@ configuration (:mod:`robustkd.config`), and names its source file (and the line 
     p = get_preset("adr/cifar10/resnet18_pgd_sgd_adr")
     p.source, p.settings["nesterov"], p.settings["attack_mode"]
 
-The data live in ``adr.yaml`` and ``mtard.yaml`` beside this file; ``methods.yaml`` holds each
+The data live in ``adr.yaml`` and ``mtard.yaml`` beside this file (``recommended.yaml``: robustkd's own
+recommendations, each naming the study behind it); ``methods.yaml`` holds each
 method's own training-attack defaults (used when a run picks a method without a preset of it).
 ``robustkd presets`` lists them; ``--preset NAME`` on a recipe starts from one.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 _HERE = Path(__file__).resolve().parent
-PRESET_FILES = ("adr.yaml", "mtard.yaml")
+PRESET_FILES = ("adr.yaml", "mtard.yaml", "recommended.yaml")
 METHODS_FILE = "methods.yaml"
 
 #: How a preset's ``attack`` block maps onto the flat configuration fields.
