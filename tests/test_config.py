@@ -135,12 +135,19 @@ def test_mixed_precision_is_left_to_accelerate(monkeypatch, tmp_path):
     from robustkd.distill.methods import create_method
     from robustkd.trainer import TrainConfig, Trainer
 
+    from accelerate.state import AcceleratorState
+
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     task = TASKS.get("synthetic")()
-    trainer = Trainer(task, task.build_model("small_cnn", width=4), create_method("standard", task),
-                      TrainConfig(max_train_samples=8, max_eval_samples=8, batch_size=4, cpu=True,
-                                  output_dir=str(tmp_path / "mp"), progress=False))
-    assert trainer.accelerator.mixed_precision == "bf16"
+    # one process is one run: drop the Accelerate state an earlier test of this process left behind
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        trainer = Trainer(task, task.build_model("small_cnn", width=4), create_method("standard", task),
+                          TrainConfig(max_train_samples=8, max_eval_samples=8, batch_size=4, cpu=True,
+                                      output_dir=str(tmp_path / "mp"), progress=False))
+        assert trainer.accelerator.mixed_precision == "bf16"
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert resolve(ADR_RECIPE, ["--mixed-precision", "no"]).settings["mixed_precision"] == "no"
 
 
