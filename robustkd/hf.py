@@ -216,7 +216,7 @@ class RobustCallback(TrainerCallback):
         progress = self.progress()
         prepared = self.method.prepare(unwrap(model), inputs, progress)  # the attack sets the victim's mode
         loss, logs = self.method.loss(model, inputs, prepared, progress)
-        self.last_logs = {k: float(v) for k, v in logs.items()}
+        self.last_logs = logs  # detached tensors: no host sync per step (read them at logging time)
         if return_outputs:
             return loss, SequenceClassifierOutput(loss=loss, logits=None)
         return loss
