@@ -12,12 +12,17 @@ import torch.distributed as dist
 from accelerate.utils import send_to_device
 from torch import Tensor
 
-__all__ = ["num_processes", "reduce_", "send_to_device"]
+__all__ = ["num_processes", "process_index", "reduce_", "send_to_device"]
 
 
 def num_processes() -> int:
     """The number of processes in the running group (1 without ``torch.distributed``)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def process_index() -> int:
+    """This process's rank in the running group (0 without ``torch.distributed``)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def reduce_(tensors: Tensor | Iterable[Tensor], reduction: Literal["mean", "sum"] = "mean") -> list[Tensor]:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks.base import Attack, build_attacks, victim_mode
+from ..distributed import num_processes, process_index
 from ..task import Task
 
 _NO_GRAD_ERRORS = ("does not require grad", "appears to not have been used in the graph")
@@ -98,7 +99,7 @@ def evaluate_predictions(task: Task, model: nn.Module, loader, attacks: dict[str
 
     if split_processes and accelerator is not None:
         raise ValueError("split_processes splits an unsharded loader; an accelerator-prepared loader is sharded already")
-    n_proc, rank = _process_group() if split_processes else (1, 0)
+    n_proc, rank = (num_processes(), process_index()) if split_processes else (1, 0)
     show = progress and (accelerator is None or accelerator.is_local_main_process) and rank == 0
     floors: list[Any] = []  # set when the model turns out to give no input gradient
     try:
@@ -117,15 +118,6 @@ def evaluate_predictions(task: Task, model: nn.Module, loader, attacks: dict[str
         raise ValueError("the evaluation loader gave no batches")
     return EvalResult(torch.cat([r[1] for r in rows]), torch.cat([r[2] for r in rows]),
                       {k: torch.cat([r[3][k] for r in rows]) for k in attacks})
-
-
-def _process_group() -> tuple[int, int]:
-    """(number of processes, this process's index) of the running ``torch.distributed`` group."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 def _evaluate_batch(task: Task, model: nn.Module, index: int, batch: Any, attacks: dict[str, Attack],

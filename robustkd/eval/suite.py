@@ -156,9 +156,9 @@ def run_evaluation(task: Task, model: nn.Module, attacks: str | Sequence[str] | 
         sweep=sweep, checks=checks, seed=seed, split=split, history=history, data_dir=data_dir,
         seconds=time.perf_counter() - started, device=str(device), version=__version__, sections=extra)
     files: dict[str, Path] = {}
-    from .robustness import _process_group
+    from ..distributed import process_index
 
-    if output_dir is not None and _process_group()[1] == 0:  # the main process writes
+    if output_dir is not None and process_index() == 0:  # the main process writes
         files = write_report(report, output_dir, history=history)
     if floor is not None:
         floor.remove()
