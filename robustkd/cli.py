@@ -196,8 +196,9 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
                                    "instead. See docs/results.md and studies/*.yaml.")
     p.add_argument("study", help="the study's YAML file, e.g. studies/cifar_subset.yaml")
     p.add_argument("--report", action="store_true", help="aggregate the finished cells; run nothing")
-    p.add_argument("--update-doc", default=None, metavar="FILE.md", help="with --report: also put the table into "
-                   "FILE.md between the lines <!-- sweep:STUDY --> and <!-- /sweep:STUDY --> (STUDY: the file's stem)")
+    p.add_argument("--update-doc", action="append", default=None, metavar="FILE.md", help="with --report: also put "
+                   "the table into FILE.md between the lines <!-- sweep:STUDY --> and <!-- /sweep:STUDY --> (STUDY: the "
+                   "file's stem); repeat it for several pages")
     p.add_argument("--output-dir", default=None, help="where the cells and results go (default: the study's "
                    "output_dir, else runs/studies/<study name>)")
     p.add_argument("--jobs", type=int, default=1, help="cells run at the same time (each is one process, or one "
@@ -211,7 +212,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import logging
     import shlex
 
-    from .sweep import load_study, run_sweep, update_document, write_results
+    from .sweep import document_block, load_study, run_sweep, update_document, write_results
 
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
@@ -221,10 +222,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.report:
         command = shlex.join(["robustkd", "sweep", str(args.study), "--report",
                               *(["--output-dir", args.output_dir] if args.output_dir else []),
-                              *(["--update-doc", args.update_doc] if args.update_doc else [])])
+                              *[a for doc in args.update_doc or [] for a in ("--update-doc", doc)]])
+        for doc in args.update_doc or []:
+            document_block(doc, study)  # every page is checked before anything is written
         files = write_results(study, command)
-        if args.update_doc:
-            files["document"] = update_document(args.update_doc, study, files["markdown"].read_text())
+        for i, doc in enumerate(args.update_doc or []):
+            files[f"document{i + 1 if i else ''}"] = update_document(doc, study, files["markdown"].read_text())
         print(files["markdown"].read_text())
         print("\n".join(f"{k}: {v}" for k, v in files.items()))
         return 0

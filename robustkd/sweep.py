@@ -42,8 +42,8 @@ from typing import Any, Mapping, Sequence
 logger = logging.getLogger(__name__)
 
 STUDY_KEYS = {"description", "recipe", "launcher", "launch_args", "output_dir", "results_dir", "seeds", "flags",
-              "variants", "grid", "pgd_metric", "title"}
-VARIANT_KEYS = {"label", "ema_label", "flags"}
+              "variants", "grid", "pgd_metric", "title", "attack_columns"}
+VARIANT_KEYS = {"label", "ema_label", "flags", "after"}
 OWNED_FLAGS = {"seed", "output-dir"}
 CELL_FILE = "sweep.json"
 LOG_FILE = "sweep.log"
@@ -68,6 +68,7 @@ class Variant:
     label: str
     flags: dict[str, Any]
     ema_label: str | None = None
+    after: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -104,6 +105,13 @@ class Study:
     title: str = ""
     pgd_metric: str = "pgd20"
     results_dir: Path | None = None
+    attack_columns: dict[str, str] = field(default_factory=dict)
+
+    def columns(self) -> list[tuple[str, str]]:
+        """(key, title) of the table's columns: clean, the PGD column, any ``attack_columns``, then the rest."""
+        pgd_title = "PGD-20" if self.pgd_metric == "pgd20" else self.pgd_metric
+        extra = [(f"attack:{spec}", title) for spec, title in self.attack_columns.items()]
+        return [METRICS[0], ("pgd20", pgd_title), *extra, *METRICS[2:]]
 
     def cells(self) -> list[Cell]:
         out = []
@@ -187,9 +195,19 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> Study:
         if not isinstance(spec, Mapping) or (unknown := set(spec) - VARIANT_KEYS):
             raise StudyError(f"{path}: variant {name!r} takes {', '.join(sorted(VARIANT_KEYS))}"
                              + (f", not {', '.join(sorted(unknown))}" if isinstance(spec, Mapping) else ""))
+        after = spec.get("after") or []
+        if isinstance(after, str):
+            after = [after]
+        if not isinstance(after, list) or not all(isinstance(a, str) and a in variants_raw and a != name
+                                                  for a in after):
+            raise StudyError(f"{path}: variant {name!r}: `after` must name other variants of this study "
+                             f"({', '.join(v for v in variants_raw if v != name)}), got {spec.get('after')!r}")
         variants.append(Variant(_slug(name), str(spec.get("label") or name),
                                 _check_flags(spec.get("flags"), f"variants.{name}.flags"),
-                                str(spec["ema_label"]) if spec.get("ema_label") else None))
+                                str(spec["ema_label"]) if spec.get("ema_label") else None,
+                                [_slug(a) for a in after]))
+    if any(set(v.after) & {w.name for w in variants if w.after} for v in variants):
+        raise StudyError(f"{path}: a variant's `after` names a variant that itself waits (`after`): one level only")
     grid_raw = raw.get("grid") or {}
     if not isinstance(grid_raw, Mapping) or not all(isinstance(v, list) and v for v in grid_raw.values()):
         raise StudyError(f"{path}: `grid` must map a recipe flag to a non-empty list of values, e.g. epochs: [5, 30]")
@@ -202,6 +220,10 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> Study:
     launcher = str(raw.get("launcher", "python"))
     if launcher not in ("python", "accelerate"):
         raise StudyError(f"{path}: launcher must be python or accelerate, not {launcher!r}")
+    columns = raw.get("attack_columns") or {}
+    if not isinstance(columns, Mapping) or not all(isinstance(v, str) for v in columns.values()):
+        raise StudyError(f"{path}: `attack_columns` maps a final attack's spec to a column title, e.g. "
+                         "{'pgd10:snr_db=40': 'SNR 40 dB'}")
     launch_args = raw.get("launch_args") or []
     if not isinstance(launch_args, list):
         raise StudyError(f"{path}: launch_args must be a list, e.g. [--num_processes, '2']")
@@ -211,11 +233,22 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> Study:
                  flags=_check_flags(raw.get("flags"), "flags"), grid=grid, launcher=launcher,
                  launch_args=[str(a) for a in launch_args], description=str(raw.get("description") or ""),
                  title=str(raw.get("title") or path.stem), pgd_metric=str(raw.get("pgd_metric") or "pgd20"),
-                 results_dir=results_dir)
+                 results_dir=results_dir, attack_columns={str(k): v for k, v in columns.items()})
 
 
 # -- running ---------------------------------------------------------------------------------------
-def _flag_args(flags: Mapping[str, Any]) -> list[str]:
+def _expand(value: str, cell: Cell | None, study: Study | None) -> str:
+    value = os.path.expandvars(value)
+    if cell is not None:
+        value = value.replace("{seed}", str(cell.seed))
+    if study is not None:
+        value = value.replace("{output_dir}", str(study.output_dir))
+    return value
+
+
+def _flag_args(flags: Mapping[str, Any], cell: Cell | None = None, study: Study | None = None) -> list[str]:
+    """``{seed}`` in a value is the cell's seed and ``{output_dir}`` the study's output directory, so a variant
+    can name another cell's run, e.g. ``robust-teacher: "{output_dir}/pgd_at/seed{seed}"``."""
     args: list[str] = []
     for key, value in flags.items():
         if value is None or value is False:
@@ -225,7 +258,7 @@ def _flag_args(flags: Mapping[str, Any]) -> list[str]:
         elif isinstance(value, (dict, list)):
             args += [f"--{key}", json.dumps(value)]
         else:
-            args += [f"--{key}", os.path.expandvars(str(value))]
+            args += [f"--{key}", _expand(str(value), cell, study)]
     return args
 
 
@@ -234,7 +267,7 @@ def cell_command(study: Study, cell: Cell, resume: bool = False) -> list[str]:
     flags = {**study.flags, **cell.variant.flags, **cell.grid}
     head = ([sys.executable, str(study.recipe)] if study.launcher == "python" else
             ["accelerate", "launch", *study.launch_args, str(study.recipe)])
-    return [*head, *_flag_args(flags), "--seed", str(cell.seed), "--output-dir", str(cell.dir),
+    return [*head, *_flag_args(flags, cell, study), "--seed", str(cell.seed), "--output-dir", str(cell.dir),
             *(["--resume"] if resume else [])]
 
 
@@ -281,7 +314,7 @@ def _locked_by_other(run_dir: Path) -> int | None:
     return pid
 
 
-def _run_cell(study: Study, cell: Cell) -> tuple[Cell, int | None, float]:
+def _run_cell(study: Study, cell: Cell, threads: int | None = None) -> tuple[Cell, int | None, float]:
     cell.dir.mkdir(parents=True, exist_ok=True)
     if read_cell_report(cell.dir) is not None or _locked_by_other(cell.dir):
         return cell, None, 0.0  # finished or taken by another sweep since the list was made
@@ -292,7 +325,8 @@ def _run_cell(study: Study, cell: Cell) -> tuple[Cell, int | None, float]:
     with open(cell.dir / LOG_FILE, "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env).returncode
     (cell.dir / LOCK_FILE).unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     previous = _cell_meta(cell.dir)
@@ -337,18 +371,36 @@ def run_sweep(study: Study, jobs: int = 1, dry_run: bool = False, progress: bool
         return SweepOutcome([], skipped, [], 0.0)
     started = time.perf_counter()
     ran, failed = [], []
+    # `jobs` processes share the machine: unless the user chose OMP_NUM_THREADS, each gets an equal share
+    # of the cores instead of every process starting one thread per core (oversubscription is slower)
+    threads = None if jobs <= 1 or "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // jobs)
+    # variants with `after:` run once the same-seed cells they name have finished
+    phases = [[c for c in todo if not c.variant.after], [c for c in todo if c.variant.after]]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, \
             tqdm(total=len(todo), desc=f"sweep {study.title}", unit="run", disable=not progress) as bar:
-        for cell, rc, seconds in pool.map(lambda c: _run_cell(study, c), todo):
-            bar.update(1)
-            if rc is None:
-                skipped.append(cell.key)
-            elif rc == 0 and read_cell_report(cell.dir) is not None:
-                ran.append(cell.key)
-                logger.info("finished %s in %.0f s", cell.key, seconds)
-            else:
-                failed.append((cell.key, rc, cell.dir / LOG_FILE))
-                logger.warning("FAILED %s (exit %d): see %s", cell.key, rc, cell.dir / LOG_FILE)
+        for phase in phases:
+            ready = []
+            for cell in phase:
+                suffix = cell.dir.parent.name[len(cell.variant.name):]  # the grid point, e.g. __epochs=8
+                waiting = [f"{name}{suffix}/seed{cell.seed}" for name in cell.variant.after
+                           if read_cell_report(cell.dir.parent.parent / f"{name}{suffix}" / cell.dir.name) is None]
+                if waiting:
+                    bar.update(1)
+                    failed.append((cell.key, -1, cell.dir / LOG_FILE))
+                    logger.warning("NOT RUN %s: it runs after %s, which has no finished report", cell.key,
+                                   ", ".join(waiting))
+                else:
+                    ready.append(cell)
+            for cell, rc, seconds in pool.map(lambda c: _run_cell(study, c, threads), ready):
+                bar.update(1)
+                if rc is None:
+                    skipped.append(cell.key)
+                elif rc == 0 and read_cell_report(cell.dir) is not None:
+                    ran.append(cell.key)
+                    logger.info("finished %s in %.0f s", cell.key, seconds)
+                else:
+                    failed.append((cell.key, rc, cell.dir / LOG_FILE))
+                    logger.warning("FAILED %s (exit %d): see %s", cell.key, rc, cell.dir / LOG_FILE)
     return SweepOutcome(ran, skipped, failed, time.perf_counter() - started)
 
 
@@ -364,13 +416,14 @@ def _first_auto(adversarial: Mapping[str, Any]) -> str | None:
 
 
 def cell_metrics(report: Mapping[str, Any], view: str = "model", pgd: str = "pgd20",
-                 run_dir: str | Path | None = None) -> dict[str, float | None]:
+                 run_dir: str | Path | None = None, attacks: Sequence[str] = ()) -> dict[str, float | None]:
     """The table's numbers for one cell: ``view`` is ``model`` (the trained model) or ``ema`` (its
     weight-averaged copy, from the run's ``ema/report.json``). Schema-v1 reports carry every metric; a
     recipe's unversioned report (robustkd before reports were unified) has no calibration or
     consistency, which then stay ``None`` (shown as not measured, never guessed)."""
     ema = view == "ema"
     out: dict[str, float | None] = {key: None for key, _ in METRICS}
+    out.update({f"attack:{spec}": None for spec in attacks})
     if "schema_version" in report:
         source = report
         if ema:
@@ -387,6 +440,9 @@ def cell_metrics(report: Mapping[str, Any], view: str = "model", pgd: str = "pgd
             out["consistency"] = adversarial[key]["agreement"]
         if key := _first_auto(adversarial):
             out["autoattack"] = adversarial[key]["accuracy"]
+        for spec in attacks:
+            if spec in adversarial:
+                out[f"attack:{spec}"] = adversarial[spec]["accuracy"]
         training = (report.get("training") or {}).get("robust_overfitting") or {}
     else:
         source = report.get("ema") if ema else report
@@ -396,6 +452,8 @@ def cell_metrics(report: Mapping[str, Any], view: str = "model", pgd: str = "pgd
         out["clean"] = source.get("clean_accuracy")
         out["pgd20"] = robust.get(_pick(robust, pgd) or "")
         out["autoattack"] = robust.get(_first_auto(robust) or "")
+        for spec in attacks:
+            out[f"attack:{spec}"] = robust.get(spec)
         training = report.get("training") or {}
     series = [k for k in training if k.startswith("ema_") == ema]
     if series:
@@ -451,7 +509,8 @@ def aggregate(study: Study) -> dict[str, Any]:
                 if report is not None:
                     entry["report_format"] = ("schema v%s" % report["schema_version"] if "schema_version" in report
                                               else "recipe (unversioned)")
-                    entry["metrics"] = cell_metrics(report, view, study.pgd_metric, cell.dir)
+                    entry["metrics"] = cell_metrics(report, view, study.pgd_metric, cell.dir,
+                                                    list(study.attack_columns))
                     entry["attacks"] = attack_names(report)
                     meta = _cell_meta(cell.dir)
                     entry["seconds"] = meta.get("seconds_total", report.get("seconds"))
@@ -464,7 +523,8 @@ def aggregate(study: Study) -> dict[str, Any]:
             done = [e for e in per_cell if e["finished"] and e["metrics"]]
             rows.append({"label": label, "view": view, "variant": cells[0].variant.name, "grid": cells[0].grid,
                          "n_cells": len(cells), "n_finished": len(done),
-                         "metrics": {key: summarize([e["metrics"].get(key) for e in done]) for key, _ in METRICS}})
+                         "metrics": {key: summarize([e["metrics"].get(key) for e in done])
+                                     for key, _ in study.columns()}})
             epochs = sorted(epoch_rows)
             stats = [summarize(epoch_rows[e]) for e in epochs]
             curves[label] = {"attack": attack, "epoch": epochs, "mean": [s["mean"] for s in stats],
@@ -472,7 +532,7 @@ def aggregate(study: Study) -> dict[str, Any]:
     seconds = sum(e.get("seconds") or 0.0 for e in cells_out if e["view"] == "model")
     return {"study": str(study.path), "title": study.title, "description": study.description,
             "recipe": str(study.recipe), "seeds": study.seeds, "flags": study.flags, "grid": study.grid,
-            "metrics": dict(METRICS), "rows": rows, "cells": cells_out, "curves": curves,
+            "metrics": dict(study.columns()), "columns": study.columns(), "rows": rows, "cells": cells_out, "curves": curves,
             "compute_seconds": seconds}
 
 
@@ -487,8 +547,9 @@ def _cell_text(s: Mapping[str, Any]) -> str:
 def markdown_table(results: Mapping[str, Any]) -> str:
     """The results table: one row per variant (and EMA view), mean ± sample std (n) per metric; columns
     that no cell measured are left out and named under the table."""
-    columns = [(k, t) for k, t in METRICS if any(r["metrics"][k]["n"] for r in results["rows"])]
-    missing = [t for k, t in METRICS if (k, t) not in columns]
+    every = [tuple(c) for c in results.get("columns", METRICS)]
+    columns = [(k, t) for k, t in every if any(r["metrics"][k]["n"] for r in results["rows"])]
+    missing = [t for k, t in every if (k, t) not in columns]
     lines = ["| model | " + " | ".join(t for _, t in columns) + " |",
              "| --- |" + " --- |" * len(columns)]
     for row in results["rows"]:
@@ -499,7 +560,7 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     specs = sorted({a for e in results["cells"] for a in e.get("attacks", [])})
     if specs:
         lines.append("")
-        lines.append("Final attacks (the PGD-20 and AutoAttack columns): " + ", ".join(f"`{a}`" for a in specs) + ".")
+        lines.append("Final attacks: " + ", ".join(f"`{a}`" for a in specs) + ".")
     return "\n".join(lines)
 
 
@@ -517,25 +578,28 @@ def write_results(study: Study, command: str | None = None) -> dict[str, Path]:
     attack = next((c["attack"] for c in results["curves"].values() if c["attack"]), "robust")
     save_figure(scatter_figure(results["rows"], "clean", "pgd20", title=f"{study.title}\nPGD-20 vs clean"),
                 out / SCATTER_PNG)
-    save_figure(band_figure(results["curves"], f"{attack} accuracy (held-out subset)",
-                            title=f"{study.title}\nrobust accuracy per epoch, mean ± std over seeds"), out / CURVES_PNG)
+    has_curves = any(c["epoch"] for c in results["curves"].values())
+    if has_curves:
+        save_figure(band_figure(results["curves"], f"{attack} accuracy (held-out subset)",
+                                title=f"{study.title}\nrobust accuracy per epoch, mean ± std over seeds"), out / CURVES_PNG)
+    else:
+        (out / CURVES_PNG).unlink(missing_ok=True)  # no per-epoch evaluation in these runs: no stale plot
     atomic_write_text(out / RESULTS_JSON, json.dumps(results, indent=2))
     md = [f"### {study.title}", "", results["description"].strip(), "",
           f"{finished} of {total} runs finished; seeds {', '.join(map(str, study.seeds))}; "
           f"compute {results['compute_seconds'] / 60:.1f} min (sum of the runs' wall time).", "",
           markdown_table(results), "",
-          f"Per-epoch robust accuracy is the recipe's `--eval-attacks` ({attack}) on the held-out subset; "
+          (f"Per-epoch robust accuracy is the recipe's `--eval-attacks` ({attack}) on the held-out subset; "
+           if has_curves else "No per-epoch evaluation in these runs; ") +
           "± is the sample standard deviation over seeds.", "", "```bash", results["command"], "```", ""]
     atomic_write_text(out / RESULTS_MD, "\n".join(line for line in md if line is not None))
     return {"json": out / RESULTS_JSON, "markdown": out / RESULTS_MD, "scatter": out / SCATTER_PNG,
-            "curves": out / CURVES_PNG}
+            **({"curves": out / CURVES_PNG} if has_curves else {})}
 
 
-def update_document(doc: str | Path, study: Study, markdown: str) -> Path:
-    """Replace the block between ``<!-- sweep:NAME -->`` and ``<!-- /sweep:NAME -->`` in ``doc`` (NAME is
-    the study file's stem) with ``markdown``, so a page's tables are regenerated rather than retyped."""
-    from .checkpoint import atomic_write_text
-
+def document_block(doc: str | Path, study: Study) -> tuple[str, str, str, str]:
+    """(text before, begin line, end line, text after) of the study's block in ``doc``; a
+    :class:`StudyError` naming the fix when the page has no such block."""
     doc = Path(doc)
     if not doc.is_file():
         raise FileNotFoundError(f"--update-doc: no document at {doc}")
@@ -546,5 +610,14 @@ def update_document(doc: str | Path, study: Study, markdown: str) -> Path:
                          "block the sweep may replace")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
-    atomic_write_text(doc, f"{head}{begin}\n{markdown.strip()}\n{end}{tail}")
-    return doc
+    return head, begin, end, tail
+
+
+def update_document(doc: str | Path, study: Study, markdown: str) -> Path:
+    """Replace the block between ``<!-- sweep:NAME -->`` and ``<!-- /sweep:NAME -->`` in ``doc`` (NAME is
+    the study file's stem) with ``markdown``, so a page's tables are regenerated rather than retyped."""
+    from .checkpoint import atomic_write_text
+
+    head, begin, end, tail = document_block(doc, study)
+    atomic_write_text(Path(doc), f"{head}{begin}\n{markdown.strip()}\n{end}{tail}")
+    return Path(doc)

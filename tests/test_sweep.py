@@ -161,3 +161,70 @@ def test_a_cell_another_sweep_is_running_is_left_to_it(tmp_path, capsys):
     finally:
         other.kill()
         other.wait()
+
+
+FAKE_RECIPE = '''
+import argparse, json, os, sys
+from pathlib import Path
+p = argparse.ArgumentParser()
+p.add_argument("--output-dir"); p.add_argument("--seed", type=int); p.add_argument("--fail-seed", type=int, default=-1)
+p.add_argument("--teacher"); p.add_argument("--resume", action="store_true")
+a = p.parse_args()
+out = Path(a.output_dir); out.mkdir(parents=True, exist_ok=True)
+(out / "env.json").write_text(json.dumps({"threads": os.environ.get("OMP_NUM_THREADS"), "teacher": a.teacher}))
+if a.seed == a.fail_seed:
+    sys.exit(1)
+if a.teacher and not (Path(a.teacher) / "report.json").is_file():
+    sys.exit(3)  # the cell it runs after has not finished
+(out / "report.json").write_text(json.dumps({"clean_accuracy": 0.5 + a.seed / 10, "robust_accuracy": {
+    "pgd10:snr_db=30": 0.3, "pgd10:snr_db=40": 0.4 + a.seed / 100}}))
+'''
+
+
+def test_after_orders_cells_threads_are_shared_and_attack_columns_are_tabled(tmp_path, capsys, monkeypatch):
+    """A variant that distils from another cell (`after:` + `{output_dir}/.../seed{seed}`) runs once that cell has
+    finished, and not at all when it failed; parallel cells split the cores; `attack_columns` become columns."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    recipe = tmp_path / "fake_recipe.py"
+    recipe.write_text(FAKE_RECIPE)
+    out = tmp_path / "o"
+    study = {"recipe": str(recipe), "seeds": [0, 1, 2], "output_dir": str(out), "pgd_metric": "pgd10:snr_db=30",
+             "attack_columns": {"pgd10:snr_db=40": "SNR 40 dB"},
+             "variants": {"student": {"after": "teacher", "flags": {"teacher": "{output_dir}/teacher/seed{seed}"}},
+                          "teacher": {"flags": {"fail-seed": 1}}}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    assert cli_main(["sweep", str(path), "--jobs", "2", "--no-progress"]) == 1  # teacher seed 1 fails
+    err = capsys.readouterr().err
+    assert "teacher/seed1" in err and "student/seed1" in err
+    for seed in (0, 2):
+        assert read_cell_report(out / "student" / f"seed{seed}") is not None
+        env = json.loads((out / "student" / f"seed{seed}" / "env.json").read_text())
+        assert env["teacher"] == str(out / "teacher" / f"seed{seed}")
+        assert env["threads"] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert not (out / "student" / "seed1" / "env.json").exists()  # never started: its teacher has no report
+
+    assert cli_main(["sweep", str(path), "--report"]) == 0
+    md = (out / "results.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| model"))
+    assert header.startswith("| model | clean | pgd10:snr_db=30 | SNR 40 dB |")
+    assert "| student | 0.600 ± 0.141 (n=2) | 0.300 ± 0.000 (n=2) | 0.410 ± 0.014 (n=2) |" in md
+    assert not (out / "results_curves.png").exists() and "No per-epoch evaluation" in md
+
+    # one table onto several pages; a page without the block is refused before any page is touched
+    pages = [tmp_path / "a.md", tmp_path / "b.md"]
+    pages[0].write_text("A\n<!-- sweep:s -->\nold\n<!-- /sweep:s -->\n")
+    pages[1].write_text("B, no block\n")
+    args = ["sweep", str(path), "--report", "--update-doc", str(pages[0]), "--update-doc", str(pages[1])]
+    assert cli_main(args) == 2
+    assert "b.md needs one '<!-- sweep:s -->' line" in capsys.readouterr().err
+    assert "old" in pages[0].read_text()
+    pages[1].write_text("B\n<!-- sweep:s -->\n<!-- /sweep:s -->\ntail\n")
+    assert cli_main(args) == 0
+    assert all("| student | 0.600" in p.read_text() and "old" not in p.read_text() for p in pages)
+    assert pages[1].read_text().endswith("<!-- /sweep:s -->\ntail\n") and f"--update-doc {pages[1]}" in md + pages[1].read_text()
+
+    study["variants"]["student"]["after"] = "nobody"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    assert cli_main(["sweep", str(path)]) == 2
+    assert "`after` must name other variants" in capsys.readouterr().err

@@ -101,7 +101,8 @@ def robust_overfitting_figure(history: Sequence[Mapping[str, Any]], analysis: Ma
     ax.set(xlabel="epoch", ylabel="accuracy (held-out subset)", ylim=(0, 1),
            title="training: best vs final robust accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.lines:
+        ax.legend(fontsize=7)
     return fig
 
 
@@ -178,7 +179,8 @@ def budget_curve_figure(report: Mapping[str, Any]) -> Figure:
     ax.set(xlabel=curve["axis"], ylabel="accuracy", ylim=(-0.02, 1.02),
            title=f"accuracy vs budget ({report['task']['name']}, {report['task']['num_examples']} examples)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.lines:
+        ax.legend(fontsize=7)
     return fig
 
 
@@ -210,7 +212,8 @@ def scatter_figure(rows: Sequence[Mapping[str, Any]], x: str, y: str, title: str
                     label=f"{row['label']} (n={min(mx['n'], my['n'])})")
     ax.set(xlabel=f"{x} (mean ± std over seeds)", ylabel=f"{y} (mean ± std over seeds)", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.lines:
+        ax.legend(fontsize=7)
     return fig
 
 
@@ -229,5 +232,6 @@ def band_figure(series: Mapping[str, Mapping[str, Sequence[Any]]], ylabel: str, 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.lines:
+        ax.legend(fontsize=7)
     return fig
