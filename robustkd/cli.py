@@ -209,7 +209,6 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import logging
     import shlex
 
     from .sweep import document_block, load_study, run_sweep, update_document, write_results
@@ -231,7 +230,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(files["markdown"].read_text())
         print("\n".join(f"{k}: {v}" for k, v in files.items()))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     outcome = run_sweep(study, jobs=args.jobs, dry_run=args.dry_run, progress=not args.no_progress)
     if args.dry_run:
         return 0
