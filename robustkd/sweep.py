@@ -36,6 +36,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -55,7 +56,7 @@ CURVES_PNG = "results_curves.png"
 # (key in results.json, column title); the table's columns in this order.
 METRICS = [("clean", "clean"), ("pgd20", "PGD-20"), ("autoattack", "AutoAttack"), ("ece", "ECE (clean)"),
            ("consistency", "consistency (PGD-20 agreement)"), ("best_robust", "best robust (epoch-wise)"),
-           ("overfitting_gap", "best - final robust")]
+           ("best_epoch", "best epoch"), ("overfitting_gap", "best - final robust")]
 
 
 class StudyError(ValueError):
@@ -459,6 +460,7 @@ def cell_metrics(report: Mapping[str, Any], view: str = "model", pgd: str = "pgd
     if series:
         gap = training[series[0]]
         out["best_robust"] = gap["best"]
+        out["best_epoch"] = gap.get("best_epoch")
         out["overfitting_gap"] = gap["overfitting_gap"]
     return out
 
@@ -482,11 +484,18 @@ def epoch_series(run_dir: Path, view: str = "model") -> tuple[str | None, list[t
     return name, [(h["epoch"], h[key][name]) for h in rows if name in h[key]]
 
 
+# Student's t 0.975 quantiles for 1..10 degrees of freedom (beyond: the normal 1.96 is within 4 % of t)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
 def summarize(values: Sequence[float | None]) -> dict[str, Any]:
-    """mean, sample standard deviation (None for n < 2), n and the values themselves."""
+    """mean, sample standard deviation (None for n < 2), the half-width of the 95 % t-interval of the mean
+    (``ci95``; None for n < 2), n and the values themselves."""
     vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return {"mean": statistics.fmean(vals) if vals else None,
-            "std": statistics.stdev(vals) if len(vals) > 1 else None, "n": len(vals), "values": vals}
+    std = statistics.stdev(vals) if len(vals) > 1 else None
+    t = _T975[len(vals) - 2] if 1 < len(vals) <= len(_T975) + 1 else 1.96
+    return {"mean": statistics.fmean(vals) if vals else None, "std": std,
+            "ci95": t * std / math.sqrt(len(vals)) if std is not None else None, "n": len(vals), "values": vals}
 
 
 def aggregate(study: Study) -> dict[str, Any]:
@@ -530,15 +539,28 @@ def aggregate(study: Study) -> dict[str, Any]:
             curves[label] = {"attack": attack, "epoch": epochs, "mean": [s["mean"] for s in stats],
                              "std": [s["std"] for s in stats], "n": [s["n"] for s in stats]}
     seconds = sum(e.get("seconds") or 0.0 for e in cells_out if e["view"] == "model")
+    spans = []  # (start, end) of every finished cell's last process, from its sweep.json
+    for cell in study.cells():
+        meta = _cell_meta(cell.dir)
+        try:
+            end = datetime.strptime(meta["finished"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+            spans.append((end - float(meta["seconds"]), end))
+        except (KeyError, ValueError, TypeError):
+            continue
     return {"study": str(study.path), "title": study.title, "description": study.description,
             "recipe": str(study.recipe), "seeds": study.seeds, "flags": study.flags, "grid": study.grid,
             "metrics": dict(study.columns()), "columns": study.columns(), "rows": rows, "cells": cells_out, "curves": curves,
-            "compute_seconds": seconds}
+            "compute_seconds": seconds,
+            "wall_seconds": max(e for _, e in spans) - min(b for b, _ in spans) if spans else None,
+            "finished_utc": (datetime.fromtimestamp(max(e for _, e in spans), timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+                             if spans else None)}
 
 
-def _cell_text(s: Mapping[str, Any]) -> str:
+def _cell_text(s: Mapping[str, Any], key: str = "") -> str:
     if not s["n"]:
         return "—"
+    if key == "best_epoch":  # an epoch per seed, in seed order: a mean of epochs says less than the list
+        return ", ".join(f"{v:.0f}" for v in s["values"])
     if s["std"] is None:
         return f"{s['mean']:.3f} (n={s['n']})"
     return f"{s['mean']:.3f} ± {s['std']:.3f} (n={s['n']})"
@@ -553,7 +575,7 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     lines = ["| model | " + " | ".join(t for _, t in columns) + " |",
              "| --- |" + " --- |" * len(columns)]
     for row in results["rows"]:
-        lines.append(f"| {row['label']} | " + " | ".join(_cell_text(row["metrics"][k]) for k, _ in columns) + " |")
+        lines.append(f"| {row['label']} | " + " | ".join(_cell_text(row["metrics"][k], k) for k, _ in columns) + " |")
     if missing:
         lines.append("")
         lines.append(f"Not measured in these cells: {', '.join(missing)}.")
@@ -587,11 +609,14 @@ def write_results(study: Study, command: str | None = None) -> dict[str, Path]:
     atomic_write_text(out / RESULTS_JSON, json.dumps(results, indent=2))
     md = [f"### {study.title}", "", results["description"].strip(), "",
           f"{finished} of {total} runs finished; seeds {', '.join(map(str, study.seeds))}; "
-          f"compute {results['compute_seconds'] / 60:.1f} min (sum of the runs' wall time).", "",
+          f"compute {results['compute_seconds'] / 60:.1f} min (sum of the runs' wall time)"
+          + (f", {results['wall_seconds'] / 60:.0f} min from the first run's start to the last one's end "
+             f"(last: {results['finished_utc']})" if results.get("wall_seconds") else "") + ".", "",
           markdown_table(results), "",
           (f"Per-epoch robust accuracy is the recipe's `--eval-attacks` ({attack}) on the held-out subset; "
            if has_curves else "No per-epoch evaluation in these runs; ") +
-          "± is the sample standard deviation over seeds.", "", "```bash", results["command"], "```", ""]
+          "± is the sample standard deviation over seeds; `results.json` has every value and the 95 % "
+          "t-interval of each mean (`ci95`, its half-width).", "", "```bash", results["command"], "```", ""]
     atomic_write_text(out / RESULTS_MD, "\n".join(line for line in md if line is not None))
     return {"json": out / RESULTS_JSON, "markdown": out / RESULTS_MD, "scatter": out / SCATTER_PNG,
             **({"curves": out / CURVES_PNG} if has_curves else {})}
