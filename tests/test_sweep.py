@@ -211,7 +211,7 @@ def test_after_orders_cells_threads_are_shared_and_attack_columns_are_tabled(tmp
     assert "| student | 0.600 ± 0.141 (n=2) | 0.300 ± 0.000 (n=2) | 0.410 ± 0.014 (n=2) |" in md
     assert not (out / "results_curves.png").exists() and "No per-epoch evaluation" in md
     clean = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]["clean"]
-    assert clean["values"] == pytest.approx([0.5, 0.7]) and clean["ci95"] == pytest.approx(12.706 * 0.141421 / 2 ** 0.5)
+    assert clean["values"] == pytest.approx([0.5, 0.7]) and clean["ci95"] == pytest.approx(12.706 * 0.1)  # t(1) * std / sqrt(2)
 
     # one table onto several pages; a page without the block is refused before any page is touched
     pages = [tmp_path / "a.md", tmp_path / "b.md"]
