@@ -34,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -375,24 +375,41 @@ def run_sweep(study: Study, jobs: int = 1, dry_run: bool = False, progress: bool
     # `jobs` processes share the machine: unless the user chose OMP_NUM_THREADS, each gets an equal share
     # of the cores instead of every process starting one thread per core (oversubscription is slower)
     threads = None if jobs <= 1 or "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // jobs)
-    # variants with `after:` run once the same-seed cells they name have finished
-    phases = [[c for c in todo if not c.variant.after], [c for c in todo if c.variant.after]]
+    # a variant with `after:` runs once the same-seed cells it names have finished: it is queued when the
+    # last of them ends (behind the cells already queued), or at once when they finished in an earlier sweep
+    def needs(cell: Cell) -> list[Path]:
+        suffix = cell.dir.parent.name[len(cell.variant.name):]  # the grid point, e.g. __epochs=8
+        return [cell.dir.parent.parent / f"{name}{suffix}" / cell.dir.name for name in cell.variant.after]
+
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, \
             tqdm(total=len(todo), desc=f"sweep {study.title}", unit="run", disable=not progress) as bar:
-        for phase in phases:
-            ready = []
-            for cell in phase:
-                suffix = cell.dir.parent.name[len(cell.variant.name):]  # the grid point, e.g. __epochs=8
-                waiting = [f"{name}{suffix}/seed{cell.seed}" for name in cell.variant.after
-                           if read_cell_report(cell.dir.parent.parent / f"{name}{suffix}" / cell.dir.name) is None]
-                if waiting:
+        running = {id(c): c.dir for c in todo}
+        waiting = list(todo)
+        futures: dict[Future, Cell] = {}
+
+        def submit_ready() -> None:
+            pending = set(running.values())
+            for cell in list(waiting):
+                deps = needs(cell)
+                if pending.intersection(deps):
+                    continue  # a cell it runs after is still to run in this sweep
+                waiting.remove(cell)
+                if missing := [d for d in deps if read_cell_report(d) is None]:
                     bar.update(1)
                     failed.append((cell.key, -1, cell.dir / LOG_FILE))
                     logger.warning("NOT RUN %s: it runs after %s, which has no finished report", cell.key,
-                                   ", ".join(waiting))
+                                   ", ".join(f"{d.parent.name}/{d.name}" for d in missing))
+                    running.pop(id(cell), None)
                 else:
-                    ready.append(cell)
-            for cell, rc, seconds in pool.map(lambda c: _run_cell(study, c, threads), ready):
+                    futures[pool.submit(_run_cell, study, cell, threads)] = cell
+
+        submit_ready()
+        while futures:
+            done, _ = wait(futures, return_when=FIRST_COMPLETED)
+            for future in done:
+                cell, rc, seconds = future.result()
+                del futures[future]
+                running.pop(id(cell), None)
                 bar.update(1)
                 if rc is None:
                     skipped.append(cell.key)
@@ -402,6 +419,7 @@ def run_sweep(study: Study, jobs: int = 1, dry_run: bool = False, progress: bool
                 else:
                     failed.append((cell.key, rc, cell.dir / LOG_FILE))
                     logger.warning("FAILED %s (exit %d): see %s", cell.key, rc, cell.dir / LOG_FILE)
+            submit_ready()
     return SweepOutcome(ran, skipped, failed, time.perf_counter() - started)
 
 

@@ -164,14 +164,17 @@ def test_a_cell_another_sweep_is_running_is_left_to_it(tmp_path, capsys):
 
 
 FAKE_RECIPE = '''
-import argparse, json, os, sys
+import argparse, json, os, sys, time
 from pathlib import Path
 p = argparse.ArgumentParser()
 p.add_argument("--output-dir"); p.add_argument("--seed", type=int); p.add_argument("--fail-seed", type=int, default=-1)
-p.add_argument("--teacher"); p.add_argument("--resume", action="store_true")
+p.add_argument("--teacher"); p.add_argument("--resume", action="store_true"); p.add_argument("--sleep", type=float)
 a = p.parse_args()
 out = Path(a.output_dir); out.mkdir(parents=True, exist_ok=True)
-(out / "env.json").write_text(json.dumps({"threads": os.environ.get("OMP_NUM_THREADS"), "teacher": a.teacher}))
+start = time.time()
+time.sleep(a.sleep or 0)
+(out / "env.json").write_text(json.dumps({"threads": os.environ.get("OMP_NUM_THREADS"), "teacher": a.teacher,
+                                          "start": start, "end": time.time()}))
 if a.seed == a.fail_seed:
     sys.exit(1)
 if a.teacher and not (Path(a.teacher) / "report.json").is_file():
@@ -191,7 +194,7 @@ def test_after_orders_cells_threads_are_shared_and_attack_columns_are_tabled(tmp
     study = {"recipe": str(recipe), "seeds": [0, 1, 2], "output_dir": str(out), "pgd_metric": "pgd10:snr_db=30",
              "attack_columns": {"pgd10:snr_db=40": "SNR 40 dB"},
              "variants": {"student": {"after": "teacher", "flags": {"teacher": "{output_dir}/teacher/seed{seed}"}},
-                          "teacher": {"flags": {"fail-seed": 1}}}}
+                          "teacher": {"flags": {"fail-seed": 1, "sleep": "{seed}"}}}}
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     assert cli_main(["sweep", str(path), "--jobs", "2", "--no-progress"]) == 1  # teacher seed 1 fails
@@ -203,6 +206,9 @@ def test_after_orders_cells_threads_are_shared_and_attack_columns_are_tabled(tmp
         assert env["teacher"] == str(out / "teacher" / f"seed{seed}")
         assert env["threads"] == str(max(1, (os.cpu_count() or 1) // 2))
     assert not (out / "student" / "seed1" / "env.json").exists()  # never started: its teacher has no report
+    # a student starts as soon as its own teacher is done, not after every teacher (seed 2's sleeps 2 s)
+    started = json.loads((out / "student" / "seed0" / "env.json").read_text())["start"]
+    assert started < json.loads((out / "teacher" / "seed2" / "env.json").read_text())["end"]
 
     assert cli_main(["sweep", str(path), "--report"]) == 0
     md = (out / "results.md").read_text()
