@@ -43,8 +43,8 @@ from typing import Any, Mapping, Sequence
 logger = logging.getLogger(__name__)
 
 STUDY_KEYS = {"description", "recipe", "launcher", "launch_args", "output_dir", "results_dir", "seeds", "flags",
-              "variants", "grid", "pgd_metric", "title", "attack_columns"}
-VARIANT_KEYS = {"label", "ema_label", "flags", "after"}
+              "variants", "grid", "pgd_metric", "title", "attack_columns", "baseline"}
+VARIANT_KEYS = {"label", "ema_label", "flags", "after", "baseline"}
 OWNED_FLAGS = {"seed", "output-dir"}
 CELL_FILE = "sweep.json"
 LOG_FILE = "sweep.log"
@@ -70,6 +70,7 @@ class Variant:
     flags: dict[str, Any]
     ema_label: str | None = None
     after: list[str] = field(default_factory=list)
+    baseline: str | None = None  # the variant its paired differences are taken against (None: none)
 
 
 @dataclass
@@ -108,11 +109,18 @@ class Study:
     results_dir: Path | None = None
     attack_columns: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def pgd_title(self) -> str:
+        return "PGD-20" if self.pgd_metric == "pgd20" else self.pgd_metric
+
     def columns(self) -> list[tuple[str, str]]:
-        """(key, title) of the table's columns: clean, the PGD column, any ``attack_columns``, then the rest."""
-        pgd_title = "PGD-20" if self.pgd_metric == "pgd20" else self.pgd_metric
+        """(key, title) of the table's columns: clean, the PGD column, any ``attack_columns``, the rest, and the
+        paired differences to the baseline when variants have one."""
         extra = [(f"attack:{spec}", title) for spec, title in self.attack_columns.items()]
-        return [METRICS[0], ("pgd20", pgd_title), *extra, *METRICS[2:]]
+        paired = ([("delta_clean", "Δ clean vs baseline (95 % CI)"), ("delta_pgd20", f"Δ {self.pgd_title} vs baseline "
+                                                                                     "(95 % CI)")]
+                  if any(v.baseline for v in self.variants) else [])
+        return [METRICS[0], ("pgd20", self.pgd_title), *extra, *METRICS[2:], *paired]
 
     def cells(self) -> list[Cell]:
         out = []
@@ -203,10 +211,15 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> Study:
                                                   for a in after):
             raise StudyError(f"{path}: variant {name!r}: `after` must name other variants of this study "
                              f"({', '.join(v for v in variants_raw if v != name)}), got {spec.get('after')!r}")
+        baseline = spec.get("baseline", raw.get("baseline"))
+        if baseline is not None and baseline not in variants_raw:
+            raise StudyError(f"{path}: `baseline` {baseline!r} of variant {name!r} is not a variant of this study "
+                             f"({', '.join(variants_raw)}); null for none")
         variants.append(Variant(_slug(name), str(spec.get("label") or name),
                                 _check_flags(spec.get("flags"), f"variants.{name}.flags"),
                                 str(spec["ema_label"]) if spec.get("ema_label") else None,
-                                [_slug(a) for a in after]))
+                                [_slug(a) for a in after],
+                                _slug(baseline) if baseline is not None and baseline != name else None))
     if any(set(v.after) & {w.name for w in variants if w.after} for v in variants):
         raise StudyError(f"{path}: a variant's `after` names a variant that itself waits (`after`): one level only")
     grid_raw = raw.get("grid") or {}
@@ -522,7 +535,11 @@ def aggregate(study: Study) -> dict[str, Any]:
     groups: dict[tuple[str, str], list[Cell]] = {}
     for cell in study.cells():
         groups.setdefault((cell.variant.name, cell.dir.parent.name), []).append(cell)
-    for (_, _), cells in groups.items():
+    baselines = {v.baseline for v in study.variants}
+    order = sorted(groups, key=lambda k: k[0] not in baselines)  # baselines' cells first, for the pairing
+    rows_at = {key: i for i, key in enumerate(groups)}
+    for key in order:
+        cells = groups[key]
         views = [("model", cells[0].label)]
         if cells[0].variant.ema_label:
             extra = ", ".join(f"{k}={v}" for k, v in cells[0].grid.items())
@@ -548,7 +565,14 @@ def aggregate(study: Study) -> dict[str, Any]:
                 per_cell.append(entry)
                 cells_out.append(entry)
             done = [e for e in per_cell if e["finished"] and e["metrics"]]
-            rows.append({"label": label, "view": view, "variant": cells[0].variant.name, "grid": cells[0].grid,
+            for e in done:  # paired with the baseline's model at the same grid point and seed
+                base = next((b for b in cells_out if b["variant"] == cells[0].variant.baseline and b["view"] == "model"
+                             and b["grid"] == e["grid"] and b["seed"] == e["seed"] and b.get("metrics")), None)
+                for delta, col in (("delta_clean", "clean"), ("delta_pgd20", "pgd20")):
+                    if base is not None and None not in (e["metrics"].get(col), base["metrics"].get(col)):
+                        e["metrics"][delta] = e["metrics"][col] - base["metrics"][col]
+            rows.append({"order": (rows_at[key], view != "model"),
+                         "label": label, "view": view, "variant": cells[0].variant.name, "grid": cells[0].grid,
                          "n_cells": len(cells), "n_finished": len(done),
                          "metrics": {key: summarize([e["metrics"].get(key) for e in done])
                                      for key, _ in study.columns()}})
@@ -556,6 +580,8 @@ def aggregate(study: Study) -> dict[str, Any]:
             stats = [summarize(epoch_rows[e]) for e in epochs]
             curves[label] = {"attack": attack, "epoch": epochs, "mean": [s["mean"] for s in stats],
                              "std": [s["std"] for s in stats], "n": [s["n"] for s in stats]}
+    rows.sort(key=lambda r: r.pop("order"))  # back to the study's order
+    curves = {r["label"]: curves[r["label"]] for r in rows}
     seconds = sum(e.get("seconds") or 0.0 for e in cells_out if e["view"] == "model")
     spans = []  # (start, end) of every finished cell's last process, from its sweep.json
     for cell in study.cells():
@@ -567,7 +593,9 @@ def aggregate(study: Study) -> dict[str, Any]:
             continue
     return {"study": str(study.path), "title": study.title, "description": study.description,
             "recipe": str(study.recipe), "seeds": study.seeds, "flags": study.flags, "grid": study.grid,
-            "metrics": dict(study.columns()), "columns": study.columns(), "rows": rows, "cells": cells_out, "curves": curves,
+            "metrics": dict(study.columns()), "columns": study.columns(), "rows": rows,
+            "baselines": {v.label: next(w.label for w in study.variants if w.name == v.baseline)
+                          for v in study.variants if v.baseline}, "cells": cells_out, "curves": curves,
             "compute_seconds": seconds,
             "wall_seconds": max(e for _, e in spans) - min(b for b, _ in spans) if spans else None,
             "finished_utc": (datetime.fromtimestamp(max(e for _, e in spans), timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -579,6 +607,10 @@ def _cell_text(s: Mapping[str, Any], key: str = "") -> str:
         return "—"
     if key == "best_epoch":  # an epoch per seed, in seed order: a mean of epochs says less than the list
         return ", ".join(f"{v:.0f}" for v in s["values"])
+    if key.startswith("delta_"):  # a paired difference: its mean and 95 % t-interval
+        if s["ci95"] is None:
+            return f"{s['mean']:+.3f} (n={s['n']})"
+        return f"{s['mean']:+.3f} [{s['mean'] - s['ci95']:+.3f}, {s['mean'] + s['ci95']:+.3f}] (n={s['n']})"
     if s["std"] is None:
         return f"{s['mean']:.3f} (n={s['n']})"
     return f"{s['mean']:.3f} ± {s['std']:.3f} (n={s['n']})"
@@ -597,6 +629,11 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     if missing:
         lines.append("")
         lines.append(f"Not measured in these cells: {', '.join(missing)}.")
+    if pairs := results.get("baselines"):
+        lines.append("")
+        lines.append("Δ columns: each seed's run minus the same seed's run of the baseline ("
+                     + "; ".join(f"{row}: {base}" for row, base in pairs.items())
+                     + "), averaged over seeds, with the 95 % t-interval of that mean.")
     specs = sorted({a for e in results["cells"] for a in e.get("attacks", [])})
     if specs:
         lines.append("")

@@ -169,6 +169,7 @@ from pathlib import Path
 p = argparse.ArgumentParser()
 p.add_argument("--output-dir"); p.add_argument("--seed", type=int); p.add_argument("--fail-seed", type=int, default=-1)
 p.add_argument("--teacher"); p.add_argument("--resume", action="store_true"); p.add_argument("--sleep", type=float)
+p.add_argument("--bonus", type=float, default=0.0)
 a = p.parse_args()
 out = Path(a.output_dir); out.mkdir(parents=True, exist_ok=True)
 start = time.time()
@@ -179,7 +180,7 @@ if a.seed == a.fail_seed:
     sys.exit(1)
 if a.teacher and not (Path(a.teacher) / "report.json").is_file():
     sys.exit(3)  # the cell it runs after has not finished
-(out / "report.json").write_text(json.dumps({"clean_accuracy": 0.5 + a.seed / 10, "robust_accuracy": {
+(out / "report.json").write_text(json.dumps({"clean_accuracy": 0.5 + a.seed / 10 + a.bonus, "robust_accuracy": {
     "pgd10:snr_db=30": 0.3, "pgd10:snr_db=40": 0.4 + a.seed / 100}}))
 '''
 
@@ -193,7 +194,9 @@ def test_after_orders_cells_threads_are_shared_and_attack_columns_are_tabled(tmp
     out = tmp_path / "o"
     study = {"recipe": str(recipe), "seeds": [0, 1, 2], "output_dir": str(out), "pgd_metric": "pgd10:snr_db=30",
              "attack_columns": {"pgd10:snr_db=40": "SNR 40 dB"},
-             "variants": {"student": {"after": "teacher", "flags": {"teacher": "{output_dir}/teacher/seed{seed}"}},
+             "baseline": "teacher",
+             "variants": {"student": {"after": "teacher", "flags": {"teacher": "{output_dir}/teacher/seed{seed}",
+                                                                   "bonus": 0.05}},
                           "teacher": {"flags": {"fail-seed": 1, "sleep": "{seed}"}}}}
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
@@ -214,10 +217,12 @@ def test_after_orders_cells_threads_are_shared_and_attack_columns_are_tabled(tmp
     md = (out / "results.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| model"))
     assert header.startswith("| model | clean | pgd10:snr_db=30 | SNR 40 dB |")
-    assert "| student | 0.600 ± 0.141 (n=2) | 0.300 ± 0.000 (n=2) | 0.410 ± 0.014 (n=2) |" in md
+    assert "| student | 0.650 ± 0.141 (n=2) | 0.300 ± 0.000 (n=2) | 0.410 ± 0.014 (n=2) |" in md
+    # paired by seed against the baseline: +0.05 on clean in both seeds, an interval of width 0
+    assert "| +0.050 [+0.050, +0.050] (n=2) | +0.000 [+0.000, +0.000] (n=2) |" in md and "student: teacher" in md
     assert not (out / "results_curves.png").exists() and "No per-epoch evaluation" in md
     clean = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]["clean"]
-    assert clean["values"] == pytest.approx([0.5, 0.7]) and clean["ci95"] == pytest.approx(12.706 * 0.1)  # t(1) * std / sqrt(2)
+    assert clean["values"] == pytest.approx([0.55, 0.75]) and clean["ci95"] == pytest.approx(12.706 * 0.1)  # t(1) * std / sqrt(2)
 
     # one table onto several pages; a page without the block is refused before any page is touched
     pages = [tmp_path / "a.md", tmp_path / "b.md"]
@@ -229,7 +234,7 @@ def test_after_orders_cells_threads_are_shared_and_attack_columns_are_tabled(tmp
     assert "old" in pages[0].read_text()
     pages[1].write_text("B\n<!-- sweep:s -->\n<!-- /sweep:s -->\ntail\n")
     assert cli_main(args) == 0
-    assert all("| student | 0.600" in p.read_text() and "old" not in p.read_text() for p in pages)
+    assert all("| student | 0.650" in p.read_text() and "old" not in p.read_text() for p in pages)
     assert pages[1].read_text().endswith("<!-- /sweep:s -->\ntail\n") and f"--update-doc {pages[1]}" in md + pages[1].read_text()
 
     study["variants"]["student"]["after"] = "nobody"
