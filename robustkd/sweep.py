@@ -631,9 +631,10 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         lines.append(f"Not measured in these cells: {', '.join(missing)}.")
     if pairs := results.get("baselines"):
         lines.append("")
-        lines.append("Δ columns: each seed's run minus the same seed's run of the baseline ("
-                     + "; ".join(f"{row}: {base}" for row, base in pairs.items())
-                     + "), averaged over seeds, with the 95 % t-interval of that mean.")
+        named = (f"the baseline, {next(iter(pairs.values()))}" if len(set(pairs.values())) == 1 else
+                 "the baseline (" + "; ".join(f"{row}: {base}" for row, base in pairs.items()) + ")")
+        lines.append(f"Δ columns: each seed's model (or its EMA, in + WA rows) minus the same seed's model of {named}, "
+                     "averaged over seeds, with the 95 % t-interval of that mean.")
     specs = sorted({a for e in results["cells"] for a in e.get("attacks", [])})
     if specs:
         lines.append("")

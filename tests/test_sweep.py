@@ -219,7 +219,7 @@ def test_after_orders_cells_threads_are_shared_and_attack_columns_are_tabled(tmp
     assert header.startswith("| model | clean | pgd10:snr_db=30 | SNR 40 dB |")
     assert "| student | 0.650 ± 0.141 (n=2) | 0.300 ± 0.000 (n=2) | 0.410 ± 0.014 (n=2) |" in md
     # paired by seed against the baseline: +0.05 on clean in both seeds, an interval of width 0
-    assert "| +0.050 [+0.050, +0.050] (n=2) | +0.000 [+0.000, +0.000] (n=2) |" in md and "student: teacher" in md
+    assert "| +0.050 [+0.050, +0.050] (n=2) | +0.000 [+0.000, +0.000] (n=2) |" in md and "the same seed's model of the baseline, teacher" in md
     assert not (out / "results_curves.png").exists() and "No per-epoch evaluation" in md
     clean = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]["clean"]
     assert clean["values"] == pytest.approx([0.55, 0.75]) and clean["ci95"] == pytest.approx(12.706 * 0.1)  # t(1) * std / sqrt(2)
