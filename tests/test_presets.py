@@ -190,7 +190,8 @@ def test_robustkd_presets_console_script():
     assert json.loads(run.stdout)["settings"]["milestones"] == [215, 260, 285]
 
 
-def test_the_short_schedule_preset_is_the_paper_run_with_the_ema_warm_up():
+def test_the_short_schedule_preset_is_the_paper_run_with_the_ema_warm_up_and_a_smaller_teacher_weight():
     short, paper = get_preset("adr/short-schedule"), get_preset("adr/cifar10/resnet18_pgd_sgd_adr")
     assert short.source.startswith("robustkd studies/short_schedule.yaml")
-    assert {k: v for k, v in short.settings.items() if paper.settings.get(k) != v} == {"ema_warmup": True}
+    assert {k: v for k, v in short.settings.items() if paper.settings.get(k) != v} == {
+        "ema_warmup": True, "method_kwargs": {"tau": [2.5, 2.0], "lam": [0.3, 0.5]}}
