@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 STUDY_KEYS = {"description", "recipe", "launcher", "launch_args", "output_dir", "results_dir", "seeds", "flags",
               "variants", "grid", "pgd_metric", "title", "attack_columns", "baseline"}
-VARIANT_KEYS = {"label", "ema_label", "flags", "after", "baseline"}
+VARIANT_KEYS = {"label", "ema_label", "flags", "after", "baseline", "runs"}
 OWNED_FLAGS = {"seed", "output-dir"}
 CELL_FILE = "sweep.json"
 LOG_FILE = "sweep.log"
@@ -71,6 +71,7 @@ class Variant:
     ema_label: str | None = None
     after: list[str] = field(default_factory=list)
     baseline: str | None = None  # the variant its paired differences are taken against (None: none)
+    runs: Path | None = None  # runs made elsewhere (RUNS/seed<k>, e.g. another study's variant): read, never run
 
 
 @dataclass
@@ -128,10 +129,17 @@ class Study:
         # seed-major: a sweep stopped early has every row with some seeds rather than some rows complete
         for seed in self.seeds:
             for variant in self.variants:
+                if variant.runs is not None:
+                    out.append(Cell(variant, {}, seed, variant.runs / f"seed{seed}"))
+                    continue
                 for point in points:
-                    name = "__".join([variant.name, *(f"{_slug(k)}={_slug(v)}" for k, v in point.items())])
-                    out.append(Cell(variant, point, seed, self.output_dir / name / f"seed{seed}"))
+                    out.append(Cell(variant, point, seed, self.output_dir / self.cell_name(variant.name, point)
+                                    / f"seed{seed}"))
         return out
+
+    @staticmethod
+    def cell_name(variant: str, point: Mapping[str, Any]) -> str:
+        return "__".join([variant, *(f"{_slug(k)}={_slug(v)}" for k, v in point.items())])
 
 
 def _slug(value: Any) -> str:
@@ -215,11 +223,16 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> Study:
         if baseline is not None and baseline not in variants_raw:
             raise StudyError(f"{path}: `baseline` {baseline!r} of variant {name!r} is not a variant of this study "
                              f"({', '.join(variants_raw)}); null for none")
+        runs = spec.get("runs")
+        if runs is not None and (not isinstance(runs, str) or spec.get("flags") or after or raw.get("grid")):
+            raise StudyError(f"{path}: variant {name!r}: `runs` names a directory of runs made elsewhere "
+                             "(RUNS/seed<k>/report.json); such a variant has no flags or `after` and the study no grid")
         variants.append(Variant(_slug(name), str(spec.get("label") or name),
                                 _check_flags(spec.get("flags"), f"variants.{name}.flags"),
                                 str(spec["ema_label"]) if spec.get("ema_label") else None,
                                 [_slug(a) for a in after],
-                                _slug(baseline) if baseline is not None and baseline != name else None))
+                                _slug(baseline) if baseline is not None and baseline != name else None,
+                                Path(runs).expanduser() if runs is not None else None))
     if any(set(v.after) & {w.name for w in variants if w.after} for v in variants):
         raise StudyError(f"{path}: a variant's `after` names a variant that itself waits (`after`): one level only")
     grid_raw = raw.get("grid") or {}
@@ -371,6 +384,10 @@ def run_sweep(study: Study, jobs: int = 1, dry_run: bool = False, progress: bool
     from tqdm.auto import tqdm
 
     cells = study.cells()
+    for cell in [c for c in cells if c.variant.runs is not None and read_cell_report(c.dir) is None]:
+        logger.warning("no finished run at %s (variant %s reads runs made elsewhere; the sweep does not run it)",
+                       cell.dir, cell.variant.name)
+    cells = [c for c in cells if c.variant.runs is None]
     todo = [c for c in cells if read_cell_report(c.dir) is None]
     skipped = [c.key for c in cells if c not in todo]
     for key in skipped:
@@ -390,9 +407,11 @@ def run_sweep(study: Study, jobs: int = 1, dry_run: bool = False, progress: bool
     threads = None if jobs <= 1 or "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // jobs)
     # a variant with `after:` runs once the same-seed cells it names have finished: it is queued when the
     # last of them ends (behind the cells already queued), or at once when they finished in an earlier sweep
-    def needs(cell: Cell) -> list[Path]:
-        suffix = cell.dir.parent.name[len(cell.variant.name):]  # the grid point, e.g. __epochs=8
-        return [cell.dir.parent.parent / f"{name}{suffix}" / cell.dir.name for name in cell.variant.after]
+    by_name = {v.name: v for v in study.variants}
+
+    def needs(cell: Cell) -> list[Path]:  # the same seed's (and grid point's) cells of the variants it runs after
+        return [by_name[name].runs / cell.dir.name if by_name[name].runs is not None else
+                study.output_dir / study.cell_name(name, cell.grid) / cell.dir.name for name in cell.variant.after]
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, \
             tqdm(total=len(todo), desc=f"sweep {study.title}", unit="run", disable=not progress) as bar:
@@ -631,8 +650,11 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         lines.append(f"Not measured in these cells: {', '.join(missing)}.")
     if pairs := results.get("baselines"):
         lines.append("")
-        named = (f"the baseline, {next(iter(pairs.values()))}" if len(set(pairs.values())) == 1 else
-                 "the baseline (" + "; ".join(f"{row}: {base}" for row, base in pairs.items()) + ")")
+        by_base: dict[str, list[str]] = {}
+        for row, base in pairs.items():
+            by_base.setdefault(base, []).append(row)
+        named = (f"the baseline, {next(iter(by_base))}" if len(by_base) == 1 else
+                 "its baseline (" + "; ".join(f"{base} for {', '.join(rows)}" for base, rows in by_base.items()) + ")")
         lines.append(f"Δ columns: each seed's model (or its EMA, in + WA rows) minus the same seed's model of {named}, "
                      "averaged over seeds, with the 95 % t-interval of that mean.")
     specs = sorted({a for e in results["cells"] for a in e.get("attacks", [])})

@@ -237,6 +237,18 @@ def test_after_orders_cells_threads_are_shared_and_attack_columns_are_tabled(tmp
     assert all("| student | 0.650" in p.read_text() and "old" not in p.read_text() for p in pages)
     assert pages[1].read_text().endswith("<!-- /sweep:s -->\ntail\n") and f"--update-doc {pages[1]}" in md + pages[1].read_text()
 
+    # a study can read runs made elsewhere (here: the cells above) beside its own, and pair with them
+    ext = tmp_path / "ext.yaml"
+    ext.write_text(yaml.safe_dump({"recipe": str(recipe), "seeds": [0, 1, 2], "output_dir": str(tmp_path / "ext"),
+                                   "variants": {"t": {"runs": str(out / "teacher"), "label": "old teacher"},
+                                                "s": {"runs": str(out / "student"), "baseline": "t"}}}))
+    capsys.readouterr()
+    assert cli_main(["sweep", str(ext), "--no-progress"]) == 0  # nothing to run: it never runs them
+    assert "0 run" in capsys.readouterr().out and not any((out / "teacher" / "seed1").glob("report.json"))
+    assert cli_main(["sweep", str(ext), "--report"]) == 0
+    assert "| s | 0.650 ± 0.141 (n=2) |" in (tmp_path / "ext" / "results.md").read_text()
+    assert "+0.050 [+0.050, +0.050] (n=2)" in (tmp_path / "ext" / "results.md").read_text()
+
     study["variants"]["student"]["after"] = "nobody"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     assert cli_main(["sweep", str(path)]) == 2
