@@ -654,7 +654,7 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         for row, base in pairs.items():
             by_base.setdefault(base, []).append(row)
         named = (f"the baseline, {next(iter(by_base))}" if len(by_base) == 1 else
-                 "its baseline (" + "; ".join(f"{base} for {', '.join(rows)}" for base, rows in by_base.items()) + ")")
+                 "its baseline (" + "; ".join(f"{base} for {' / '.join(rows)}" for base, rows in by_base.items()) + ")")
         lines.append(f"Δ columns: each seed's model (or its EMA, in + WA rows) minus the same seed's model of {named}, "
                      "averaged over seeds, with the 95 % t-interval of that mean.")
     specs = sorted({a for e in results["cells"] for a in e.get("attacks", [])})

@@ -202,36 +202,51 @@ def scatter_figure(rows: Sequence[Mapping[str, Any]], x: str, y: str, title: str
 
     ``rows`` are ``{"label", "metrics": {name: {"mean", "std", "n"}}}``; rows missing either metric are
     left out."""
-    fig = Figure(figsize=(6.4, 4.8), layout="tight")
+    fig = Figure(figsize=(9, 5), layout="tight")
     ax = fig.subplots()
+    _many_colors(ax, len(rows))
     for row in rows:
         mx, my = row["metrics"].get(x), row["metrics"].get(y)
         if not mx or not my or mx.get("mean") is None or my.get("mean") is None:
             continue
         ax.errorbar(mx["mean"], my["mean"], xerr=mx.get("std") or 0, yerr=my.get("std") or 0, fmt="o", capsize=4,
                     label=f"{row['label']} (n={min(mx['n'], my['n'])})")
-    ax.set(xlabel=f"{x} (mean ± std over seeds)", ylabel=f"{y} (mean ± std over seeds)", title=title)
+    ax.set(xlabel=f"{x} (mean ± std over seeds)", ylabel=f"{y} (mean ± std over seeds)")
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
+
+
+def _many_colors(ax, n: int) -> None:
+    """Past matplotlib's 10 default colours, tab20's 20 (then marker shapes), so no two rows look alike."""
+    if n > 10:
+        from cycler import cycler
+
+        from matplotlib import colormaps
+
+        colors = [colormaps["tab20"](i) for i in range(20)]
+        ax.set_prop_cycle(cycler(color=colors * 2) + cycler(marker=["o"] * 20 + ["s"] * 20))
 
 
 def band_figure(series: Mapping[str, Mapping[str, Sequence[Any]]], ylabel: str, title: str = "") -> Figure:
     """Per study row, the mean over seeds per epoch with a band of one std: ``series[label]`` is
     ``{"epoch": [...], "mean": [...], "std": [...]}``."""
-    fig = Figure(figsize=(7, 4.6), layout="tight")
+    fig = Figure(figsize=(10, 5), layout="tight")
     ax = fig.subplots()
+    _many_colors(ax, sum(1 for s in series.values() if s["epoch"]))
     for label, s in series.items():
         if not s["epoch"]:
             continue
-        line, = ax.plot(s["epoch"], s["mean"], marker="o", ms=3, label=label)
+        line, = ax.plot(s["epoch"], s["mean"], ms=3, label=label)
         lo = [m - (d or 0) for m, d in zip(s["mean"], s["std"])]
         hi = [m + (d or 0) for m, d in zip(s["mean"], s["std"])]
         ax.fill_between(s["epoch"], lo, hi, color=line.get_color(), alpha=0.2)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    ax.set(xlabel="epoch", ylabel=ylabel)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
