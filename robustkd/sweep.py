@@ -112,16 +112,17 @@ class Study:
 
     @property
     def pgd_title(self) -> str:
-        return "PGD-20" if self.pgd_metric == "pgd20" else self.pgd_metric
+        return self.attack_columns.get(self.pgd_metric) or ("PGD-20" if self.pgd_metric == "pgd20" else self.pgd_metric)
 
     def columns(self) -> list[tuple[str, str]]:
         """(key, title) of the table's columns: clean, the PGD column, any ``attack_columns``, the rest, and the
         paired differences to the baseline when variants have one."""
-        extra = [(f"attack:{spec}", title) for spec, title in self.attack_columns.items()]
+        extra = [(f"attack:{spec}", title) for spec, title in self.attack_columns.items() if spec != self.pgd_metric]
         paired = ([("delta_clean", "Δ clean vs baseline (95 % CI)"), ("delta_pgd20", f"Δ {self.pgd_title} vs baseline "
                                                                                      "(95 % CI)")]
                   if any(v.baseline for v in self.variants) else [])
-        return [METRICS[0], ("pgd20", self.pgd_title), *extra, *METRICS[2:], *paired]
+        rest = [(k, f"consistency ({self.pgd_title} agreement)" if k == "consistency" else t) for k, t in METRICS[2:]]
+        return [METRICS[0], ("pgd20", self.pgd_title), *extra, *rest, *paired]
 
     def cells(self) -> list[Cell]:
         out = []
