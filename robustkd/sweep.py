@@ -416,12 +416,11 @@ def run_sweep(study: Study, jobs: int = 1, dry_run: bool = False, progress: bool
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, \
             tqdm(total=len(todo), desc=f"sweep {study.title}", unit="run", disable=not progress) as bar:
-        running = {id(c): c.dir for c in todo}
+        pending = {c.dir for c in todo}  # cells this sweep has still to finish (queued, running or waiting)
         waiting = list(todo)
         futures: dict[Future, Cell] = {}
 
         def submit_ready() -> None:
-            pending = set(running.values())
             for cell in list(waiting):
                 deps = needs(cell)
                 if pending.intersection(deps):
@@ -432,7 +431,7 @@ def run_sweep(study: Study, jobs: int = 1, dry_run: bool = False, progress: bool
                     failed.append((cell.key, -1, cell.dir / LOG_FILE))
                     logger.warning("NOT RUN %s: it runs after %s, which has no finished report", cell.key,
                                    ", ".join(f"{d.parent.name}/{d.name}" for d in missing))
-                    running.pop(id(cell), None)
+                    pending.discard(cell.dir)
                 else:
                     futures[pool.submit(_run_cell, study, cell, threads)] = cell
 
@@ -442,7 +441,7 @@ def run_sweep(study: Study, jobs: int = 1, dry_run: bool = False, progress: bool
             for future in done:
                 cell, rc, seconds = future.result()
                 del futures[future]
-                running.pop(id(cell), None)
+                pending.discard(cell.dir)
                 bar.update(1)
                 if rc is None:
                     skipped.append(cell.key)
