@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from robustkd.extras import require
 from torch.utils.data import Dataset
 
 from robustkd.registry import MODELS, register_task
@@ -48,7 +50,7 @@ def read_wav(path: str | Path, *, sample_rate: int | None = None, resample: bool
     Refuses, naming the file: unreadable/corrupt files, files without samples, multi-channel
     files (unless ``downmix``), and a rate other than ``sample_rate`` unless ``resample``.
     """
-    import soundfile as sf
+    sf = require("soundfile", "speech", "reading audio files")
 
     path = Path(path)
     try:
@@ -70,7 +72,7 @@ def read_wav(path: str | Path, *, sample_rate: int | None = None, resample: bool
             raise AudioDataError(f"audio file {path} is sampled at {rate} Hz but the task expects {sample_rate} Hz: "
                                  f"build the task with resample=True (--resample) to convert it, or choose "
                                  f"sample_rate={rate}")
-        import torchaudio.functional as AF
+        AF = require("torchaudio.functional", "speech", "resampling audio")
 
         wave = AF.resample(wave, rate, sample_rate)
         rate = sample_rate
@@ -169,6 +171,7 @@ class SpeechClassification(ContinuousTask):
     def __init__(self, name: str, classes: Sequence[str], *, sample_rate: int | None, clip_seconds: float = 1.0,
                  resample: bool = False, downmix: bool = False, snr_db: float = 30.0, eps: float = 0.002,
                  norm: str = "linf", cache_dir: str | None = None):
+        require("soundfile", "speech", f"the {name} task")  # before any work: one line naming the extra
         self.name, self.classes = name, list(classes)
         self.num_classes = len(self.classes)
         self.sample_rate, self.clip_seconds = sample_rate, float(clip_seconds)
@@ -318,7 +321,7 @@ class SpeechCommands(SpeechClassification):
         if not self.download:
             raise DataNotFoundError(f"no Speech Commands at {self.path}: pass --data-dir ROOT holding "
                                     f"SpeechCommands/{self.version}/ (torchaudio's layout), or allow the download")
-        from torchaudio.datasets import SPEECHCOMMANDS
+        SPEECHCOMMANDS = require("torchaudio.datasets", "speech", "Speech Commands").SPEECHCOMMANDS
 
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -330,7 +333,7 @@ class SpeechCommands(SpeechClassification):
                 "(torchaudio's SPEECHCOMMANDS layout). robustkd never substitutes other data.") from exc
 
     def split_files(self, split: str) -> tuple[list[Path], list[int], list[dict]]:
-        from torchaudio.datasets import SPEECHCOMMANDS
+        SPEECHCOMMANDS = require("torchaudio.datasets", "speech", "Speech Commands").SPEECHCOMMANDS
 
         if split not in SC_SPLITS:
             raise ValueError(f"Speech Commands has the splits train, validation and test, not {split!r}")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustkd.extras import require
 from robustkd.registry import register_model
 
 
@@ -39,7 +40,7 @@ class LogMel(nn.Module):
     def __init__(self, sample_rate: int, n_mels: int = 40, win_ms: float = 25.0, hop_ms: float = 10.0,
                  standardize: bool = True):
         super().__init__()
-        import torchaudio
+        torchaudio = require("torchaudio", "speech", "the mel_cnn model's log-mel front-end")
 
         win = int(round(sample_rate * win_ms / 1000))
         n_fft = 2 ** math.ceil(math.log2(win))
@@ -130,7 +131,7 @@ class Wav2Vec2Classifier(nn.Module):
 
 
 def _w2v2_architecture(arch: str | dict[str, Any]) -> nn.Module:
-    import torchaudio.models as tm
+    tm = require("torchaudio.models", "speech", "the wav2vec2 model")
 
     if isinstance(arch, dict):  # explicit wav2vec2_model(...) arguments (custom or tiny test encoders)
         return tm.wav2vec2_model(**{**arch, "aux_num_out": None})
@@ -168,7 +169,8 @@ def load_wav2vec2_encoder(weights: str | Path, arch: str | dict[str, Any] = "bas
     if path.is_dir():
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is a folder without config.json: not a Hugging Face Wav2Vec2 model")
-        from torchaudio.models.wav2vec2.utils import import_huggingface_model
+        import_huggingface_model = require("torchaudio.models.wav2vec2.utils", "speech",
+                                           "the wav2vec2 model").import_huggingface_model
         from transformers import Wav2Vec2Model as HFWav2Vec2Model
 
         return import_huggingface_model(HFWav2Vec2Model.from_pretrained(str(path), local_files_only=True))

@@ -359,10 +359,12 @@ class TextAttackAdapter(Attack):
                  batch_size: int = 32, keep_examples: int = 50):
         super().__init__(task)
         self.recipe = _recipe_key(recipe)
+        from ..extras import require
+
+        require("textattack.attack_recipes", "text", f"the textattack:{self.recipe} attack")  # fails early
         missing = missing_resources(self.recipe)
         if missing:
             raise ResourceMissingError(_resource_message(self.recipe, missing))
-        import textattack.attack_recipes as recipes  # noqa: F401 - fails early if TextAttack is missing
 
         self.query_budget, self.batch_size, self.keep_examples = query_budget, batch_size, keep_examples
         self.records: list[dict[str, Any]] = []

@@ -172,7 +172,9 @@ def resolve_attacks(specs: list[str] | tuple[str, ...], task: Task, **defaults: 
             raise ValueError(msg if spec in msg else f"bad attack spec {spec!r}: {msg}") from exc
     for spec in text_specs:
         from ..attacks.text import missing_resources
+        from ..extras import require
 
+        require("textattack", "text", f"the attack {spec!r}")  # before any work
         recipe = spec.split(":", 1)[1] if ":" in spec else ""
         missing = missing_resources(recipe)  # an unknown recipe raises ValueError naming the known ones
         if missing:

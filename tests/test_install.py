@@ -1,0 +1,110 @@
+"""What a fresh install gives: the core without any extra, and one clear line when an extra is missing.
+
+The extras are simulated as absent by putting ``None`` in ``sys.modules`` (an import then fails as it
+does when the package is not installed) in a child process that runs the entry point a user runs.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _project() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def _name(req: str) -> str:
+    import re
+
+    return re.split(r"[\s<>=!~\[;]", req, maxsplit=1)[0].lower()
+
+
+def test_core_dependencies_are_ranges_without_any_modality_extra():
+    deps = _project()["dependencies"]
+    names = {_name(d) for d in deps}
+    assert not names & {"torchaudio", "soundfile", "textattack", "robustbench", "peft", "pyarrow"}
+    assert all("==" not in d for d in deps), "the core takes ranges with a tested minimum, not exact pins"
+    transformers = next(d for d in deps if _name(d) == "transformers")
+    assert "<5" not in transformers.replace(" ", ""), "the transformers < 5 cap belongs to the text extra only"
+    extras = _project()["optional-dependencies"]
+    assert {_name(d) for d in extras["speech"]} == {"torchaudio", "soundfile"}
+    assert "textattack" in {_name(d) for d in extras["text"]}
+    assert any(_name(d) == "transformers" and "<5" in d.replace(" ", "") for d in extras["text"])
+
+
+def test_version_has_one_source():
+    import importlib.metadata
+
+    import robustkd
+
+    assert "version" in _project()["dynamic"] and "version" not in _project()
+    assert importlib.metadata.version("robustkd") == robustkd.__version__
+
+
+def test_ci_installs_from_the_committed_lock():
+    lock = (REPO / ".ci" / "constraints.txt").read_text().splitlines()
+    pins = {line.split("==")[0].lower(): line.split("==")[1] for line in lock if "==" in line}
+    for pkg in ("torch", "torchvision", "torchaudio", "transformers", "timm", "accelerate"):
+        assert pkg in pins, f"{pkg} is not pinned in .ci/constraints.txt"
+    assert "-c .ci/constraints.txt" in (REPO / ".ci" / "run").read_text()
+
+
+def _run_without(modules: list[str], code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    prelude = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in modules)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", prelude + code], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_robustkd_list_works_without_the_speech_and_text_extras(tmp_path):
+    done = _run_without(["torchaudio", "soundfile", "textattack"],
+                        "from robustkd.cli import main; sys.exit(main(['list']))", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "fsdd" in done.stdout and "cifar10" in done.stdout
+
+
+def test_speech_recipe_without_the_speech_extra_is_one_line_naming_the_install(tmp_path, shared):
+    code = ("import runpy; sys.argv = ['speech_adr.py', '--data-dir', {data!r}, '--epochs', '1', '--output-dir', "
+            "'out']; runpy.run_path({recipe!r}, run_name='__main__')").format(
+        data=str(shared / "data" / "fsdd"), recipe=str(REPO / "recipes" / "speech_adr.py"))
+    done = _run_without(["torchaudio", "soundfile"], code, tmp_path)
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and '.[speech]' in lines[0], lines
+    assert not (tmp_path / "out").exists(), "refused before any work"
+
+
+def test_sst2_recipe_without_the_text_extra_is_one_line_naming_the_install(tmp_path, shared):
+    code = ("import runpy; sys.argv = ['sst2_adr.py', '--model', {model!r}, '--data-dir', {data!r}, '--epochs', '1', "
+            "'--output-dir', 'out']; runpy.run_path({recipe!r}, run_name='__main__')").format(
+        model=str(shared / "models" / "all-MiniLM-L6-v2"), data=str(shared / "data" / "sst2" / "data"),
+        recipe=str(REPO / "recipes" / "sst2_adr.py"))
+    done = _run_without(["textattack"], code, tmp_path)
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1, done.stderr
+    assert '.[text]' in lines[0], lines
+    assert not (tmp_path / "out").exists(), "refused before any work"
+
+
+@pytest.mark.parametrize("module", ["torchaudio", "soundfile"])
+def test_require_names_the_extra(module):
+    from robustkd.extras import MissingExtraError, require
+
+    saved = sys.modules.get(module)
+    sys.modules[module] = None  # type: ignore[assignment]
+    try:
+        with pytest.raises(MissingExtraError, match=r'pip install -e "\.\[speech\]"'):
+            require(module, purpose="the test")
+    finally:
+        if saved is None:
+            sys.modules.pop(module, None)
+        else:
+            sys.modules[module] = saved
