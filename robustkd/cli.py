@@ -10,67 +10,80 @@ Known user errors (missing data or checkpoint, unknown attack, mismatched model)
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-EXIT_USER_ERROR = 2
-EXIT_SANITY_FAILED = 3
+from .console import EXIT_INTERRUPTED, EXIT_SANITY_FAILED, EXIT_USER_ERROR, HelpFormatter, configure_logging
+
+__all__ = ["EXIT_SANITY_FAILED", "EXIT_USER_ERROR", "build_parser", "configure_logging", "main"]
 
 
 # -- eval ----------------------------------------------------------------------------------------
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a trained model: robustness, calibration, consistency, sanity checks",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Evaluate a recipe's output directory and write report.json, PNG plots and "
-                                   "report.html. Exit status 3 when a sanity check fails.")
+                       formatter_class=HelpFormatter,
+                       description="Evaluate a model and write report.json, PNG plots and report.html to --output-dir. "
+                                   "A recipe's run folder is evaluated through its EMA (weight-averaged) copy when the "
+                                   "run kept one, else its student (--which chooses); a run that has not finished "
+                                   "(no final weights) is evaluated from its last checkpoint, which is said. Exit "
+                                   "status 2 for bad input, 3 when a sanity check fails (the report is written).")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a recipe's --output-dir (robustkd.json + model weights)")
+    source.add_argument("--checkpoint", metavar="RUN", help="a recipe's --output-dir (finished or not), or one of its "
+                        "checkpoints, RUN/checkpoints/epoch-N")
     source.add_argument("--model", help="a pretrained model the task loads: autoattack-example:resnet18, "
                         "robustbench:NAME (robustbench:L2/NAME), ARCH:WEIGHTS.pt (e.g. preact_resnet18:w.pt), "
-                        "timm:NAME, a Hugging Face model directory; needs --task")
-    p.add_argument("--model-dir", default=None, help="where RobustBench models live (MODEL_DIR/<dataset>/<threat>/"
-                   "<name>.pt, RobustBench's layout); offline, a missing file is an error naming it")
-    p.add_argument("--no-normalize", action="store_true", help="ARCH:WEIGHTS.pt: the weights expect raw [0, 1] "
-                   "pixels (no standardisation layer in front)")
+                        "timm:NAME, a Hugging Face model directory (image or text classifier); needs --task")
+    p.add_argument("--model-dir", default=None, help="robustbench:NAME only: where RobustBench models live "
+                   "(MODEL_DIR/<dataset>/<threat>/<name>.pt, RobustBench's layout); offline, a missing file is an "
+                   "error naming it")
+    p.add_argument("--no-normalize", action="store_true", help="ARCH:WEIGHTS.pt only: the weights expect raw "
+                   "[0, 1] pixels (no standardisation layer in front)")
     p.add_argument("--robustbench", action="store_true", help="RobustBench's leaderboard protocol: AutoAttack "
                    "standard at the leaderboard budget (--threat-model) on the first --max-eval-samples test points "
                    "(default: all 10,000); finished batches are kept under --output-dir, so a rerun resumes")
-    p.add_argument("--threat-model", default="Linf", choices=["Linf", "L2"], help="with --robustbench / robustbench:")
-    p.add_argument("--task", default=None, help="task name; default: the one recorded in the checkpoint")
-    p.add_argument("--data-dir", default=None, help="local data; default: the one recorded in the checkpoint")
+    p.add_argument("--threat-model", default=None, choices=["Linf", "L2"], help="with --robustbench or "
+                   "robustbench:NAME: the leaderboard (default: Linf)")
+    p.add_argument("--task", default=None, help="task name (robustkd list tasks); default: the one the run recorded")
+    p.add_argument("--data-dir", default=None, help="local data; default: the one the run recorded")
     p.add_argument("--attacks", default=None, help="comma-separated attack specs, e.g. pgd20,autoattack or "
                    "pgd:steps=50,eps=4/255,autoattack (options after ':' belong to their attack; ';' also "
-                   "separates); default: the task's evaluation attacks")
-    p.add_argument("--split", default="test")
-    p.add_argument("--max-eval-samples", type=int, default=None, help="a seeded random subset of the split")
-    p.add_argument("--batch-size", type=int, default=128)
+                   "separates); default: the task's evaluation attacks (images: pgd20,autoattack)")
+    p.add_argument("--split", default="test", help="which split of the data to evaluate on")
+    p.add_argument("--max-eval-samples", type=int, default=None, help="evaluate a random subset of this many "
+                   "examples of the split, drawn with --seed (default: the whole split)")
+    p.add_argument("--batch-size", type=int, default=128, help="examples per forward/attack batch: memory, "
+                   "not results (the random starts are seeded per batch)")
     p.add_argument("--output-dir", required=True, help="where report.json, the PNGs and report.html go")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the subset of --max-eval-samples and the attacks' "
+                   "random starts: the same seed gives the same numbers")
     p.add_argument("--which", default="auto", choices=["auto", "student", "ema"],
-                   help="which weights: auto takes the EMA model when the run kept one")
+                   help="--checkpoint only: which weights; auto takes the EMA copy when the run kept one, else the "
+                        "student")
     p.add_argument("--curve-steps", type=int, default=10, help="PGD steps per budget of the accuracy-vs-budget curve")
     p.add_argument("--curve-factors", default=None,
-                   help="budgets of the curve as multiples of the task's default, e.g. 0,0.5,1,2,4")
+                   help="budgets of the curve as multiples of the task's default (default: 0,0.25,0.5,1,1.5,2,4)")
     p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from .checkpoint import read_meta
-    from .eval.curves import DEFAULT_FACTORS
+    from .checkpoint import check_writable, checkpoint_meta, load_training_checkpoint, read_meta, training_checkpoint
     from .eval.schema import load_history
     from .eval.suite import load_checkpoint, run_evaluation, split_attack_specs
     from .registry import TASKS
 
-    from .checkpoint import check_writable
-
     check_writable(args.output_dir)  # a file, read-only or full location fails now, not after the evaluation
-    meta = read_meta(args.checkpoint) if args.checkpoint else {}
+    if args.checkpoint:
+        for flag, given in (("--model-dir", args.model_dir), ("--no-normalize", args.no_normalize),
+                            ("--threat-model", args.threat_model and not args.robustbench)):
+            if given:
+                raise ValueError(f"{flag} goes with --model (a pretrained model), not with --checkpoint: drop it")
+    elif args.which != "auto":
+        raise ValueError("--which chooses the weights of a --checkpoint run; a --model has one set: drop --which")
+    ckpt = training_checkpoint(args.checkpoint) if args.checkpoint else None
+    meta = (checkpoint_meta(ckpt) if ckpt is not None else read_meta(args.checkpoint)) if args.checkpoint else {}
     task_name = args.task or meta.get("task")
     if not task_name:
         raise ValueError("--model needs --task (e.g. --task cifar10 --data-dir DIR)" if args.model else
@@ -83,18 +96,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     attacks = split_attack_specs(args.attacks) if args.attacks else None
     if args.robustbench:
         attacks, loader = robustbench_protocol(args, task)
+    history = None
     if args.model:
         model, which = load_pretrained_model(task, args.model, args.model_dir, args.threat_model,
-                                             normalize=False if args.no_normalize else None), None
+                                             no_normalize=args.no_normalize), None
         model_meta = {"name": args.model, "which": None, "pretrained": args.model,
                       **({"source": model.robustkd_source} if hasattr(model, "robustkd_source") else {})}
+    elif ckpt is not None:
+        model, which, history = load_training_checkpoint(ckpt, task, args.which)
+        epoch = meta.get("checkpoint_epoch")
+        print(f"{args.checkpoint}: evaluating the training checkpoint {ckpt} (epoch {epoch} of "
+              f"{meta.get('epochs')}, {'EMA copy' if which == 'ema' else 'student'})"
+              + ("" if Path(args.checkpoint).expanduser() == ckpt else ": the run has no final weights (not finished)"),
+              file=sys.stderr)
+        model_meta = {"name": meta.get("model", type(model).__name__), "checkpoint": str(ckpt), "which": which,
+                      "method": meta.get("method"), "epochs": epoch, "planned_epochs": meta.get("epochs"),
+                      **({"preset": meta["preset"]} if meta.get("preset") else {})}
     else:
         model, which = load_checkpoint(args.checkpoint, task, args.which)
+        history = load_history(args.checkpoint)
         model_meta = {"name": meta.get("model", type(model).__name__), "checkpoint": str(Path(args.checkpoint)),
                       "which": which, "method": meta.get("method"), "epochs": meta.get("epochs"),
                       **({"preset": meta["preset"]} if meta.get("preset") else {})}
+        if which == "ema":
+            print(f"evaluating the run's EMA copy ({args.checkpoint}/ema.safetensors); --which student for the student",
+                  file=sys.stderr)
     # under `accelerate launch` / torchrun this joins the process group: the points are split over processes
+    import torch
     from accelerate import PartialState
+
+    from .eval.curves import DEFAULT_FACTORS
 
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     device = state.device
@@ -102,7 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ev = run_evaluation(
         task, model, attacks, loader=loader, split=args.split, max_samples=args.max_eval_samples,
         batch_size=args.batch_size, seed=args.seed, device=device, curve_factors=factors, curve_steps=args.curve_steps,
-        output_dir=args.output_dir, history=load_history(args.checkpoint) if args.checkpoint else None,
+        output_dir=args.output_dir, history=history,
         data_dir=data_dir, model_meta=model_meta, progress=not args.no_progress)
     if not state.is_main_process:
         return 0  # the main process reports (and sets the exit status; a launcher turns 3 into its own failure)
@@ -111,12 +142,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0 if ev.passed else EXIT_SANITY_FAILED
 
 
-def load_pretrained_model(task, spec: str, model_dir: str | None, threat_model: str, normalize: bool | None):
-    """``task.load_pretrained(spec)`` or a clear error when the task does not know the spec."""
-    options = {"model_dir": model_dir, "threat_model": threat_model}
-    if normalize is not None:
-        options["normalize"] = normalize
-    model = task.load_pretrained(spec, **options)
+def load_pretrained_model(task, spec: str, model_dir: str | None, threat_model: str | None,
+                          normalize: bool | None = None, no_normalize: bool = False):
+    """``task.load_pretrained(spec)`` with only the options the user gave, or a clear error when the task
+    does not know the spec or the spec takes none of them."""
+    options = {k: v for k, v in (("model_dir", model_dir), ("threat_model", threat_model)) if v is not None}
+    if normalize is not None or no_normalize:
+        options["normalize"] = False if no_normalize else normalize
+    try:
+        model = task.load_pretrained(spec, **options)
+    except TypeError as exc:
+        if not options:
+            raise
+        flags = ", ".join({"model_dir": "--model-dir", "threat_model": "--threat-model",
+                           "normalize": "--no-normalize"}[k] for k in options)
+        raise ValueError(f"the model {spec!r} of task {task.name!r} takes no {flags}: drop it ({exc})") from exc
     if model is None:
         raise ValueError(f"the task {task.name!r} does not know the model {spec!r}: pass autoattack-example:resnet18, "
                          "robustbench:NAME, ARCH:WEIGHTS.pt, timm:NAME or a Hugging Face model directory "
@@ -131,6 +171,7 @@ def robustbench_protocol(args: argparse.Namespace, task):
 
     from .robustbench import PROTOCOL
 
+    args.threat_model = args.threat_model or "Linf"
     key = (task.name, args.threat_model)
     if key not in PROTOCOL:
         raise ValueError(f"RobustBench has no {args.threat_model} leaderboard for {task.name!r}; leaderboards: "
@@ -188,7 +229,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 # -- sweep ---------------------------------------------------------------------------------------
 def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="run a study (variants x grid x seeds of a recipe), resumably; --report "
-                       "aggregates it", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       "aggregates it", formatter_class=HelpFormatter,
                        description="Run every unfinished cell of a study file (one recipe run per cell, each an "
                                    "ordinary run directory under the study's output_dir); finished cells are "
                                    "skipped and interrupted ones resume. With --report, aggregate the cells' "
@@ -428,9 +469,12 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 # -- the parser ----------------------------------------------------------------------------------
+from .fidelity import add_fidelity_parser  # noqa: E402  (robustkd fidelity: the reference comparison)
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_eval_parser, add_compare_parser,
                                                                   add_list_parser, add_presets_parser, add_export_parser,
-                                                                  add_push_parser, add_sweep_parser]
+                                                                  add_push_parser, add_sweep_parser,
+                                                                  add_fidelity_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -445,17 +489,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    """Show robustkd's library messages (Accelerate's logger; main process only) on stderr, once per process.
-    For entry points (this CLI, the recipes); a library user configures ``logging`` as they like."""
-    root = logging.getLogger("robustkd")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        root.addHandler(handler)
-    root.setLevel(level)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``robustkd`` console script; returns the exit status."""
     from .registry import RegistryError
@@ -465,6 +498,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"error: interrupted: robustkd {args.command} stopped before it finished (run it again; a sweep "
+              "and --robustbench continue where they stopped)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (DataNotFoundError, FileNotFoundError, RegistryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -152,6 +152,16 @@ class Task(ABC):
     def logits(self, model: nn.Module, batch: Batch, delta: Tensor | None = None) -> Tensor:
         """Run any model (student or teacher) on the batch, optionally perturbed by ``delta``."""
 
+    def point_batch(self, batch: Batch, point: Tensor) -> Batch | None:
+        """``batch`` with its attack-space input replaced by ``point``, the perturbed input itself, or
+        ``None`` when the attack space is not an input the batch holds (token embeddings).
+
+        Attacks that keep the perturbed point, as the reference attacks of ADR, TRADES and MTARD do,
+        evaluate and return ``Adversarial(task.point_batch(batch, point), None)``: the model then sees
+        exactly that point, where ``x + (point - x)`` can differ from it in the last bit. Attacks on a
+        task that returns ``None`` hand it an offset ``delta`` (:meth:`logits`)."""
+        return None
+
     # -- threat models and attacks --------------------------------------------------------
     @abstractmethod
     def threat_model(self, eps: float | None = None, norm: str | None = None, **kwargs: Any) -> ThreatModel:
@@ -170,3 +180,7 @@ class ContinuousTask(Task):
     def logits(self, model: nn.Module, batch: Batch, delta: Tensor | None = None) -> Tensor:
         x = batch["inputs"]
         return model(x if delta is None else x + delta)
+
+    def point_batch(self, batch: Batch, point: Tensor) -> Batch | None:
+        """The batch with ``inputs`` replaced by the perturbed point (pixels, waveforms)."""
+        return {**batch, "inputs": point}
