@@ -51,8 +51,6 @@ class DataArgs:
                       "fsdd, ...)")
     data_dir: Optional[str] = _f(None, "local copy of the data (needed offline); without it the task loads its hub "
                                  "data set and fails at once, with this hint, when there is no network")
-    max_train_samples: Optional[int] = _f(None, "train on a seeded random subset of this many examples")
-    max_eval_samples: Optional[int] = _f(None, "evaluate on a seeded random subset of this many examples")
     task_kwargs: Optional[str] = _f(None, 'JSON options for the task, e.g. \'{"drop_empty": true}\', '
                                     '\'{"image_column": "img"}\', \'{"downmix": true}\', \'{"encoding": "latin-1"}\'')
 
@@ -69,12 +67,7 @@ class ModelArgs:
                                       '\'{"tau": [2.5, 2.0], "lam": [0.7, 0.95]}\' for adr')
     beta: float = _f(6.0, "TRADES' robustness weight (trades, adr_trades)")
     awp: bool = _f(False, "add adversarial weight perturbation (Wu et al. 2020)")
-    awp_gamma: float = _f(5e-3, "AWP's relative weight-perturbation size")
-    awp_warmup: int = _f(0, "epochs before AWP starts")
-    ema_decay: Optional[float] = _f(None, "keep an EMA (weight-averaged) model with this decay; methods that need "
-                                    "one (ADR) use 0.995 by default")
-    ema_warmup: bool = _f(False, "ramp the EMA decay as timm does, min(decay, (1+t)/(10+t)), so short runs get a "
-                          "useful teacher (not in ADR's reference)")
+    awp_gamma: float = _f(5e-3, "AWP's relative weight-perturbation size (with --awp)")
     clean_teacher: Optional[str] = _f(None, "MTARD: the naturally trained teacher: a recipe --output-dir, "
                                       "timm:<name>, a Hugging Face model directory, or what the task loads by "
                                       "name (images: autoattack-example:resnet18, robustbench:NAME, ARCH:WEIGHTS.pt)")
@@ -101,66 +94,50 @@ class ThreatArgs:
     attack_loss: Optional[str] = _f(None, "objective the training attack maximises: ce, kl (default: the method's)")
     attack_mode: Optional[Literal["train", "eval"]] = _f(None, "mode the model is in while the training attack "
                                                          "runs (default: the method's)")
-    eval_attacks: str = _f("pgd20", "attacks evaluated every --eval-every epochs (specs: pgd20, pgd:steps=50, fgsm, "
-                           "autoattack, ...; ',' or ';' separated)")
     final_attacks: str = _f("pgd20,autoattack", "attacks of the final report")
-
-
-@dataclass
-class OptimArgs:
-    _argument_group_name = "optimisation"
-    epochs: int = _f(200, "training epochs")
-    batch_size: int = _f(128, "training batch size (per process)")
-    eval_batch_size: int = _f(256, "evaluation batch size")
-    drop_last: bool = _f(False, "drop the last partial training batch of each epoch")
-    optimizer: Literal["sgd", "adamw"] = _f("sgd", "optimizer")
-    lr: float = _f(0.1, "learning rate")
-    momentum: float = _f(0.9, "SGD momentum")
-    nesterov: bool = _f(False, "Nesterov momentum (ADR's reference SGD uses it; give --nesterov false to turn a "
-                        "preset's off)")
-    weight_decay: float = _f(5e-4, "weight decay")
-    lr_schedule: Literal["multistep", "cosine", "constant"] = _f("multistep", "LR schedule")
-    milestones: Optional[str] = _f(None, "LR decay epochs, comma-separated (default: 50%%,75%% of --epochs)")
-    lr_gamma: float = _f(0.1, "LR factor at each milestone")
-    lr_warmup_epochs: float = _f(0, "linear LR warm-up epochs before the schedule")
-    lr_warmup_init: Optional[float] = _f(None, "LR at the start of the warm-up")
-    lr_min: Optional[float] = _f(None, "the cosine schedule's final LR")
-    grad_accum: int = _f(1, "gradient accumulation steps")
-    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = _f(None, "mixed precision (default: Accelerate's "
-                                                                  "setting, e.g. accelerate launch --mixed_precision)")
 
 
 @dataclass
 class RunArgs:
     _argument_group_name = "run"
-    output_dir: str = _f("runs/robustkd", "where the run writes its checkpoints, config.yaml and report.json")
-    seed: int = _f(0, "random seed")
-    eval_every: int = _f(1, "evaluate every N epochs (0: only at the end)")
     curve_steps: int = _f(10, "PGD steps per budget of the final report's accuracy-vs-budget curve")
-    resume: bool = _f(False, "continue from the last checkpoint in --output-dir")
-    overwrite: bool = _f(False, "--output-dir holds another run: move it aside to NAME.old-<time> (never deleted) "
-                         "and start afresh")
-    max_nonfinite_steps: int = _f(0, "skip up to N steps whose loss is not finite (normal with fp16); 0: stop at "
-                                  "the first, keeping the last good checkpoint")
-    log_with: Optional[str] = _f(None, "log metrics to an Accelerate tracker: tensorboard (pip install "
-                                 "'robustkd[tensorboard]'; logs under --output-dir) or wandb (pip install "
-                                 "'robustkd[wandb]')")
-    run_name: Optional[str] = _f(None, "the tracker run's name (default: the --output-dir's name)")
-    tags: Optional[str] = _f(None, "comma-separated tracker tags (wandb)")
-    cpu: bool = _f(False, "force CPU even when a GPU is present")
     no_progress: bool = _f(False, "hide progress bars")
 
 
+def _with_trainer_settings(base: type, group: str) -> type:
+    """``base``'s flags plus the :class:`~robustkd.trainer.TrainConfig` fields declared in ``group``: the
+    trainer's settings are declared once, in ``TrainConfig``, and become flags here (same name, help and
+    default; ``flag_type`` where the flag parses text, e.g. ``--milestones 100,150``)."""
+    import typing
+    from dataclasses import make_dataclass
+
+    from .trainer import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    specs = []
+    for f in fields(TrainConfig):
+        md = f.metadata
+        if md.get("group") != group or not md.get("flag", True):
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        if isinstance(default, list):
+            default = ",".join(map(str, default)) or None
+        specs.append((f.name, md.get("flag_type") or hints[f.name],
+                      field(default=default, metadata={"help": md["help"]})))
+    return make_dataclass(base.__name__, specs, bases=(base,), namespace={"_argument_group_name": group})
+
+
 @dataclass
-class SpeedArgs:
-    _argument_group_name = "speed (docs/performance.md)"
-    compile: bool = _f(False, "torch.compile the student (the model the attack and the update both use); the "
-                       "first steps compile (minutes on a CPU)")
-    channels_last: bool = _f(False, "channels-last (NHWC) memory format for the models and image batches (a GPU "
-                             "mode)")
-    tf32: bool = _f(False, "TF32 matmuls and convolutions on Ampere+ GPUs (no effect elsewhere)")
-    num_workers: int = _f(0, "data-loader worker processes")
-    pin_memory: bool = _f(False, "page-locked batches, copied to the GPU without blocking")
+class _Group:
+    """A group with no flags of its own: all of its settings are the trainer's."""
+
+
+DataArgs = _with_trainer_settings(DataArgs, "data")
+ModelArgs = _with_trainer_settings(ModelArgs, "model and method")
+ThreatArgs = _with_trainer_settings(ThreatArgs, "threat model and attacks")
+OptimArgs = _with_trainer_settings(type("OptimArgs", (_Group,), {}), "optimisation")
+SpeedArgs = _with_trainer_settings(type("SpeedArgs", (_Group,), {}), "speed (docs/performance.md)")
+RunArgs = _with_trainer_settings(RunArgs, "run")
 
 
 @dataclass
@@ -173,10 +150,13 @@ class ConfigArgs:
 
 
 COMMON = (DataArgs, ModelArgs, ThreatArgs, OptimArgs, SpeedArgs, RunArgs, ConfigArgs)
+#: Defaults of every recipe that differ from the trainer's own (a recipe's run is the paper's length).
+RECIPE_DEFAULTS: dict[str, Any] = {"epochs": 200}
 #: Fields that say how to configure, not what to run (never recorded as settings).
 CONTROL = ("preset", "config", "print_config")
 #: Settings of a method (taken from a preset only while the run keeps the preset's method).
-METHOD_BOUND = ("method_kwargs", "attack_random_start", "attack_init_std", "attack_loss", "attack_mode")
+METHOD_BOUND = ("method_kwargs", "attack_random_start", "attack_init_std", "attack_loss", "attack_mode", "ema_decay",
+                "ema_warmup")
 
 
 @dataclass
@@ -209,8 +189,9 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(recipe.dataclasses, description=recipe.description,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    shown = dict(recipe.defaults)  # --help shows the values a run starts from
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              allow_abbrev=False)  # --epoch is a typo, never taken for --epochs
+    shown = {**RECIPE_DEFAULTS, **recipe.defaults}  # --help shows the values a run starts from
     if recipe.default_preset:
         from .presets import get_preset
 
@@ -253,6 +234,59 @@ def _load_file(path: str, known: dict[str, Any]) -> tuple[dict[str, Any], str | 
         raise ConfigError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; known: "
                           f"{', '.join(sorted(set(known) - set(CONTROL)))}")
     return {k: v for k, v in data.items() if k not in CONTROL}, preset
+
+
+def _check_types(values: dict[str, Any], recipe: Recipe, where: str) -> None:
+    """Refuse a value of the wrong type in a config file (a string where a number goes, a quoted
+    boolean, a float where an integer goes), naming the setting, what it takes and the fix."""
+    import typing
+
+    hints: dict[str, Any] = {}
+    for dc in recipe.dataclasses:
+        hints.update(typing.get_type_hints(dc))
+    listy = {"milestones", "eval_attacks", "final_attacks", "tags"}
+    dicty = {"model_kwargs", "method_kwargs", "task_kwargs"}
+    for key, value in values.items():
+        hint = hints.get(key)
+        if hint is None or value is None:
+            continue
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+        if typing.get_origin(base) is Literal:
+            choices = typing.get_args(base)
+            if value not in choices:
+                raise ConfigError(f"{where}: {key} must be one of {', '.join(map(str, choices))} (got {value!r})")
+            continue
+        ok = True
+        if base is bool:
+            ok = isinstance(value, bool)
+            takes = "true or false (unquoted)"
+        elif base is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            takes = "a whole number"
+        elif base is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            takes = "a number"
+        elif base is str:
+            ok = (isinstance(value, (str, int, float)) and not isinstance(value, bool)) or \
+                (key in listy and isinstance(value, list)) or (key in dicty and isinstance(value, dict))
+            takes = "a list or comma-separated text" if key in listy else \
+                "a mapping or JSON text" if key in dicty else "text"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"{where}: {key} takes {takes}, got {type(value).__name__} {value!r}: fix the value "
+                              f"(e.g. {key}: {_example(base, key, listy)})")
+
+
+def _example(base: Any, key: str, listy: set[str]) -> str:
+    if base is bool:
+        return "false"
+    if base is int:
+        return "10"
+    if base is float:
+        return "0.1"
+    return "[100, 150]" if key == "milestones" else "pgd20" if key in listy else "'...'"
 
 
 def _as_dict(value: Any, name: str) -> dict[str, Any]:
@@ -388,12 +422,14 @@ def resolve(recipe: Recipe, argv: Sequence[str] | None = None) -> RunConfig:
         if key not in known:
             given.pop(key)
     base = {k: v for k, v in known.items() if k not in CONTROL}
+    base.update({k: v for k, v in RECIPE_DEFAULTS.items() if k in base})
     base.update(recipe.defaults)
 
     file_values: dict[str, Any] = {}
     file_preset = None
     if given.get("config"):
         file_values, file_preset = _load_file(given["config"], known)
+        _check_types(file_values, recipe, f"--config {given['config']}")
     preset_name = given.get("preset") or file_preset or recipe.default_preset
     preset = get_preset(preset_name) if preset_name else None
 
@@ -428,6 +464,15 @@ def resolve(recipe: Recipe, argv: Sequence[str] | None = None) -> RunConfig:
                          f"{settings['epochs']} epochs")
             settings["milestones"] = scaled
 
+    if settings.get("awp") and settings.get("awp_gamma") is None:  # a preset without AWP keeps gamma null
+        settings["awp_gamma"] = known["awp_gamma"]
+        notes.append(f"--awp on a preset without AWP: gamma {settings['awp_gamma']} (the papers'; --awp-gamma to change)")
+    if preset is not None and "norm" in user and settings["norm"] != preset.settings.get("norm") and "eps" not in user:
+        raise ConfigError(f"--norm {settings['norm']} changes the threat model of preset {preset.name}, whose eps "
+                          f"{preset.settings.get('eps')} is a {preset.settings.get('norm')} budget: give the budget too, "
+                          "e.g. --norm l2 --eps 0.5")
+    settings["tags"] = [t for t in (settings.get("tags") or "").split(",") if t] \
+        if not isinstance(settings.get("tags"), list) else settings["tags"]
     settings["model_kwargs"] = _as_dict(settings.get("model_kwargs"), "model_kwargs")
     settings["task_kwargs"] = _as_dict(settings.get("task_kwargs"), "task_kwargs")
     settings["method_kwargs"] = _as_dict(settings.get("method_kwargs"), "method_kwargs")
@@ -443,6 +488,13 @@ def resolve(recipe: Recipe, argv: Sequence[str] | None = None) -> RunConfig:
     from .registry import METHODS
 
     _check_method_kwargs(settings["method"], METHODS.get(settings["method"]), settings["method_kwargs"])
+    from .presets import method_defaults
+
+    stray = [k for k in ("clean_teacher", "robust_teacher") if k in user and user[k]]
+    if stray and not method_defaults(settings["method"]).get("teachers"):
+        raise ConfigError(f"--method {settings['method']} trains without teachers, so "
+                          f"{' and '.join('--' + k.replace('_', '-') for k in stray)} would be ignored: drop "
+                          f"{'them' if len(stray) > 1 else 'it'}, or use --method mtard")
 
     if preset is not None:
         overrides = {k: settings[k] for k in user if k in preset.settings and settings[k] != preset.settings[k]}
@@ -471,54 +523,24 @@ def parse(recipe: Recipe, argv: Sequence[str] | None = None) -> RunConfig:
 
 # -- what a configuration builds ------------------------------------------------------------------
 def train_config(s: dict[str, Any] | argparse.Namespace, eval_threat: dict[str, Any] | None = None) -> Any:
-    """The :class:`~robustkd.trainer.TrainConfig` of the settings (see :func:`unapplied_settings` for
-    those a trainer of this build does not know); ``eval_threat`` (default: the run's ``eps`` and
-    ``norm``) is the budget of the per-epoch evaluation attacks whose specs name none."""
+    """The :class:`~robustkd.trainer.TrainConfig` of the settings: every field declared as a flag is the
+    setting of the same name (one declaration, no map); the derived fields are computed here:
+    ``awp_gamma`` (None without ``awp``), ``progress`` (``not no_progress``) and ``eval_threat``
+    (default: the run's ``eps`` and ``norm``), the budget of per-epoch attacks whose specs name none."""
     from dataclasses import fields as dc_fields
 
     from .trainer import TrainConfig
 
     s = vars(s) if isinstance(s, argparse.Namespace) else s
-    values = {
-        "epochs": s["epochs"], "batch_size": s["batch_size"], "eval_batch_size": s["eval_batch_size"],
-        "optimizer": s["optimizer"], "lr": s["lr"], "momentum": s["momentum"], "weight_decay": s["weight_decay"],
-        "lr_schedule": s["lr_schedule"], "milestones": s["milestones"], "lr_gamma": s["lr_gamma"],
-        "mixed_precision": s["mixed_precision"], "grad_accum": s["grad_accum"], "ema_decay": s["ema_decay"],
-        "ema_warmup": s["ema_warmup"], "awp_gamma": s["awp_gamma"] if s["awp"] else None,
-        "awp_warmup": s["awp_warmup"], "eval_every": s["eval_every"], "eval_attacks": list(s["eval_attacks"]),
-        "max_train_samples": s["max_train_samples"], "max_eval_samples": s["max_eval_samples"], "seed": s["seed"],
-        "output_dir": s["output_dir"], "resume": s["resume"], "cpu": s["cpu"], "log_with": s["log_with"],
-        "run_name": s.get("run_name"), "tags": [t for t in (s.get("tags") or "").split(",") if t],
-        "progress": not s["no_progress"], "eval_threat": dict(eval_threat or eval_attack_defaults(s)),
-    }
-    known = {f.name for f in dc_fields(TrainConfig)}
-    for name, _ in _OPTIONAL_TRAIN:
-        if name in known and s.get(name) is not None:
-            values[name] = s[name]
+    values = {f.name: s[f.name] for f in dc_fields(TrainConfig) if f.metadata.get("flag", True) and f.name in s}
+    values["eval_attacks"] = _as_specs(values.get("eval_attacks", ["pgd20"]))
+    values["milestones"] = _as_milestones(values.get("milestones"))
+    if isinstance(values.get("tags"), str):
+        values["tags"] = [t for t in values["tags"].split(",") if t]
+    values["awp_gamma"] = s.get("awp_gamma") if s.get("awp") else None
+    values["progress"] = not s.get("no_progress", False)
+    values["eval_threat"] = dict(eval_threat or eval_attack_defaults(s))
     return TrainConfig(**values)
-
-
-#: Trainer settings newer than some builds of the trainer, with their "off" value.
-_OPTIONAL_TRAIN = (("nesterov", False), ("drop_last", False), ("lr_warmup_epochs", 0), ("lr_warmup_init", None),
-                   ("lr_min", None), ("overwrite", False), ("max_nonfinite_steps", 0))
-
-
-def unapplied_settings(s: dict[str, Any] | argparse.Namespace) -> list[str]:
-    """Settings (from a preset or a flag) that this build's trainer cannot apply: each is logged as a
-    warning and recorded in the run's config.yaml, never dropped silently."""
-    from dataclasses import fields as dc_fields
-
-    from .trainer import TrainConfig
-
-    s = vars(s) if isinstance(s, argparse.Namespace) else s
-    known = {f.name for f in dc_fields(TrainConfig)}
-    out = []
-    for name, off in _OPTIONAL_TRAIN:
-        value = s.get(name)
-        if name not in known and value not in (off, None):
-            out.append(f"{name}={value} is not applied: this robustkd's trainer has no {name} setting")
-            logger.warning("%s", out[-1])
-    return out
 
 
 def eval_attack_defaults(s: dict[str, Any]) -> dict[str, Any]:
@@ -616,4 +638,4 @@ def load_teachers(s: dict[str, Any], task: Any) -> dict[str, Any]:
 
 
 __all__ = ["ConfigError", "Recipe", "RunConfig", "build_attacks", "build_method", "build_parser", "parse", "resolve",
-           "train_config", "unapplied_settings", "validate", "CONFIG_FILE"]
+           "train_config", "validate", "CONFIG_FILE"]

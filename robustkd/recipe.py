@@ -11,14 +11,12 @@ method anneals anything.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from .config import (ConfigError, RunConfig, build_attacks, build_method, eval_attack_defaults, train_config,
-                     unapplied_settings)
+from .config import ConfigError, RunConfig, build_attacks, build_method, eval_attack_defaults, train_config
 from .distill.methods import Method
 from .eval.robustness import resolve_attacks
 from .registry import TASKS, RegistryError
@@ -44,19 +42,32 @@ def run_recipe(cfg: RunConfig, task: Task | None = None, method: Method | None =
     ``threat`` is the training attack's threat model (default: ``eps`` and ``norm``);
     ``eval_threat`` the same as threat-model options (e.g. ``{"snr_db": 30}``), the budget of
     every evaluation attack whose spec names none (default: ``eps`` and ``norm``)."""
+    trainer = build_trainer(cfg, task, method, threat=threat, relative_step=relative_step, eval_threat=eval_threat,
+                            run_info=run_info)
+    if trainer.accelerator.is_main_process:
+        cfg.write(cfg.settings["output_dir"])
+    trainer.fit()
+    return final_report(cfg, trainer, sections=sections, attack_wrapper=attack_wrapper)
+
+
+def build_trainer(cfg: RunConfig, task: Task | None = None, method: Method | None = None, *, threat: Any = None,
+                  relative_step: bool = False, eval_threat: Mapping[str, Any] | None = None,
+                  run_info: Mapping[str, Any] | None = None) -> Trainer:
+    """The run's task, model, method and :class:`Trainer`, built from the settings and nothing else,
+    after seeding every random number generator with ``seed``: the same settings build the same
+    initial weights, data order, augmentation and attack starts (bit for bit on a CPU)."""
+    from accelerate.utils import set_seed
+
     s = cfg.settings
+    set_seed(s["seed"])  # before the model exists: its initial weights are drawn here
     task = task or build_task(s)
+    set_seed(s["seed"])  # a task may draw random numbers while it loads; the model starts from the seed
     model = task.build_model(s["model"], **s["model_kwargs"])
     method = method or build_method(s, task, threat=threat, relative_step=relative_step)
     resolve_attacks(s["final_attacks"], task, **(eval_threat or eval_attack_defaults(s)))  # typos fail now
-    cfg.notes.extend(unapplied_settings(s))
     info = {"model": s["model"], "model_kwargs": s["model_kwargs"], "dataset": s["dataset"],
             "data_dir": s["data_dir"], "preset": cfg.preset, **dict(run_info or {})}
-    trainer = Trainer(task, model, method, train_config(s, eval_threat), run_info=info)
-    if trainer.accelerator.is_main_process:
-        cfg.write(s["output_dir"])
-    trainer.fit()
-    return final_report(cfg, trainer, sections=sections, attack_wrapper=attack_wrapper)
+    return Trainer(task, model, method, train_config(s, eval_threat), run_info=info)
 
 
 def final_report(cfg: RunConfig, trainer: Trainer, *, sections: Sections | None = None,
@@ -125,9 +136,16 @@ def write_schedule(out: Path, trainer: Trainer) -> None:
 
 
 def main_guard(main: Callable[[], Any]) -> None:
-    """Run a recipe; known user errors print one clear line instead of a traceback, exit status 2."""
+    """Run a recipe with its status lines shown (robustkd's logger on stderr); known user errors print one
+    clear line instead of a traceback, exit status 2; Ctrl-C one line, exit status 130. Under
+    ``accelerate launch`` the launcher turns any non-zero status into its own 1 (with ``-q``, without its
+    traceback): see the README's notes."""
+    from .console import EXIT_INTERRUPTED, EXIT_USER_ERROR, configure_logging, fail
+
+    configure_logging()
     try:
         main()
     except (ConfigError, DataNotFoundError, FileNotFoundError, RegistryError, ConfigMismatchError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(exc), EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        fail("interrupted: the last finished epoch's checkpoint is kept; continue with --resume", EXIT_INTERRUPTED)

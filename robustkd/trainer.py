@@ -13,9 +13,9 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
 import torch
 from accelerate.logging import get_logger
@@ -35,60 +35,100 @@ CHECKPOINT_DIR = "checkpoints"
 logger = get_logger(__name__)  # Accelerate's multi-process logger: main process only by default
 
 
+def setting(default: Any = MISSING, help: str = "", *, group: str, factory: Any = None, flag: bool = True,
+            flag_type: Any = None) -> Any:
+    """A field of :class:`TrainConfig` with what its recipe flag needs: the help text, the ``--help``
+    group, and (``flag_type``) the type the flag parses when it differs from the field's
+    (``--milestones 100,150`` for a list). ``flag=False``: derived from other settings, not a flag."""
+    metadata = {"help": help, "group": group, "flag": flag, "flag_type": flag_type}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+OPTIM, MODEL, THREAT, SPEED, RUN = ("optimisation", "model and method", "threat model and attacks",
+                                    "speed (docs/performance.md)", "run")
+
+
 @dataclass
 class TrainConfig:
-    """Everything about *how* to train (the method and the model say *what*)."""
+    """Everything about *how* to train (the method and the model say *what*).
 
-    epochs: int = 1
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_schedule: str = "multistep"  # multistep | cosine | constant
-    milestones: list[int] | None = None  # epochs; default: 50 % and 75 % of the run (ADR's 100/150 of 200)
-    lr_gamma: float = 0.1
-    mixed_precision: str | None = None  # no | fp16 | bf16; None: Accelerate's setting (accelerate launch --mixed_precision, accelerate config)
-    grad_accum: int = 1
-    max_grad_norm: float | None = None
-    ema_decay: float | None = None  # keep an EMA (WA) model; methods that need one default to 0.995
-    ema_warmup: bool = False  # timm's decay ramp min(decay, (1+t)/(10+t)); not in ADR's reference
-    awp_gamma: float | None = None  # enable AWP with this gamma (5e-3 in the papers)
-    awp_warmup: int = 0
-    # -- fidelity (docs/fidelity.md): optimizer, schedule and AWP settings of the reference code --
-    nesterov: bool = False  # Nesterov momentum (ADR's SGD configs: True; its AWP configs: False)
-    lr_warmup_epochs: float = 0  # linear warm-up over this many epochs (fractions allowed: ADR uses 2.5), then the schedule
-    lr_warmup_init: float = 0.0  # the LR the warm-up starts from (ADR's PreAct configs: 1e-6)
-    lr_min: float = 0.0  # the cosine schedule's final LR
-    drop_last: bool = False  # drop the last partial training batch (ADR's reference does)
-    awp_style: str = "adr"  # adr: every parameter, BN statistics from the unperturbed pass | wu2020: see awp.py
-    eval_every: int = 1
-    eval_attacks: list[str] = field(default_factory=lambda: ["pgd20"])
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    seed: int = 0
-    output_dir: str = "runs/robustkd"
-    resume: bool = False
-    cpu: bool = False
-    log_with: str | None = None  # any Accelerate tracker: tensorboard, wandb, ...
-    # ecosystem: the tracker run's name (default: the output directory's name) and tags (wandb)
-    run_name: str | None = None
-    tags: list[str] = field(default_factory=list)
-    progress: bool = True
-    keep_checkpoints: int = 1
-    # -- presets: the run's threat model (e.g. {"eps": 0.5, "norm": "l2"}), the budget of every
-    # per-epoch evaluation attack whose spec names none (see robustkd.attacks.base.create_attack) --
-    eval_threat: dict[str, Any] | None = None
-    # -- speed modes (docs/performance.md); all off by default, none changes what is computed --
-    compile: bool = False  # torch.compile the student (the attack and the update both use it)
-    channels_last: bool = False  # NHWC memory format for the models and 4-D input tensors
-    tf32: bool = False  # TF32 matmuls and convolutions on Ampere+ GPUs (no effect on CPU)
-    num_workers: int = 0  # data-loader worker processes
-    pin_memory: bool = False  # page-locked host batches, copied to the GPU without blocking
-    # guards: output-directory safety and divergence handling
-    overwrite: bool = False  # move a run already in output_dir aside (NAME.old-<time>) instead of refusing
-    max_nonfinite_steps: int = 0  # skip up to N steps with a non-finite loss (mixed precision); 0: stop at the first
+    This is the one declaration of the trainer's settings: each field is also a recipe flag
+    (``--grad-accum``), a key of a ``--config`` file and of a preset, with the help text declared
+    here (``robustkd.config`` builds the flags from these fields). Recipes start from other
+    defaults (e.g. 200 epochs) through their presets."""
+
+    epochs: int = setting(1, "training epochs", group=OPTIM)
+    batch_size: int = setting(128, "training batch size (per process)", group=OPTIM)
+    eval_batch_size: int = setting(256, "evaluation batch size", group=OPTIM)
+    drop_last: bool = setting(False, "drop the last partial training batch of each epoch (ADR's reference does)",
+                              group=OPTIM)
+    optimizer: Literal["sgd", "adamw"] = setting("sgd", "optimizer", group=OPTIM)
+    lr: float = setting(0.1, "learning rate", group=OPTIM)
+    momentum: float = setting(0.9, "SGD momentum", group=OPTIM)
+    nesterov: bool = setting(False, "Nesterov momentum (ADR's reference SGD uses it; --nesterov false turns a "
+                             "preset's off)", group=OPTIM)
+    weight_decay: float = setting(5e-4, "weight decay", group=OPTIM)
+    lr_schedule: Literal["multistep", "cosine", "constant"] = setting("multistep", "LR schedule", group=OPTIM)
+    milestones: Optional[list[int]] = setting(None, "LR decay epochs, comma-separated (default: 50%%,75%% of "
+                                              "--epochs)", group=OPTIM, flag_type=Optional[str])
+    lr_gamma: float = setting(0.1, "LR factor at each milestone", group=OPTIM)
+    lr_warmup_epochs: float = setting(0, "linear LR warm-up epochs before the schedule (fractions allowed: ADR "
+                                      "uses 2.5)", group=OPTIM)
+    lr_warmup_init: float = setting(0.0, "LR at the start of the warm-up (ADR's PreAct configs: 1e-6)", group=OPTIM)
+    lr_min: float = setting(0.0, "the cosine schedule's final LR", group=OPTIM)
+    grad_accum: int = setting(1, "gradient accumulation steps", group=OPTIM)
+    max_grad_norm: Optional[float] = setting(None, "clip the gradient norm to this value before each optimizer "
+                                             "step (off by default: no reference clips)", group=OPTIM)
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = setting(
+        None, "mixed precision (default: Accelerate's setting, e.g. accelerate launch --mixed_precision)", group=OPTIM)
+    ema_decay: Optional[float] = setting(None, "keep an EMA (weight-averaged) model with this decay; methods that "
+                                         "need one (ADR, MTARD's EMA teacher) use 0.995 when none is given; baselines "
+                                         "keep none unless asked (WA: --ema-decay 0.995)", group=MODEL)
+    ema_warmup: bool = setting(False, "ramp the EMA decay as timm does, min(decay, (1+t)/(10+t)), so short runs get "
+                               "a useful teacher (not in ADR's reference)", group=MODEL)
+    awp_gamma: Optional[float] = setting(None, "AWP's relative weight-perturbation size (on with --awp)",
+                                         group=MODEL, flag=False)
+    awp_warmup: int = setting(0, "epochs before AWP starts", group=MODEL)
+    awp_style: Literal["adr", "wu2020"] = setting("adr", "AWP style: adr (every parameter, BN statistics from the "
+                                                  "unperturbed pass, as ADR's reference) or wu2020 (weight matrices "
+                                                  "only, as Wu et al.'s code)", group=MODEL)
+    eval_every: int = setting(1, "evaluate every N epochs (0: only at the end)", group=RUN)
+    eval_attacks: list[str] = setting(help="attacks evaluated every --eval-every epochs (specs: pgd20, "
+                                      "pgd:steps=50, fgsm, autoattack, ...; ',' or ';' separated)", group=THREAT,
+                                      factory=lambda: ["pgd20"], flag_type=str)
+    max_train_samples: Optional[int] = setting(None, "train on a seeded random subset of this many examples",
+                                               group="data")
+    max_eval_samples: Optional[int] = setting(None, "evaluate on a seeded random subset of this many examples",
+                                              group="data")
+    seed: int = setting(0, "random seed: model initialisation, data order, augmentation, attack starts", group=RUN)
+    output_dir: str = setting("runs/robustkd", "where the run writes its checkpoints, config.yaml and report.json",
+                              group=RUN)
+    resume: bool = setting(False, "continue from the last checkpoint in --output-dir", group=RUN)
+    cpu: bool = setting(False, "force CPU even when a GPU is present", group=RUN)
+    log_with: Optional[str] = setting(None, "log metrics to an Accelerate tracker: tensorboard (pip install -e "
+                                      "'.[tensorboard]'; logs under --output-dir) or wandb (pip install -e '.[wandb]')",
+                                      group=RUN)
+    run_name: Optional[str] = setting(None, "the tracker run's name (default: the --output-dir's name)", group=RUN)
+    tags: list[str] = setting(help="comma-separated tracker tags (wandb)", group=RUN, factory=list,
+                              flag_type=Optional[str])
+    progress: bool = setting(True, "progress bars (--no-progress hides them)", group=RUN, flag=False)
+    keep_checkpoints: int = setting(1, "how many epoch checkpoints to keep (the newest)", group=RUN)
+    eval_threat: Optional[dict[str, Any]] = setting(
+        None, "the run's threat model (e.g. {'eps': 0.5, 'norm': 'l2'}): the budget of every per-epoch evaluation "
+        "attack whose spec names none", group=THREAT, flag=False)
+    compile: bool = setting(False, "torch.compile the student (the model the attack and the update both use); the "
+                            "first steps compile (minutes on a CPU)", group=SPEED)
+    channels_last: bool = setting(False, "channels-last (NHWC) memory format for the models and image batches (a "
+                                  "GPU mode)", group=SPEED)
+    tf32: bool = setting(False, "TF32 matmuls and convolutions on Ampere+ GPUs (no effect elsewhere)", group=SPEED)
+    num_workers: int = setting(0, "data-loader worker processes", group=SPEED)
+    pin_memory: bool = setting(False, "page-locked batches, copied to the GPU without blocking", group=SPEED)
+    overwrite: bool = setting(False, "--output-dir holds another run: move it aside to NAME.old-<time> (never "
+                              "deleted) and start afresh", group=RUN)
+    max_nonfinite_steps: int = setting(0, "skip up to N steps whose loss is not finite (normal with fp16); 0: stop "
+                                       "at the first, keeping the last good checkpoint", group=RUN)
 
     def resolved_milestones(self) -> list[int]:
         """LR decay epochs; the default (50 % and 75 % of the run) skips epoch 0 so short runs keep their LR."""
