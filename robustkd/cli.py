@@ -134,7 +134,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         task, model, attacks, loader=loader, split=args.split, max_samples=args.max_eval_samples,
         batch_size=args.batch_size, seed=args.seed, device=device, curve_factors=factors, curve_steps=args.curve_steps,
         output_dir=args.output_dir, history=history,
-        data_dir=data_dir, model_meta=model_meta, progress=not args.no_progress)
+        data_dir=data_dir, model_meta=model_meta, progress=not args.no_progress,
+        sections={"points": lambda: eval_points(task, args.split, args.max_eval_samples, args.seed,
+                                                first=args.threat_model if args.robustbench else None)})
     if not state.is_main_process:
         return 0  # the main process reports (and sets the exit status; a launcher turns 3 into its own failure)
     print(summary_text(ev.report))
@@ -162,6 +164,20 @@ def load_pretrained_model(task, spec: str, model_dir: str | None, threat_model: 
                          "robustbench:NAME, ARCH:WEIGHTS.pt, timm:NAME or a Hugging Face model directory "
                          "(or --checkpoint for a robustkd run)")
     return model.eval()
+
+
+def eval_points(task, split: str, max_samples: int | None, seed: int, first: str | None = None) -> dict:
+    """The report's ``points`` section: how the evaluated points were chosen (the first N of RobustBench's
+    protocol for the threat model ``first``, a seeded sample, all)."""
+    from .robustbench import PROTOCOL, points_section
+
+    total = len(task.dataset(split))
+    if first is not None:
+        n_ex = PROTOCOL.get((task.name, first), {}).get("n_ex", total)
+        return points_section(split, total, min(max_samples or n_ex, total), how="first")
+    if max_samples is not None and max_samples < total:
+        return points_section(split, total, max_samples, how="seeded_sample", seed=seed)
+    return points_section(split, total, total, how="all")
 
 
 def robustbench_protocol(args: argparse.Namespace, task):
@@ -414,6 +430,8 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--venue", default="")
     p.add_argument("--architecture", default="", help="e.g. WideResNet-34-10; default: the model's name")
     p.add_argument("--additional-data", action="store_true", help="trained with data beyond the training split")
+    p.add_argument("--allow-failed-sanity", action="store_true", help="export an evaluation whose sanity checks "
+                   "failed (refused otherwise), with the failed checks named in the footnote")
     p.add_argument("--output-dir", default=None, help="where model_info/ goes; default: EVAL_DIR")
     p.set_defaults(func=cmd_export)
 
@@ -428,7 +446,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     base = Path(args.eval_dir)
     base = base.parent if base.is_file() else base
     info, threat, notes = model_info(report, name=args.paper, link=args.link, authors=args.authors, venue=args.venue,
-                                     architecture=args.architecture, additional_data=args.additional_data)
+                                     architecture=args.architecture, additional_data=args.additional_data,
+                                     allow_failed_sanity=args.allow_failed_sanity)
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     path = write_model_info(info, args.output_dir or base, args.name or base.name, threat)

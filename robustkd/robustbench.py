@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -108,6 +109,161 @@ def load_robustbench(spec: str, dataset: str, model_dir: str | Path | None = Non
     return model.eval()
 
 
+# -- RobustBench's own benchmark() in this environment ------------------------------------------------
+class Patch:
+    """An installed change to RobustBench (made by :func:`patch_autoattack` / :func:`use_task_data`):
+    in force from the call; ``undo()`` or the end of a ``with`` block restores what was there."""
+
+    def __init__(self, module: Any, name: str, value: Any, what: str):
+        self.module, self.name, self.what = module, name, what
+        self.previous = getattr(module, name)
+        setattr(module, name, value)
+
+    def undo(self) -> None:
+        setattr(self.module, self.name, self.previous)
+
+    def __enter__(self) -> "Patch":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.undo()
+
+    def __repr__(self) -> str:
+        return f"<robustkd.robustbench.Patch: {self.what}>"
+
+
+_OFFICIAL_KNOBS = ("steps", "n_restarts", "n_queries", "n_target_classes")
+
+
+def autoattack_v1_class(*, version: str | None = None, attacks: Sequence[str] | None = None, seed: int | None = None,
+                        **knobs: int) -> type:
+    """``AutoAttack`` with the argument names of the fra31/auto-attack driver RobustBench 1.1.1 calls
+    (``AutoAttack(model, norm, eps, version, device, log_path, attacks_to_run, seed, verbose)``,
+    ``run_standard_evaluation(x, y, bs, return_labels, state_path)`` returning the adversarial inputs),
+    running the installed ``pyautoattack`` (0.2.0 renamed them). ``version``/``attacks``/``seed`` and the
+    ``custom`` knobs (``steps``, ``n_restarts``, ``n_queries``, ``n_target_classes``, as robustkd's
+    ``autoattack:`` spec names them) replace what the caller asks for: a quick check, not the leaderboard's
+    protocol, so each run says so on stderr."""
+    from pyautoattack import AutoAttack as Official
+
+    unknown = sorted(set(knobs) - set(_OFFICIAL_KNOBS))
+    if unknown:
+        raise ValueError(f"patch_autoattack: unknown AutoAttack setting(s) {', '.join(unknown)}; settings: version, "
+                         f"attacks, seed, {', '.join(_OFFICIAL_KNOBS)}")
+    if (attacks is not None or knobs) and version not in (None, "custom"):
+        raise ValueError("patch_autoattack: attacks= and the steps/restarts/queries settings need version='custom' "
+                         "(a run labelled standard, plus or rand keeps the official settings)")
+    if (attacks is not None or knobs) and version is None:
+        version = "custom"
+    overrides = {k: v for k, v in (("version", version), ("attacks", attacks), ("seed", seed)) if v is not None}
+    overrides.update(knobs)
+
+    class AutoAttackV1(Official):
+        def __init__(self, model: nn.Module, norm: str = "Linf", eps: float = 0.3, seed: int | None = None,
+                     verbose: bool = True, attacks_to_run: Sequence[str] = (), version: str = "standard",
+                     is_tf_model: bool = False, device: Any = "cuda", log_path: str | None = None):
+            if is_tf_model:
+                raise ValueError("is_tf_model=True: pyautoattack 0.2.0 attacks PyTorch models only")
+            version = overrides.get("version", version)
+            chosen = overrides.get("attacks", attacks_to_run)
+            if overrides:
+                print(f"robustkd.robustbench.patch_autoattack: AutoAttack with {overrides} instead of the caller's "
+                      f"settings (version {version}): a check, not RobustBench's protocol", file=sys.stderr)
+            super().__init__(model, attacks=list(chosen) if version == "custom" else None, device=device, eps=eps,
+                             norm=norm, seed=overrides.get("seed", seed), version=version)
+            self.verbose = verbose
+            if overrides.get("steps") is not None:
+                self.apgd.n_iter = self.apgd_targeted.n_iter = self.fab.n_iter = overrides["steps"]
+            if overrides.get("n_restarts") is not None:
+                self.apgd.n_restarts = self.fab.n_restarts = overrides["n_restarts"]
+            if overrides.get("n_queries") is not None:
+                self.square.n_queries = overrides["n_queries"]
+            if overrides.get("n_target_classes") is not None:
+                self.apgd_targeted.n_target_classes = self.fab.n_target_classes = overrides["n_target_classes"]
+            self.log_path = log_path
+            if log_path is not None:  # the old driver's log file: the official logger's records go there too
+                handler = logging.FileHandler(log_path)
+                handler.setFormatter(logging.Formatter("%(message)s"))
+                self._log_handler = handler
+                logging.getLogger("auto-attack").addHandler(handler)
+                logging.getLogger("auto-attack").setLevel(logging.DEBUG)
+
+        def _close_log(self) -> None:
+            handler = getattr(self, "_log_handler", None)
+            if handler is not None:
+                logging.getLogger("auto-attack").removeHandler(handler)
+                handler.close()
+                self._log_handler = None
+
+        def run_standard_evaluation(self, x_orig, y_orig, bs: int = 250, return_labels: bool = False,
+                                    state_path: str | Path | None = None):
+            try:
+                x_adv, y_adv = super().run_standard_evaluation(
+                    x_orig, y_orig, batch_size=bs, state_path=Path(state_path) if state_path is not None else None)
+            finally:
+                self._close_log()
+            return (x_adv, y_adv) if return_labels else x_adv
+
+        def run_standard_evaluation_individual(self, x_orig, y_orig, bs: int = 250, return_labels: bool = False):
+            if return_labels:
+                raise ValueError("run_standard_evaluation_individual(return_labels=True): pyautoattack 0.2.0 returns "
+                                 "the adversarial inputs only")
+            try:
+                return super().run_standard_evaluation_individual(x_orig, y_orig, batch_size=bs)
+            finally:
+                self._close_log()
+
+    AutoAttackV1.__qualname__ = AutoAttackV1.__name__ = "AutoAttack"
+    AutoAttackV1.robustkd_overrides = overrides  # type: ignore[attr-defined]
+    return AutoAttackV1
+
+
+def patch_autoattack(*, version: str | None = None, attacks: Sequence[str] | None = None, seed: int | None = None,
+                     **knobs: int) -> Patch:
+    """Make RobustBench's ``robustbench.eval.benchmark()`` run with the installed ``pyautoattack``: its
+    ``AutoAttack(..., log_path=...)`` call and ``run_standard_evaluation(x, y, bs=...)`` use the argument
+    names of the driver RobustBench 1.1.1 was written for, which pyautoattack 0.2.0 renamed. Installed
+    when called, in ``robustbench.eval`` only (pyautoattack itself is unchanged); use it as a context
+    manager, or call ``.undo()``, to restore RobustBench's own import.
+
+    Without arguments the attack is RobustBench's (AutoAttack ``standard``, its seed). ``version``,
+    ``attacks``, ``seed`` and the custom knobs (``steps``, ``n_restarts``, ``n_queries``, ``n_target_classes``)
+    replace the caller's settings for a quick check::
+
+        from robustbench.eval import benchmark
+        with patch_autoattack(attacks=["apgd-ce"], steps=10, seed=0):
+            clean, robust = benchmark(model, n_examples=100, dataset="cifar10", threat_model="Linf", eps=8 / 255)
+    """
+    import_robustbench()
+    import robustbench.eval as rb_eval
+
+    cls = autoattack_v1_class(version=version, attacks=attacks, seed=seed, **knobs)
+    return Patch(rb_eval, "AutoAttack", cls, f"robustbench.eval.AutoAttack -> pyautoattack with the old argument names"
+                 + (f", overrides {cls.robustkd_overrides}" if cls.robustkd_overrides else ""))
+
+
+def use_task_data(task: Any, split: str = "test") -> Patch:
+    """Make RobustBench's ``benchmark()`` read its clean points from a robustkd task (the first
+    ``n_examples`` of ``split``, in order, pixels in [0, 1]) instead of torchvision's data set files, which it
+    downloads when they are missing: for offline use, and to give it the very points ``robustkd eval
+    --robustbench`` evaluates."""
+    import_robustbench()
+    import robustbench.eval as rb_eval
+    import torch
+
+    def load_clean_dataset(dataset: Any, n_examples: int | None, data_dir: str, prepr: Any):
+        name = getattr(dataset, "value", dataset)
+        if name != task.name:
+            raise ValueError(f"benchmark(dataset={name!r}) but use_task_data gave the task {task.name!r}")
+        data = task.dataset(split)
+        n = len(data) if n_examples is None else min(int(n_examples), len(data))
+        batch = task.collate_fn(split)([data[i] for i in range(n)])
+        return batch["inputs"].float(), torch.as_tensor(batch["labels"])
+
+    return Patch(rb_eval, "load_clean_dataset", load_clean_dataset,
+                 f"robustbench.eval.load_clean_dataset -> the first points of {task.name}/{split}")
+
+
 # -- the leaderboard's model_info JSON -------------------------------------------------------------
 # The fields of robustbench.utils.ModelInfo (1.1.1), which RobustBench's own update_json writes.
 MODEL_INFO_FIELDS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
@@ -115,12 +271,57 @@ MODEL_INFO_FIELDS = ("link", "name", "authors", "additional_data", "number_forwa
                      "corruptions_mce", "corruptions_mce_3d", "autoattack_acc", "footnote")
 
 
+def eps_string(eps: float) -> str:
+    """A budget as RobustBench's ``model_info`` files write it: ``"8/255"`` for multiples of 1/255, else ``"0.5"``."""
+    k = eps * 255
+    if abs(k - round(k)) < 1e-6 and round(k) > 0:
+        return f"{round(k)}/255"
+    return f"{eps:g}"
+
+
+def points_section(split: str, total: int, n: int, *, how: str, seed: int | None = None) -> dict[str, Any]:
+    """The report's record of which points were evaluated: ``how`` is ``"first"`` (the first ``n`` of the
+    split, in order: RobustBench's protocol), ``"seeded_sample"`` (a random sample drawn with ``seed``) or
+    ``"all"``."""
+    if how not in ("first", "seeded_sample", "all"):
+        raise ValueError(f"points: how must be first, seeded_sample or all, got {how!r}")
+    out: dict[str, Any] = {"split": split, "selection": how, "num_examples": int(n), "split_size": int(total)}
+    if how == "seeded_sample":
+        out["seed"] = seed
+    return out
+
+
+def points_footnote(report: dict[str, Any], protocol_n: int) -> tuple[str | None, list[str]]:
+    """The footnote and warnings for an evaluation on fewer points than the leaderboard's, saying truthfully
+    how its points were chosen (the report's ``points`` section)."""
+    n = int(report["task"]["num_examples"])
+    points = report.get("points") or {}
+    how = points.get("selection")
+    split = report["task"].get("split", "test")
+    if n >= protocol_n and how in ("first", "all"):
+        return None, []
+    if how == "first":
+        note = f"AutoAttack on the first {n} {split} points only."
+    elif how == "seeded_sample":
+        note = (f"AutoAttack on a random sample of {n} of the {points.get('split_size')} {split} points (seed "
+                f"{points.get('seed')}), not the first {n}.")
+    elif how == "all":
+        note = f"AutoAttack on all {n} points of this copy of the {split} split, not the leaderboard's {protocol_n}."
+    else:
+        note = (f"AutoAttack on {n} {split} points only; the report does not record how they were chosen "
+                "(re-evaluate with `robustkd eval --robustbench` to record it).")
+    return note, [f"evaluated on {n} points, not the leaderboard's {protocol_n}: an estimate, not an entry"]
+
+
 def model_info(report: dict[str, Any], *, name: str = "", link: str = "", authors: str = "", venue: str = "",
                architecture: str = "", additional_data: bool = False, reported: str | None = None,
-               footnote: str | None = None) -> tuple[dict[str, Any], str, list[str]]:
+               footnote: str | None = None, allow_failed_sanity: bool = False) -> tuple[dict[str, Any], str, list[str]]:
     """RobustBench's ``model_info`` entry from a robustkd evaluation report (``robustkd eval --robustbench``):
     returns (the JSON fields, the threat model, warnings). Accuracies are percent strings rounded to two
-    decimals and ``eps`` a float, as RobustBench's ``update_json`` writes them."""
+    decimals, as RobustBench's ``update_json`` writes them, and ``eps`` a string such as ``"8/255"``, as in
+    RobustBench's ``model_info`` files. Fewer points than the leaderboard's get a footnote saying how they
+    were chosen; a report whose sanity checks failed is refused, or with ``allow_failed_sanity`` exported
+    with the failed checks in the footnote."""
     aa = [k for k, d in report["attacks"].items() if d.get("attack") == "autoattack"]
     if not aa:
         raise ValueError("the report has no AutoAttack result: evaluate with `robustkd eval --robustbench` first")
@@ -130,24 +331,28 @@ def model_info(report: dict[str, Any], *, name: str = "", link: str = "", author
                          f"{desc.get('version')!r}: re-evaluate with `robustkd eval --robustbench`")
     threat = {"linf": "Linf", "l2": "L2"}.get(str(desc.get("norm")), str(desc.get("norm")))
     dataset = report["task"]["name"]
-    notes: list[str] = []
     protocol = PROTOCOL.get((dataset, threat))
     if protocol is None:
         raise ValueError(f"RobustBench has no {threat} leaderboard for {dataset!r}")
     if abs(float(desc.get("eps", -1)) - protocol["eps"]) > 1e-9:
         raise ValueError(f"the report's budget eps={desc.get('eps')} is not the leaderboard's {protocol['eps']:.6g}: "
                          "re-evaluate with `robustkd eval --robustbench`")
-    n = int(report["task"]["num_examples"])
-    if n < protocol["n_ex"]:
-        notes.append(f"evaluated on {n} points, not the leaderboard's {protocol['n_ex']}: an estimate, not an entry")
-        footnote = footnote or f"AutoAttack on the first {n} test points only."
+    failed = [c["name"] for c in report.get("sanity", {}).get("checks", []) if c.get("status") == "fail"]
+    if failed and not allow_failed_sanity:
+        raise ValueError(f"the evaluation's sanity checks failed ({', '.join(failed)}): its robust accuracy cannot be "
+                         "trusted; fix the evaluation (see report.html), or export it marked with --allow-failed-sanity")
+    note, notes = points_footnote(report, protocol["n_ex"])
+    parts = [footnote or note] if (footnote or note) else []
+    if failed:
+        parts.append(f"robustkd's sanity checks failed: {', '.join(failed)}.")
+        notes.append(f"exported with failed sanity checks ({', '.join(failed)}), marked in the footnote")
     clean = str(round(report["metrics"]["clean"]["accuracy"] * 100, 2))
     robust = str(round(report["metrics"]["adversarial"][aa[0]]["accuracy"] * 100, 2))
     info = dict.fromkeys(MODEL_INFO_FIELDS)
     info.update(link=link, name=name, authors=authors, additional_data=additional_data, number_forward_passes=1,
                 dataset=dataset, venue=venue, architecture=architecture or report["model"].get("name", ""),
-                eps=protocol["eps"], clean_acc=clean, reported=reported if reported is not None else robust,
-                autoattack_acc=robust, footnote=footnote)
+                eps=eps_string(protocol["eps"]), clean_acc=clean, reported=reported if reported is not None else robust,
+                autoattack_acc=robust, footnote=" ".join(parts) if parts else None)
     return {k: v for k, v in info.items() if v is not None}, threat, notes
 
 

@@ -238,13 +238,42 @@ def test_robustbench_protocol_and_export(cifar_task, cifar_dir, tmp_path, capsys
     assert aa["version"] == "standard" and aa["components"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert abs(aa["eps"] - 8 / 255) < 1e-12 and report["task"]["num_examples"] == 3
     assert list((tmp_path / "rb" / "autoattack-resume").glob("autoattack-*.pt"))  # finished batch kept
+    assert report["points"] == {"split": "test", "selection": "first", "num_examples": 3,
+                                "split_size": len(cifar_task.dataset("test"))}
+    if not report["sanity"]["passed"]:  # a failed evaluation is refused (see below); this test exports a good one
+        report["sanity"]["checks"] = [{**c, "status": "pass"} for c in report["sanity"]["checks"]]
+        report["sanity"]["passed"] = True
+        (tmp_path / "rb" / "report.json").write_text(json.dumps(report))
     capsys.readouterr()
     assert cli_main(["export", "robustbench", str(tmp_path / "rb"), "--name", "tiny", "--architecture", "SmallCNN"]) == 0
     out = capsys.readouterr()
     info = json.loads((tmp_path / "rb" / "model_info" / "cifar10" / "Linf" / "tiny.json").read_text())
-    assert set(info) <= set(rb.MODEL_INFO_FIELDS) and info["eps"] == 8 / 255 and info["dataset"] == "cifar10"
+    assert set(info) <= set(rb.MODEL_INFO_FIELDS) and info["eps"] == "8/255" and info["dataset"] == "cifar10"
     assert info["autoattack_acc"] == str(round(report["metrics"]["adversarial"]["autoattack"]["accuracy"] * 100, 2))
+    assert info["footnote"] == "AutoAttack on the first 3 test points only."
     assert "not the leaderboard's 10000" in out.err
+    # a seeded random sample is named as one (the points section `robustkd eval --max-eval-samples` records)
+    sampled = {**report, "points": {"split": "test", "selection": "seeded_sample", "num_examples": 3,
+                                    "split_size": 1017, "seed": 5}}
+    (tmp_path / "rb" / "report.json").write_text(json.dumps(sampled))
+    assert cli_main(["export", "robustbench", str(tmp_path / "rb"), "--name", "tiny"]) == 0
+    info = json.loads((tmp_path / "rb" / "model_info" / "cifar10" / "Linf" / "tiny.json").read_text())
+    assert info["footnote"] == "AutoAttack on a random sample of 3 of the 1017 test points (seed 5), not the first 3."
+    # failed sanity checks: refused, or exported marked with --allow-failed-sanity
+    failed = json.loads(json.dumps(sampled))
+    failed["sanity"]["passed"] = False
+    failed["sanity"]["checks"][0]["status"] = "fail"
+    name = failed["sanity"]["checks"][0]["name"]
+    (tmp_path / "rb" / "report.json").write_text(json.dumps(failed))
+    (tmp_path / "rb" / "model_info" / "cifar10" / "Linf" / "tiny.json").unlink()
+    capsys.readouterr()
+    assert cli_main(["export", "robustbench", str(tmp_path / "rb"), "--name", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert f"sanity checks failed ({name})" in err and "--allow-failed-sanity" in err and err.count("\n") == 1
+    assert not (tmp_path / "rb" / "model_info" / "cifar10" / "Linf" / "tiny.json").exists()
+    assert cli_main(["export", "robustbench", str(tmp_path / "rb"), "--name", "tiny", "--allow-failed-sanity"]) == 0
+    info = json.loads((tmp_path / "rb" / "model_info" / "cifar10" / "Linf" / "tiny.json").read_text())
+    assert info["footnote"].endswith(f"robustkd's sanity checks failed: {name}.")
     if __import__("importlib").util.find_spec("robustbench") is not None:
         rb.import_robustbench()
         from robustbench.utils import ModelInfo
@@ -256,6 +285,46 @@ def test_robustbench_protocol_and_export(cifar_task, cifar_dir, tmp_path, capsys
     (tmp_path / "rb" / "report.json").write_text(json.dumps(report))
     assert cli_main(["export", "robustbench", str(tmp_path / "rb")]) == 2
     assert "robustkd eval --robustbench" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("robustbench") is None,
+                    reason="the robustbench extra is not installed")
+def test_robustbench_benchmark_runs_on_a_robustkd_model_and_agrees_with_robustkd(cifar_task, tmp_path, monkeypatch):
+    """RobustBench's own benchmark() fails on pyautoattack 0.2.0's renamed arguments; with
+    patch_autoattack() it runs (offline, on the task's points via use_task_data), writes its own
+    model_info through update_json and gives robustkd's verdicts on the same points, attack and seed."""
+    import robustkd.robustbench as rb
+    from robustkd.attacks.base import create_attack
+    from robustkd.eval.robustness import evaluate_predictions
+
+    rb.import_robustbench()
+    import robustbench.eval as rb_eval
+
+    model = cifar_task.load_pretrained("autoattack-example:resnet18")
+    eps, n = 0.5 / 255, 4  # a small budget: some points stand, some fall
+    own_class = rb_eval.AutoAttack
+    monkeypatch.chdir(tmp_path)  # update_json writes model_info/ under the working directory
+    with rb.use_task_data(cifar_task):
+        with pytest.raises(TypeError, match="log_path"):  # RobustBench's own call on the installed AutoAttack
+            rb_eval.benchmark(model, n_examples=n, dataset="cifar10", threat_model="Linf", eps=eps, batch_size=n)
+        with rb.patch_autoattack(attacks=["apgd-ce"], steps=3, n_restarts=1, seed=0):
+            clean, robust = rb_eval.benchmark(model, n_examples=n, dataset="cifar10", threat_model="Linf", eps=eps,
+                                              batch_size=n, to_disk=True, model_name="aa_example",
+                                              log_path=str(tmp_path / "aa.log"))
+    assert rb_eval.AutoAttack is own_class and rb_eval.load_clean_dataset is not None
+    assert "apgd-ce" in (tmp_path / "aa.log").read_text()  # the old driver's log_path is honoured
+    spec = f"autoattack:version=custom,attacks=apgd-ce,steps=3,n_restarts=1,eps={eps}"
+    batch = cifar_task.collate_fn("test")([cifar_task.dataset("test")[i] for i in range(n)])
+    ours = evaluate_predictions(cifar_task, model, [batch], {"aa": create_attack(spec, cifar_task)}).summary()
+    assert clean == ours["clean_accuracy"] and robust == ours["robust_accuracy"]["aa"]
+    assert 0 < robust < clean
+    info = json.loads((tmp_path / "model_info" / "cifar10" / "Linf" / "aa_example.json").read_text())
+    assert info["autoattack_acc"] == str(round(robust * 100, 2))
+    # without overrides the driver is RobustBench's protocol: AutoAttack standard
+    standard = rb.autoattack_v1_class()(model, norm="Linf", eps=8 / 255, version="standard", device="cpu")
+    assert standard.attacks_to_run == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    with pytest.raises(ValueError, match="version='custom'"):
+        rb.patch_autoattack(version="standard", steps=3)
 
 
 def test_push_offline_writes_a_hub_folder_that_loads_back(cifar_task, cifar_dir, tmp_path, capsys):
