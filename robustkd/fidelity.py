@@ -45,26 +45,21 @@ from torch import Tensor, nn
 
 
 # -- ADR's batch-norm settings (runs with extra data) ----------------------------------------------
-def is_bn_parameter(name: str, module: nn.Module | None = None) -> bool:
-    """A batch-norm parameter: one of a batch-norm module's, or (without the modules) one whose name
-    holds ``batchnorm`` as ADR's ``group_weight`` tests it (the DeepMind-layout models)."""
-    if module is not None:
-        return isinstance(module, nn.modules.batchnorm._BatchNorm)
+def is_bn_parameter(name: str) -> bool:
+    """A batch-norm parameter as ADR's ``group_weight`` tells it: ``batchnorm`` in its name (the names of
+    the DeepMind-layout models, PreAct-ResNet and WRN, the ones ADR trains with extra data)."""
     return "batchnorm" in name
 
 
 def param_groups(model: nn.Module, weight_decay: float, *, no_decay_bn: bool = False) -> list[dict[str, Any]]:
     """The optimizer's parameter groups: one group with ``weight_decay``, or (``no_decay_bn``) ADR's two,
     every parameter but the batch-norm ones with ``weight_decay``, then the batch-norm ones without
-    (``src/util/optimizer_scheduler.py:8-18``; the order of the parameters within each group is the
-    model's, as there)."""
+    (``src/util/optimizer_scheduler.py:8-18``; within each group the model's order, as there)."""
     if not no_decay_bn:
         return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
-    owner = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        bn = is_bn_parameter(name, owner.get(id(p))) or is_bn_parameter(name)
-        (no_decay if bn else decay).append(p)
+        (no_decay if is_bn_parameter(name) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -108,7 +103,7 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("adr_preact", "adr/cifar10/preact_resnet18_pgd_awp_adr", "adr"),
     Case("adr_wrn", "adr/cifar10/wrn_pgd_sgd_adr", "adr"),
     Case("adr_cifar100", "adr/cifar100/resnet18_pgd_sgd_adr", "adr", "CIFAR-10 images, CIFAR-100 model and normalisation"),
-    Case("adr_tinyimagenet", "adr/tiny-imagenet/resnet18_pgd_awp_adr", "adr",
+    Case("adr_tinyimagenet", "adr/tinyimagenet/resnet18_pgd_awp_adr", "adr",
          "CIFAR-10 images resized to 64x64, TinyImageNet model and normalisation"),
     Case("mtard", "mtard/cifar10/resnet18", "mtard"),
     Case("bmtard", "bmtard/cifar10/resnet18", "bmtard"),
@@ -178,8 +173,9 @@ def reference_imports(path: Path, notes: list[str]) -> Iterator[None]:
         sys.path.remove(str(path))
         for name in set(sys.modules) - before:
             mod = sys.modules.get(name)
-            if name in added or str(getattr(mod, "__file__", "") or "").startswith(str(path)):
-                del sys.modules[name]
+            places = [getattr(mod, "__file__", None) or "", *list(getattr(mod, "__path__", None) or [])]
+            if name in added or any(str(p).startswith(str(path)) for p in places):
+                del sys.modules[name]  # namespace packages (ADR's util/, model/) included
 
 
 @contextlib.contextmanager

@@ -169,3 +169,219 @@ def test_awp_wu2020_style_moves_only_weight_matrices():
     assert torch.equal(model[1].running_mean, torch.zeros(6))  # this style leaves the clean pass's stats out
     with pytest.raises(ValueError, match="AWP style"):
         AWP(style="sam")
+
+
+# -- the perturbed point (robustkd.task.Task.point_batch, PGD keep_point) ------------------------------
+def _hand_pgd_point(model, x, y, start, eps, alpha, steps, projection):
+    """PGD on the perturbed point as the formulas say: p <- clamp(P(p + alpha sign(grad)), 0, 1)."""
+    p = start.clone()
+    for _ in range(steps):
+        p.requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(p), y), p)
+        q = p.detach() + alpha * g.sign()
+        p = torch.min(torch.max(q, x - eps), x + eps) if projection == "bounds" else x + torch.clamp(q - x, -eps, eps)
+        p = torch.clamp(p, 0.0, 1.0).detach()
+    return p
+
+
+@pytest.mark.parametrize("start, keep, projection", [("trades", "auto", "bounds"), ("normal", "auto", "bounds"),
+                                                     ("uniform", "offset", "offset")])
+def test_pgd_keeps_the_perturbed_point_as_the_reference_attacks(tiny_task, start, keep, projection):
+    from robustkd.attacks.pgd import PGD
+
+    model = bn_model().eval()
+    batch = next(iter(tiny_task.dataloader("test", 4, shuffle=False)))
+    x, y = batch["inputs"], batch["labels"]
+    eps, alpha = 8 / 255, 2 / 255
+    attack = PGD(tiny_task, eps=eps, steps=5, step_size=alpha, random_start=start, keep_point=keep)
+    assert attack.keep_point == projection and attack.describe()["keep_point"] == projection
+    torch.manual_seed(3)
+    adv = attack(model, batch)
+    torch.manual_seed(3)
+    if start == "uniform":
+        first = torch.clamp(x + torch.empty_like(x).uniform_(-eps, eps), 0, 1)
+    else:
+        first = x + 0.001 * (torch.rand_like(x) if start == "trades" else torch.randn_like(x))
+    expected = _hand_pgd_point(model, x, y, first, eps, alpha, 5, projection)
+    assert adv.delta is None and torch.equal(adv.batch["inputs"], expected)  # the model sees that very point
+    assert torch.equal(adv.batch["labels"], y)
+    assert torch.equal(tiny_task.logits(model, *adv), model(expected))
+
+
+def test_pgd_keep_point_off_and_refusals(tiny_task):
+    from robustkd.attacks.pgd import PGD
+    from robustkd.task import Task
+
+    model = bn_model().eval()
+    batch = next(iter(tiny_task.dataloader("test", 4, shuffle=False)))
+    adv = PGD(tiny_task, eps=8 / 255, steps=2, random_start="trades", keep_point="off")(model, batch)
+    assert adv.delta is not None and adv.batch is batch
+    assert PGD(tiny_task, eps=8 / 255, random_start="uniform").keep_point == "off"  # auto: ADR's PGD keeps offsets
+    assert PGD(tiny_task, eps=0.5, norm="l2", random_start="normal").keep_point == "off"  # auto: no L2 point
+    with pytest.raises(ValueError, match="fixed radius only"):
+        PGD(tiny_task, eps=0.5, norm="l2", keep_point="bounds")
+    with pytest.raises(ValueError, match="unknown keep_point"):
+        PGD(tiny_task, keep_point="yes")
+
+    class Embedded(type(tiny_task)):  # a task whose attack space is not an input it holds
+        point_batch = Task.point_batch
+
+    emb = object.__new__(Embedded)
+    emb.__dict__.update(tiny_task.__dict__)
+    assert PGD(emb, eps=8 / 255, random_start="trades").keep_point == "off"
+    with pytest.raises(ValueError, match="no point_batch"):
+        PGD(emb, eps=8 / 255, keep_point="bounds")
+
+
+# -- the models as the reference computes them ----------------------------------------------------
+@pytest.mark.parametrize("name, window", [("resnet18", 4), ("preact_resnet18", 4)])
+def test_image_models_average_a_fixed_window_on_cifar_sized_inputs(name, window):
+    from robustkd_tasks import image_models
+
+    torch.manual_seed(0)
+    model = getattr(image_models, name)(normalize=False).eval()
+    x = torch.rand(2, 3, 32, 32)
+    head = model.linear if name == "resnet18" else model.logits
+    feats, last = {}, {}
+    target = model.layer4 if name == "resnet18" else model.batchnorm
+    hooks = [head.register_forward_hook(lambda m, inp, out: feats.setdefault("in", inp[0])),
+             target.register_forward_hook(lambda m, inp, out: last.setdefault("out", out))]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    # the pooled vector the head sees is a 4x4 average of the last map, bit for bit (not a global mean)
+    fmap = last["out"] if name == "resnet18" else F.relu(last["out"])
+    assert torch.equal(feats["in"], F.avg_pool2d(fmap, window).flatten(1))
+    big = getattr(image_models, name)(num_classes=200, normalize=False, pooling="auto").eval()
+    with torch.no_grad():
+        assert big(torch.rand(1, 3, 64, 64)).shape == (1, 200)  # TinyImageNet: adaptive, as the reference
+    with pytest.raises(ValueError, match="pooling='global'"):
+        getattr(image_models, name)(normalize=False, pooling="window")(torch.rand(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="unknown pooling"):
+        getattr(image_models, name)(pooling="mean")
+
+
+def test_swish_activation_value_and_gradient():
+    from robustkd_tasks import image_models
+
+    x = torch.linspace(-6, 6, 101, dtype=torch.float64, requires_grad=True)
+    y = image_models._activation("swish")(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    s = torch.sigmoid(x.detach())
+    assert torch.allclose(y, x * torch.sigmoid(x))
+    assert torch.allclose(g, s + x.detach() * s * (1 - s))  # d/dx x s(x) = s + x s (1 - s)
+    model = image_models.preact_resnet18(activation="swish")
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown activation"):
+        image_models.resnet18(activation="gelu")
+
+
+# -- ADR's batch-norm settings for runs with extra data ------------------------------------------
+def test_param_groups_leave_batch_norm_undecayed():
+    from robustkd.fidelity import param_groups
+    from robustkd_tasks.image_models import preact_resnet18
+
+    model = preact_resnet18(normalize=False)
+    one = param_groups(model, 5e-4)
+    assert len(one) == 1 and len(one[0]["params"]) == len(list(model.parameters()))
+    decay, no_decay = param_groups(model, 5e-4, no_decay_bn=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert all("batchnorm" in names[id(p)] for p in no_decay["params"])
+    assert not any("batchnorm" in names[id(p)] for p in decay["params"])
+    assert len(no_decay["params"]) == 2 * sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    opt = torch.optim.SGD(param_groups(model, 0.1, no_decay_bn=True), lr=1.0)
+    bn = model.batchnorm.weight
+    before = bn.detach().clone()
+    bn.grad = torch.zeros_like(bn)
+    opt.step()
+    assert torch.equal(bn, before)  # a zero gradient and no decay: the BN weight does not move
+
+
+def test_bn_momentum_schedule_is_one_then_one_hundredth():
+    from robustkd.fidelity import BNMomentumSchedule
+
+    model = bn_model()
+    schedule = BNMomentumSchedule()
+    seen = []
+    for step in range(3):
+        schedule(model, step)
+        seen.append(model[0].momentum)
+    assert seen == [1.0, 0.01, 0.01]
+    model[0].momentum = 0.5  # set once, at steps 0 and 1 only (as the reference)
+    schedule(model, 5)
+    assert model[0].momentum == 0.5
+    x = torch.randn(16, 3, 8, 8) * 3 + 2
+    model[0].reset_running_stats()
+    BNMomentumSchedule()(model, 0)
+    model.train()(x)  # momentum 1: the running mean is the batch's
+    assert torch.allclose(model[0].running_mean, x.mean((0, 2, 3)), atol=1e-5)
+
+
+# -- robustkd fidelity: what runs without the reference repositories --------------------------------
+def test_fidelity_command_refuses_bad_input(tmp_path, capsys):
+    from robustkd.cli import main
+
+    assert main(["fidelity", "--cases", "nope", "--adr", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown case nope" in err
+    assert main(["fidelity", "--cases", "adr_pgd", "--adr", str(tmp_path)]) == 2
+    assert "no src/advTrainer.py there" in capsys.readouterr().err
+    assert main(["fidelity", "--cases", "bmtard", "--mtard", str(tmp_path)]) == 2
+    assert "no mtard/mtard_loss.py there" in capsys.readouterr().err
+    assert main(["fidelity", "--cases", "adr_pgd"]) == 2
+    assert "needs --adr PATH" in capsys.readouterr().err
+
+
+def test_fidelity_robustkd_side_and_table(cifar_dir, tmp_path):
+    """The robustkd side of a case (a preset built as a recipe builds it, real images, one step), the
+    state comparison and the printed tables."""
+    import copy
+
+    from robustkd.fidelity import CASES, Options, _batches, _robustkd_trainer, _settings, compare_states, \
+        format_table, summarize
+
+    case = CASES["adr_trades"]
+    opts = Options(None, None, None, cifar_dir, steps=1, batch_size=2)
+    s = _settings(case, opts, str(tmp_path / "run"))
+    assert (s["method"], s["model"], s["max_train_samples"], s["task_kwargs"]) == \
+        ("adr_trades", "resnet18", 2, {"augment": False})
+    task, trainer = _robustkd_trainer(case, s)
+    assert trainer.method.attack.keep_point == "bounds"  # the TRADES attack keeps the perturbed point
+    batches = _batches(task, opts)
+    before = copy.deepcopy(trainer.model)
+    torch.manual_seed(0)
+    trainer.train_step(batches[0])
+    diff = compare_states(trainer.model, before[1])
+    assert diff["params"][0] > 0 and diff["buffers"][0] > 0  # the step moved weights and BN statistics
+    same = compare_states(trainer.model, copy.deepcopy(trainer.model)[1])
+    assert same == {"params": (0.0, "-"), "buffers": (0.0, "-")}
+    rows = [{"case": "adr_trades", "step": 1, **diff, "ema": (0.0, "-")}]
+    table = format_table(rows)
+    assert table.splitlines()[0].startswith("| case | step | parameters | where | buffers |")
+    assert f"| adr_trades | 1 | {diff['params'][0]:.1e} | `{diff['params'][1]}` |" in table
+    assert "| adr_trades | `adr/cifar10/resnet18_trades_sgd_adr` | 1 |" in summarize(rows, [case])
+
+
+def test_training_loop_body_reads_a_script(tmp_path):
+    from robustkd.fidelity import read_gin, training_loop_body
+
+    script = tmp_path / "train.py"
+    script.write_text("import os\nweight = {'a': 0.5}\nunrelated = 3\ndef helper(a):\n    return a + 1\n"
+                      "for epoch in range(3):\n    for step, (x, y) in enumerate(trainloader):\n"
+                      "        weight['a'] = helper(weight['a'])\n")
+    settings, body = training_loop_body(script)
+    ns: dict = {}
+    exec(compile(__import__("ast").Module(body=settings, type_ignores=[]), "s", "exec"), ns)
+    exec(compile(__import__("ast").Module(body=body, type_ignores=[]), "s", "exec"), ns)
+    assert ns["weight"] == {"a": 1.5} and "unrelated" not in ns
+    (tmp_path / "bad.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="no loop over the training batches"):
+        training_loop_body(tmp_path / "bad.py")
+    gin = tmp_path / "c.gin"
+    gin.write_text("# c\nmain.epoch = 200\nAdvTrainer.adv_attacker = @PGD()\nbuild_steplr_scheduler.lr_step_milestone = [100, 150]\n"
+                   "build_optimizer.optimizer_type = 'sgd'\n")
+    assert read_gin(gin) == {"main.epoch": 200, "AdvTrainer.adv_attacker": "PGD",
+                             "build_steplr_scheduler.lr_step_milestone": [100, 150],
+                             "build_optimizer.optimizer_type": "sgd"}

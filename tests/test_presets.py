@@ -120,10 +120,11 @@ def test_adr_preset_equals_its_gin_file(file):
 
 
 def test_reference_features_robustkd_lacks_are_named_not_dropped():
-    # the PreAct AWP configs train on extra DDPM data with swish activations
+    # the PreAct AWP configs train on extra DDPM data (with its batch-norm settings) and swish activations
     for name in ("adr/cifar10/preact_resnet18_pgd_awp_adr", "adr/cifar100/preact_resnet18_pgd_awp"):
         text = " ".join(get_preset(name).unsupported)
-        assert "swish" in text and "DDPM" in text
+        assert "DDPM" in text and "batch-norm momentum" in text and "without weight decay" in text
+        assert get_preset(name).settings["model_kwargs"] == {"activation": "swish"}
     assert not get_preset("adr/cifar10/resnet18_pgd_sgd_adr").unsupported
     # two gin files bind misspelt parameters; the presets say what they took
     assert "tmperature_low" in get_preset("adr/tinyimagenet/resnet18_pgd_sgd_adr").notes[0]
