@@ -344,6 +344,7 @@ for mode in ("reference", "exact"):
 '''
 
 
+@pytest.mark.distributed
 def test_two_processes_keep_identical_temperatures_and_weights(tmp_path):
     script = tmp_path / "ddp_mtard.py"
     script.write_text(DDP_SCRIPT.format(tests=str(REPO / "tests")))

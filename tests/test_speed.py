@@ -4,7 +4,6 @@ no method's training step waits for the device."""
 from __future__ import annotations
 
 import collections
-import os
 import sys
 import traceback
 
@@ -145,9 +144,7 @@ def test_bf16_autocast_covers_the_attack_and_the_teachers(tmp_path):
 
 @pytest.mark.parametrize("backend", [
     "aot_eager",  # dynamo capture + AOT autograd, no code generation: ~15 s here
-    pytest.param("inductor", marks=pytest.mark.skipif(
-        not os.environ.get("ROBUSTKD_SLOW_TESTS"),
-        reason="inductor compiles C++ kernels: ~170 s on 2 CPU cores; set ROBUSTKD_SLOW_TESTS=1")),
+    pytest.param("inductor", marks=pytest.mark.slow),  # compiles C++ kernels: ~170 s on 2 CPU cores
 ])
 def test_compile_computes_the_same_training_step(tmp_path, monkeypatch, backend):
     """--compile compiles the student that the attack and the update both call (tiny model)."""
@@ -207,7 +204,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatc
         assert logged["mtard_loss_adv"] > 0 and logged["mtard_w_adv"] + logged["mtard_w_nat"] == pytest.approx(1)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (torch.cuda.set_sync_debug_mode)")
+@pytest.mark.gpu  # torch.cuda.set_sync_debug_mode
 @pytest.mark.parametrize("name", ["pgd_at", "adr", "mtard"])
 def test_a_training_step_on_the_gpu_never_synchronises(tmp_path, name):
     trainer = _trainer(tmp_path, name, awp_gamma=5e-3 if name == "adr" else None)

@@ -190,7 +190,7 @@ def test_robust_trainer_trains_saves_resumes_with_ema_and_evaluates(tiny, tmp_pa
         model = AutoModelForSequenceClassification.from_pretrained(tiny["model_dir"])
         args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, per_device_eval_batch_size=8,
                                  max_steps=max_steps, save_steps=2, logging_steps=1, learning_rate=1e-3,
-                                 report_to=[], use_cpu=True, seed=0, save_safetensors=True, disable_tqdm=True)
+                                 report_to=[], use_cpu=True, seed=0, disable_tqdm=True)  # safetensors: the default (4.x), the only format (5)
         return RobustTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tok,
                              robust=RobustConfig(method="adr", attack="embedding_pgd", attack_steps=2, eps=0.1,
                                                  ema_decay=0.9, eval_attacks=("embedding_pgd3",)))
@@ -228,6 +228,7 @@ def test_robust_trainer_trains_saves_resumes_with_ema_and_evaluates(tiny, tmp_pa
     assert (tmp_path / "final" / "ema" / "config.json").exists()
 
 
+@pytest.mark.textattack
 def test_textattack_deepwordbug_runs_offline(task_model, tmp_path):
     task, model = task_model
     data = task.dataset("test")
@@ -246,6 +247,7 @@ def test_textattack_deepwordbug_runs_offline(task_model, tmp_path):
     assert adv.delta is None and len(attack.records) == 2
 
 
+@pytest.mark.textattack
 def test_textattack_recipe_needing_downloads_names_the_resource(task_model):
     task, _ = task_model
     with pytest.raises(ResourceMissingError, match="counter-fitted|Universal Sentence Encoder"):
@@ -289,6 +291,7 @@ def test_bad_inputs_fail_up_front(tiny, tmp_path):
         create_task("sst2", data_dir=str(tmp_path / "missing")).raw("train")
 
 
+@pytest.mark.textattack
 def test_sst2_recipe_writes_report(tiny, tmp_path):
     import importlib.util
 

@@ -116,6 +116,7 @@ def test_resume_refuses_a_checkpoint_from_another_configuration(cifar_task, tmp_
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.distributed
 def test_two_process_run_keeps_student_and_ema_identical_on_both_ranks(cifar_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBUSTKD_TEST_CIFAR": cifar_dir}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
