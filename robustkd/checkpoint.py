@@ -7,12 +7,18 @@ no pickle is ever executed.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,12 +44,14 @@ class WriteFailedError(ValueError):
     """A write during the run failed; the message names the path and the cause, and what is still intact."""
 
 
-def run_markers(path: str | Path) -> list[str]:
-    """The names in ``path`` that show it holds a run (empty when it holds none or does not exist)."""
+def run_markers(path: str | Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """The names in ``path`` that show it holds a run (empty when it holds none or does not exist);
+    ``extra``: more names that count (an evaluation's report and plots)."""
     path = Path(path)
     if not path.is_dir():
         return []
-    return [m for m in RUN_MARKERS if (path / m).exists() and not ((path / m).is_file() and (path / m).stat().st_size == 0)]
+    names = dict.fromkeys((*RUN_MARKERS, *extra))
+    return [m for m in names if (path / m).exists() and not ((path / m).is_file() and (path / m).stat().st_size == 0)]
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -76,24 +84,35 @@ def check_writable(path: str | Path, need_bytes: int = 0, what: str = "--output-
 
 
 def prepare_output_dir(path: str | Path, *, resume: bool = False, overwrite: bool = False, need_bytes: int = 0,
-                       what: str = "--output-dir") -> Path | None:
+                       what: str = "--output-dir", markers: tuple[str, ...] = (),
+                       resumable: bool = True) -> Path | None:
     """Make ``path`` ready for a new run (or a resumed one) before any work is done.
 
-    A directory that already holds a run is refused unless ``resume`` (continue it) or ``overwrite``
-    (move it aside to ``NAME.old-<UTC time>``; nothing is deleted). Also refuses a path that is a
-    file, a read-only location, or one without ``need_bytes`` free. Returns where an old run was
-    moved, else None.
+    A directory that already holds a run (any of :data:`RUN_MARKERS` or ``markers``) is refused
+    unless ``resume`` (continue it) or ``overwrite`` (move it aside to ``NAME.old-<UTC time>``;
+    nothing is deleted); so is one a live run is writing to (its lock, :class:`RunLock`). Also
+    refuses a path that is a file, a read-only location, or one without ``need_bytes`` free.
+    ``resumable=False``: the command cannot continue a run (``robustkd eval``), so the message does
+    not offer ``--resume``. Returns where an old run was moved, else None.
     """
     path = Path(path).expanduser()
     if resume and overwrite:
         raise RunDirError("--resume continues the run in --output-dir and --overwrite moves it aside: pass one of them")
     check_writable(path, need_bytes, what)
-    found = run_markers(path)
+    check_unlocked(path, what)
+    found = run_markers(path, markers)
     if not found or resume:
         return None
     if not overwrite:
-        raise RunDirError(f"{what} {path} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+        first = "pass --resume to continue it, " if resumable else "pass "
+        raise RunDirError(f"{what} {path} already holds a run ({', '.join(found)}): {first}"
                           f"--overwrite to move it aside to {path.name}.old-<time>, or choose a new {what}")
+    return move_aside(path)
+
+
+def move_aside(path: str | Path) -> Path:
+    """Rename ``path`` to ``NAME.old-<UTC time>`` next to it (what ``--overwrite`` does; nothing is deleted)."""
+    path = Path(path).expanduser()
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     moved = path.with_name(f"{path.name}.old-{stamp}")
     n = 1
@@ -101,6 +120,158 @@ def prepare_output_dir(path: str | Path, *, resume: bool = False, overwrite: boo
         moved, n = path.with_name(f"{path.name}.old-{stamp}-{n}"), n + 1
     os.replace(path, moved)
     return moved
+
+
+def prepare_eval_dir(output_dir: str | Path, *, overwrite: bool = False, checkpoint: str | Path | None = None,
+                     main: bool | None = None) -> Path | None:
+    """``robustkd eval --output-dir``, before any work: refuse the evaluated run's own folder (or one holding
+    it), a folder holding a training run or another evaluation (its report and plots would be replaced;
+    ``overwrite`` moves it aside instead), and one another live run is writing to; then lock it for this
+    evaluation (released when the process ends). ``main``: this is the process that writes (default: ``RANK``
+    unset or 0); the others only check. Returns where an old folder was moved, else None."""
+    out = Path(output_dir).expanduser()
+    if checkpoint is not None:
+        ckpt = Path(checkpoint).expanduser().resolve()
+        if out.resolve() == ckpt or out.resolve() in ckpt.parents:
+            raise RunDirError(f"--output-dir {out} is the --checkpoint run {checkpoint} (or holds it): the evaluation's "
+                              "report.json and plots would replace the run's own. Choose another --output-dir")
+    if main is None:
+        main = os.environ.get("RANK", "0") in ("", "0")
+    if not main:
+        check_writable(out)
+        return None
+    return prepare_output_dir(out, overwrite=overwrite, markers=_eval_markers(), resumable=False)
+
+
+def _eval_markers() -> tuple[str, ...]:
+    from .eval.schema import HTML_FILE, PLOT_FILES, REPORT_FILE
+
+    return (REPORT_FILE, HTML_FILE, *PLOT_FILES.values())
+
+
+@contextlib.contextmanager
+def eval_dir_lock(output_dir: str | Path, main: bool = True) -> Iterator[None]:
+    """Hold ``robustkd eval``'s ``--output-dir`` lock while the evaluation runs and writes (main process only):
+    a second evaluation into the folder is refused naming this one's pid, and a report another run wrote
+    there since :func:`prepare_eval_dir` checked it is not replaced."""
+    if not main:
+        yield
+        return
+    out = Path(output_dir).expanduser()
+    with RunLock(out):
+        found = run_markers(out, _eval_markers())
+        if found:
+            raise RunDirError(f"--output-dir {out} received another run's files while this evaluation started "
+                              f"({', '.join(found)}): choose a new --output-dir")
+        yield
+
+
+# -- the run lock: one run writes to a folder at a time ------------------------------------------------
+LOCK_FILE = ".robustkd.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def lock_holder(path: str | Path) -> dict[str, Any] | None:
+    """Who holds the run lock of ``path`` (``pid``, ``host``, ``started``, ``command``), or None when nobody
+    does. A lock left by a process that no longer runs on this machine is stale (None); so is one this very
+    process holds (a run in it that stopped without releasing it)."""
+    lock = Path(path).expanduser() / LOCK_FILE
+    try:
+        info = json.loads(lock.read_text())
+        pid = int(info["pid"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"pid": "?", "host": "?", "started": "?", "command": f"unreadable {LOCK_FILE}"}
+    if info.get("host") == socket.gethostname() and (pid == os.getpid() or not _alive(pid)):
+        return None
+    return info
+
+
+def check_unlocked(path: str | Path, what: str = "--output-dir") -> None:
+    """Refuse ``path`` while another live run holds its lock, naming that run's process."""
+    holder = lock_holder(path)
+    if holder is not None:
+        path = Path(path).expanduser()
+        raise RunDirError(f"{what} {path} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
+                          f"started {holder.get('started')}: {str(holder.get('command', ''))[:120]}): wait for it to "
+                          f"finish or choose another {what}; if that process is gone, delete {path / LOCK_FILE}")
+
+
+class RunLock:
+    """The lock of a run folder, held while a run writes to it: ``LOCK_FILE`` in the folder, created
+    exclusively, holding this process's id, host, start time and command line. A second run into the
+    folder is refused (:func:`check_unlocked`, :func:`prepare_output_dir`) naming the holder's pid. A
+    lock whose process is gone is taken over. Use as a context manager, or :meth:`acquire` /
+    :meth:`release` (released at interpreter exit too)::
+
+        with RunLock(output_dir):
+            ...  # write the run
+    """
+
+    def __init__(self, path: str | Path, what: str = "--output-dir"):
+        self.path, self.what = Path(path).expanduser(), what
+        self.file = self.path / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        if self.held:
+            return self
+        self.created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()), "command": " ".join(sys.argv)}
+        for _ in range(2):
+            try:
+                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                check_unlocked(self.path, self.what)  # raises while a live run holds it
+                self.file.unlink(missing_ok=True)  # stale, or ours: take it over
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(info))
+            self.held = True
+            atexit.register(self.release)
+            return self
+        check_unlocked(self.path, self.what)
+        raise RunDirError(f"could not lock {self.what} {self.path}: {self.file} keeps reappearing; choose another {self.what}")
+
+    def release(self) -> None:
+        """Remove the lock if this process still holds it (a run moved aside takes its lock file along)."""
+        if not self.held:
+            return
+        self.held = False
+        atexit.unregister(self.release)
+        try:
+            if json.loads(self.file.read_text()).get("pid") == os.getpid():
+                self.file.unlink()
+            if getattr(self, "created", False) and not any(self.path.iterdir()):
+                self.path.rmdir()  # a folder made only for the lock: nothing was written, leave nothing behind
+        except (OSError, ValueError):
+            pass
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def hold_run_lock(path: str | Path, what: str = "--output-dir") -> RunLock:
+    """Lock ``path`` for this run (created when missing) until :meth:`RunLock.release` or the process exits;
+    :class:`RunDirError` naming the holder's pid when another live run holds it."""
+    return RunLock(path, what).acquire()
 
 
 def check_weight_file(path: str | Path) -> None:
@@ -159,6 +330,59 @@ def write_failed(path: str | Path, exc: OSError, intact: str | Path | None = Non
                             "then continue with --resume")
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def disk_cause(path: str | Path) -> str:
+    """Why a write under ``path`` failed when the library gave no errno (torch: "iostream error")."""
+    base = _nearest_existing(Path(path))
+    if shutil.disk_usage(base).free < 2**20:
+        return f"no space left on the device holding {base}"
+    if not os.access(base, os.W_OK):
+        return f"{base} is read-only"
+    return "the write failed"
+
+
+def as_os_error(exc: BaseException, path: str | Path | None = None) -> OSError | None:
+    """``exc`` as the ``OSError`` of a failed write under ``path``, or None when it is no write failure: an
+    ``OSError`` itself, safetensors' ``SafetensorError`` ("I/O error: No space left on device (os error 28)"),
+    or torch's ``RuntimeError`` of a failed file write ("... iostream error", "... file write failed"). Without
+    an errno the cause is read from the disk (:func:`disk_cause`)."""
+    if isinstance(exc, OSError):
+        return exc
+    text = (str(exc).splitlines() or [type(exc).__name__])[0]
+    safetensors = type(exc).__name__ == "SafetensorError"
+    if safetensors and (m := _OS_ERROR.search(text)):
+        return OSError(int(m.group(1)), os.strerror(int(m.group(1))))
+    if safetensors or (isinstance(exc, RuntimeError) and ("write" in text.lower() or "iostream" in text)):
+        cause = disk_cause(path) if path is not None else "the write failed"
+        return OSError(0, f"{cause} ({text[:100]})")
+    return None
+
+
+def failed_write(path: str | Path, exc: BaseException, intact: str | Path | None = None) -> WriteFailedError:
+    """The one-line :class:`WriteFailedError` for ``exc`` raised while writing ``path``, naming what is still
+    intact; re-raises ``exc`` when it is not a failed write. For ``except WRITE_ERRORS as exc: raise
+    failed_write(path, exc, last_checkpoint) from exc``."""
+    os_error = as_os_error(exc, path)
+    if os_error is None:
+        raise exc
+    return write_failed(path, os_error, intact)
+
+
+def _write_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        return (OSError, RuntimeError)
+    return (OSError, RuntimeError, SafetensorError)
+
+
+#: What a failed write of weights or checkpoints raises (disk full, read-only, quota): catch these and
+#: turn them into one line with :func:`failed_write`.
+WRITE_ERRORS = _write_errors()
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write via a temporary file and ``os.replace`` so readers never see half a file."""
     path = Path(path)
@@ -168,6 +392,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def save_model_dir(out_dir: str | Path, student: nn.Module, ema: nn.Module | None, meta: dict[str, Any]) -> None:
+    """The final weights and ``robustkd.json``, each written to a temporary file renamed into place. A failed
+    write (disk full, ...) raises ``OSError`` naming the file, whatever the writer raised (safetensors raises
+    its own ``SafetensorError``), and leaves no partial file behind."""
     from safetensors.torch import save_model
 
     out = Path(out_dir)
@@ -175,7 +402,14 @@ def save_model_dir(out_dir: str | Path, student: nn.Module, ema: nn.Module | Non
     for which, model in (("student", student), ("ema", ema)):
         if model is not None:
             tmp = out / (WEIGHT_FILES[which] + ".tmp")
-            save_model(model, str(tmp))
+            try:
+                save_model(model, str(tmp))
+            except WRITE_ERRORS as exc:
+                tmp.unlink(missing_ok=True)
+                os_error = as_os_error(exc, tmp)
+                if os_error is None:
+                    raise
+                raise OSError(os_error.errno or 0, os_error.strerror or str(os_error), str(tmp)) from exc
             os.replace(tmp, out / WEIGHT_FILES[which])
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=2, default=str))
 

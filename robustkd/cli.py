@@ -54,7 +54,10 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    "examples of the split, drawn with --seed (default: the whole split)")
     p.add_argument("--batch-size", type=int, default=128, help="examples per forward/attack batch: memory, "
                    "not results (the random starts are seeded per batch)")
-    p.add_argument("--output-dir", required=True, help="where report.json, the PNGs and report.html go")
+    p.add_argument("--output-dir", required=True, help="where report.json, the PNGs and report.html go; a folder "
+                   "holding another run or evaluation is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="move what --output-dir holds aside to "
+                   "NAME.old-<time> (nothing is deleted) instead of refusing")
     p.add_argument("--seed", type=int, default=0, help="seeds the subset of --max-eval-samples and the attacks' "
                    "random starts: the same seed gives the same numbers")
     p.add_argument("--which", default="auto", choices=["auto", "student", "ema"],
@@ -69,12 +72,22 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import check_writable, checkpoint_meta, load_training_checkpoint, read_meta, training_checkpoint
+    from .checkpoint import (
+        checkpoint_meta,
+        eval_dir_lock,
+        load_training_checkpoint,
+        prepare_eval_dir,
+        read_meta,
+        training_checkpoint,
+    )
     from .eval.schema import load_history
     from .eval.suite import load_checkpoint, run_evaluation, split_attack_specs
     from .registry import TASKS
 
-    check_writable(args.output_dir)  # a file, read-only or full location fails now, not after the evaluation
+    # a file, read-only or full location, another run's folder or one in use fails now, not after the evaluation
+    moved = prepare_eval_dir(args.output_dir, overwrite=args.overwrite, checkpoint=args.checkpoint)
+    if moved is not None:
+        print(f"moved what {args.output_dir} held aside to {moved} (--overwrite)", file=sys.stderr)
     if args.checkpoint:
         for flag, given in (("--model-dir", args.model_dir), ("--no-normalize", args.no_normalize),
                             ("--threat-model", args.threat_model and not args.robustbench)):
@@ -93,7 +106,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"using task {task_name!r} and data {data_dir!r} recorded in {args.checkpoint}", file=sys.stderr)
     task = TASKS.get(task_name)(data_dir=data_dir)
     loader = None
-    attacks = split_attack_specs(args.attacks) if args.attacks else None
+    attacks = split_attack_specs(args.attacks) if args.attacks is not None else None
+    if attacks == []:  # `--attacks ""` must not mean "the default set"
+        raise ValueError(f"--attacks {args.attacks!r} names no attack: give at least one (e.g. --attacks pgd20), or "
+                         "leave --attacks out for the task's evaluation attacks")
     if args.robustbench:
         attacks, loader = robustbench_protocol(args, task)
     history = None
@@ -130,13 +146,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     device = state.device
     factors = ([float(f) for f in args.curve_factors.split(",")] if args.curve_factors else DEFAULT_FACTORS)
-    ev = run_evaluation(
-        task, model, attacks, loader=loader, split=args.split, max_samples=args.max_eval_samples,
-        batch_size=args.batch_size, seed=args.seed, device=device, curve_factors=factors, curve_steps=args.curve_steps,
-        output_dir=args.output_dir, history=history,
-        data_dir=data_dir, model_meta=model_meta, progress=not args.no_progress,
-        sections={"points": lambda: eval_points(task, args.split, args.max_eval_samples, args.seed,
-                                                first=args.threat_model if args.robustbench else None)})
+    with eval_dir_lock(args.output_dir, state.is_main_process):  # a second evaluation into it is refused
+        ev = run_evaluation(
+            task, model, attacks, loader=loader, split=args.split, max_samples=args.max_eval_samples,
+            batch_size=args.batch_size, seed=args.seed, device=device, curve_factors=factors,
+            curve_steps=args.curve_steps, output_dir=args.output_dir, history=history,
+            data_dir=data_dir, model_meta=model_meta, progress=not args.no_progress,
+            sections={"points": lambda: eval_points(task, args.split, args.max_eval_samples, args.seed,
+                                                    first=args.threat_model if args.robustbench else None)})
     if not state.is_main_process:
         return 0  # the main process reports (and sets the exit status; a launcher turns 3 into its own failure)
     print(summary_text(ev.report))
@@ -192,7 +209,7 @@ def robustbench_protocol(args: argparse.Namespace, task):
     if key not in PROTOCOL:
         raise ValueError(f"RobustBench has no {args.threat_model} leaderboard for {task.name!r}; leaderboards: "
                          f"{', '.join(f'{d}/{t}' for d, t in PROTOCOL)}")
-    if args.attacks:
+    if args.attacks is not None:
         raise ValueError("--robustbench fixes the attack (AutoAttack standard): drop --attacks")
     proto = PROTOCOL[key]
     data = task.dataset(args.split)
@@ -467,7 +484,10 @@ def add_push_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repo-id", required=True, help="the Hub repository, e.g. me/cifar10-adr")
     p.add_argument("--eval", default=None, help="the --output-dir of `robustkd eval` for this run: its accuracies and "
                    "ECE go into the model card")
-    p.add_argument("--folder", default=None, help="where the Hub folder is written; default: RUN/hub")
+    p.add_argument("--folder", default=None, help="where the Hub folder is written; default: RUN/hub. A folder "
+                   "holding another run is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="move what --folder holds aside to NAME.old-<time> "
+                   "(nothing is deleted) instead of refusing")
     p.add_argument("--private", action="store_true")
     p.set_defaults(func=cmd_push)
 
@@ -476,7 +496,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     from .hub import push_run
 
     folder, url = push_run(args.run, args.repo_id, eval_dir=args.eval, folder=args.folder,
-                           private=args.private or None)
+                           private=args.private or None, overwrite=args.overwrite)
     files = ", ".join(sorted(p.name for p in folder.iterdir()))
     if url is None:
         print(f"offline (HF_HUB_OFFLINE=1): wrote a ready-to-push folder {folder} ({files}). Push it when online with:\n"

@@ -15,6 +15,7 @@ measured accuracies and calibration in the Hub's ``model-index`` metadata.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -160,12 +161,67 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a repository id the Hub would refuse, before anything is written: ``USER/NAME``, two parts,
+    each of letters, digits, ``-``, ``_`` and ``.`` (the Hub's own rule, ``huggingface_hub.utils.validate_repo_id``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    parts = str(repo_id).split("/")
+    if len(parts) != 2 or not all(p.strip() for p in parts):
+        problem = (f"it has {len(parts)} parts" if len(parts) != 2 else "a part is empty") + \
+            " but the Hub takes two, the user or organisation and the name"
+    else:
+        try:
+            validate_repo_id(repo_id)
+            return
+        except HFValidationError:
+            problem = ("the Hub allows only letters, digits, '-', '_' and '.' (no spaces, no '--' or '..', not "
+                       "starting or ending with '-' or '.', at most 96 characters)")
+    raise ValueError(f"--repo-id {repo_id!r} is not a Hub repository id: {problem}. Write it as USER/NAME, "
+                     "e.g. me/cifar10-adr")
+
+
+def prepare_push_folder(run: RobustKDRun, folder: Path, overwrite: bool = False) -> Path | None:
+    """Refuse a ``--folder`` that is (or holds) the run itself, or that holds anything but this run's own Hub
+    folder (another run's weights and reports would be replaced; ``overwrite`` moves it aside instead).
+    Returns where an old folder was moved, else None."""
+    from .checkpoint import RunDirError, check_unlocked, check_writable, move_aside
+
+    folder = folder.expanduser()
+    if folder.resolve() == run.run_dir.resolve() or folder.resolve() in run.run_dir.resolve().parents:
+        raise RunDirError(f"--folder {folder} is the run {run.run_dir} (or holds it): the Hub folder is a copy, "
+                          "written elsewhere. Choose another --folder (default: RUN/hub)")
+    check_writable(folder, what="--folder")
+    check_unlocked(folder, "--folder")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    try:
+        ours = json.loads((folder / META_FILE).read_text()) == json.loads(json.dumps(run.meta, default=str))
+    except (OSError, ValueError):
+        ours = False
+    if ours and not (folder / "checkpoints").exists():
+        return None  # this run's own Hub folder, written again
+    if not overwrite:
+        names = sorted(p.name for p in folder.iterdir())
+        what = "another run" if (folder / META_FILE).exists() or any(
+            (folder / f).exists() for f in (*WEIGHT_FILES.values(), REPORT_FILE, "checkpoints")) else "other files"
+        raise RunDirError(f"--folder {folder} holds {what} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}), "
+                          f"whose files this push would replace: choose an empty --folder, or pass --overwrite to move "
+                          f"it aside to {folder.name}.old-<time>")
+    return move_aside(folder)
+
+
 def push_run(run_dir: str | Path, repo_id: str, *, eval_dir: str | Path | None = None, folder: str | Path | None = None,
-             private: bool | None = None) -> tuple[Path, str | None]:
+             private: bool | None = None, overwrite: bool = False) -> tuple[Path, str | None]:
     """Write the Hub folder (``folder``, default ``RUN/hub``) and push it to ``repo_id`` when online.
-    Returns (the folder, the commit URL or None when offline)."""
+    A ``repo_id`` the Hub would refuse, or a ``folder`` holding another run (unless ``overwrite``, which moves
+    it aside), is refused before anything is written. Returns (the folder, the commit URL or None when offline)."""
+    check_repo_id(repo_id)
     run = RobustKDRun(run_dir, eval_dir)
     folder = Path(folder) if folder is not None else run.run_dir / "hub"
+    moved = prepare_push_folder(run, folder, overwrite)
+    if moved is not None:
+        logging.getLogger("robustkd.hub").warning(f"moved what {folder} held aside to {moved} (--overwrite)")
     run.save_pretrained(folder)
     if offline():
         return folder, None

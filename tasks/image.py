@@ -91,11 +91,36 @@ IMAGE_COLUMNS = ("img", "image", "pixel_values")
 LABEL_COLUMNS = ("label", "labels", "fine_label")
 
 
-def _decode_hf(ds: Any, image_column: str | None, label_column: str | None, size: int | None) -> tuple[Tensor, Tensor]:
+def _decode_hf(ds: Any, image_column: str | None, label_column: str | None, size: int | None,
+               resize: bool = False, where: str = "the data") -> tuple[Tensor, Tensor]:
     cols = list(ds.column_names)
     icol, lcol = pick_column(cols, image_column, IMAGE_COLUMNS, "image"), pick_column(cols, label_column, LABEL_COLUMNS, "label")
-    images = [_pil_to_array(img, size) for img in ds[icol]]
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds[lcol], dtype=torch.long)
+    labels = ds[lcol]
+    bad = next((v for v in labels if not isinstance(v, (int, np.integer)) or isinstance(v, bool)), None)
+    if bad is not None:
+        kinds = sorted({type(v).__name__ for v in labels})
+        raise ValueError(f"the label column {lcol!r} of {where} holds {'/'.join(kinds)} values (e.g. {bad!r}) but image "
+                         "tasks take integer class ids: store the labels as integers or a ClassLabel feature (e.g. "
+                         "ds.class_encode_column(...) in datasets), or name another column with label_column= (recipes: "
+                         "--task-kwargs '{\"label_column\": \"NAME\"}')")
+    images = [_pil_to_array(img, size if resize else None) for img in ds[icol]]
+    _check_sizes(images, size, where)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels, dtype=torch.long)
+
+
+def _check_sizes(images: list[np.ndarray], size: int | None, where: str) -> None:
+    """Refuse images of another size than the task's: resizing them would change the data without a word."""
+    if size is None:
+        return
+    sizes: dict[tuple[int, int], int] = {}
+    for a in images:
+        sizes[(a.shape[1], a.shape[0])] = sizes.get((a.shape[1], a.shape[0]), 0) + 1
+    other = {s: n for s, n in sizes.items() if s != (size, size)}
+    if other:
+        (w, h), n = max(other.items(), key=lambda kv: kv[1])
+        raise ValueError(f"{n} of {len(images)} images in {where} are {w}x{h} but this task takes {size}x{size}: pick "
+                         "the --dataset that matches the data (tinyimagenet is 64x64), or pass resize=True to resize "
+                         f"them to {size}x{size} (recipes: --task-kwargs '{{\"resize\": true}}')")
 
 
 def _pil_to_array(img: Any, size: int | None) -> np.ndarray:
@@ -116,15 +141,19 @@ def _parquet_dir(root: Path) -> Path | None:
     return None
 
 
-def _load_parquet(root: Path, split: str, image_column, label_column, size) -> tuple[Tensor, Tensor]:
+def _load_parquet(root: Path, split: str, image_column, label_column, size, resize: bool = False) -> tuple[Tensor, Tensor]:
     import datasets
+
+    from robustkd.guards import check_parquet_files
 
     files = sorted(p.name for p in root.glob("*.parquet"))
     for name in SPLIT_ALIASES.get(split, (split,)):
         matching = [f for f in files if f.startswith(name + "-") or f.startswith(name + ".") or f == f"{name}.parquet"]
         if matching:
-            ds = datasets.load_dataset("parquet", data_files={split: [str(root / f) for f in matching]}, split=split)
-            return _decode_hf(ds, image_column, label_column, size)
+            paths = [str(root / f) for f in matching]
+            check_parquet_files(paths, split, root)  # a corrupt file or no rows: one line, not a DatasetGenerationError
+            ds = datasets.load_dataset("parquet", data_files={split: paths}, split=split)
+            return _decode_hf(ds, image_column, label_column, size, resize, f"{root} ({split} split)")
     raise DataNotFoundError(f"no {split!r} split in {root}: found parquet files {files}. Expected names like "
                             f"'{split}-00000-of-00001.parquet' (the Hugging Face layout).")
 
@@ -145,16 +174,17 @@ def _load_torchvision_cifar(root: Path, split: str, num_classes: int) -> tuple[T
     return torch.from_numpy(np.concatenate(xs)), torch.tensor(ys, dtype=torch.long)
 
 
-def _load_image_folder(root: Path, split: str, size: int | None) -> tuple[Tensor, Tensor, list[str]]:
+def _load_image_folder(root: Path, split: str, size: int | None, resize: bool = True) -> tuple[Tensor, Tensor, list[str]]:
     from torchvision.datasets import ImageFolder
 
     for name in SPLIT_ALIASES.get(split, (split,)):
         if (root / name).is_dir():
             _check_folder_classes(root, name)
             folder = ImageFolder(str(root / name))
-            images = [_pil_to_array(folder.loader(path), size) for path, _ in folder.samples]
+            images = [_pil_to_array(folder.loader(path), size if resize else None) for path, _ in folder.samples]
             if not images:
                 raise DataNotFoundError(f"{root / name} holds no images")
+            _check_sizes(images, size, str(root / name))
             x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
             return x, torch.tensor(folder.targets, dtype=torch.long), folder.classes
     raise DataNotFoundError(f"no {split!r} folder in {root}: an ImageFolder tree needs {root}/train/<class>/*.png "
@@ -184,27 +214,28 @@ def _check_folder_classes(root: Path, split_dir: str) -> None:
 @functools.lru_cache(maxsize=8)
 def load_images(data_dir: str | None, hub_name: str | None, split: str, num_classes: int,
                 image_size: int, image_column: str | None = None,
-                label_column: str | None = None) -> tuple[Tensor, Tensor]:
-    """Decode a split once (cached per process). Raises :class:`DataNotFoundError` with the fix."""
+                label_column: str | None = None, resize: bool = False) -> tuple[Tensor, Tensor]:
+    """Decode a split once (cached per process). Raises :class:`DataNotFoundError` with the fix. Images of
+    another size than ``image_size`` are refused unless ``resize`` (then resized, bilinear)."""
     if data_dir is None:
-        return _load_hub(hub_name, split, image_column, label_column, image_size)
+        return _load_hub(hub_name, split, image_column, label_column, image_size, resize)
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataNotFoundError(f"--data-dir {data_dir!r} does not exist or is not a directory. Point --data-dir at "
                                 "a Hugging Face parquet folder (e.g. ../shared/data/cifar10/plain_text), "
                                 "torchvision's CIFAR folder, or an ImageFolder tree.")
     if (pq := _parquet_dir(root)) is not None:
-        return _load_parquet(pq, split, image_column, label_column, image_size)
+        return _load_parquet(pq, split, image_column, label_column, image_size, resize)
     if (root / "cifar-10-batches-py").is_dir() or (root / "cifar-100-python").is_dir() or (root / "data_batch_1").exists():
         return _load_torchvision_cifar(root, split, num_classes)
     if any((root / s).is_dir() for s in ("train", "test", "val")):
-        x, y, _ = _load_image_folder(root, split, image_size)
+        x, y, _ = _load_image_folder(root, split, image_size, resize)
         return x, y
     raise DataNotFoundError(f"cannot read images from --data-dir {data_dir!r}: it holds no *.parquet files, no "
                             "torchvision CIFAR batches, and no train/ or test/ ImageFolder tree.")
 
 
-def _load_hub(hub_name: str | None, split: str, image_column, label_column, size) -> tuple[Tensor, Tensor]:
+def _load_hub(hub_name: str | None, split: str, image_column, label_column, size, resize: bool = False) -> tuple[Tensor, Tensor]:
     if hub_name is None:
         raise DataNotFoundError("this task has no hub data set: pass --data-dir with a local copy.")
     import datasets
@@ -219,7 +250,10 @@ def _load_hub(hub_name: str | None, split: str, image_column, label_column, size
         ) from exc
     for name in SPLIT_ALIASES.get(split, (split,)):
         if name in ds:
-            return _decode_hf(ds[name], image_column, label_column, size)
+            from robustkd.guards import check_split_rows
+
+            check_split_rows(ds[name], split, hub_name)
+            return _decode_hf(ds[name], image_column, label_column, size, resize, f"{hub_name} ({name} split)")
     raise DataNotFoundError(f"{hub_name!r} has splits {list(ds)}, none of them {split!r}")
 
 
@@ -233,8 +267,9 @@ class ImageClassification(ContinuousTask):
     def __init__(self, name: str, num_classes: int, image_size: int, stats: tuple, *,
                  data_dir: str | None = None, hub_name: str | None = None, augment: bool = True,
                  image_column: str | None = None, label_column: str | None = None,
-                 eps: float = 8 / 255, norm: str = "linf"):
+                 eps: float = 8 / 255, norm: str = "linf", resize: bool = False):
         self.name, self.num_classes, self.image_size, self.stats = name, num_classes, image_size, stats
+        self.resize = bool(resize)  # images of another size: refused unless True
         self.data_dir = str(data_dir) if data_dir is not None else None
         self.hub_name, self.augment = hub_name, augment
         self.image_column, self.label_column = image_column, label_column
@@ -244,12 +279,16 @@ class ImageClassification(ContinuousTask):
     def dataset(self, split: str) -> Dataset:
         if split not in self._datasets:
             x, y = load_images(self.data_dir, self.hub_name, split, self.num_classes, self.image_size,
-                               self.image_column, self.label_column)
+                               self.image_column, self.label_column, self.resize)
             self._check_data(x, y, split)
             self._datasets[split] = ImageTensorDataset(x, y)
         return self._datasets[split]
 
     def _check_data(self, x: Tensor, y: Tensor, split: str) -> None:
+        if len(y) == 0:
+            from robustkd.guards import empty_split
+
+            raise empty_split(split, self.data_dir or self.hub_name or self.name)
         expected = (3, self.image_size, self.image_size)
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f"{self.name} {split} images have shape {tuple(x.shape[1:])}, expected {expected}: "
@@ -275,9 +314,12 @@ class ImageClassification(ContinuousTask):
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"{self.name} expects image batches of shape (N, {', '.join(map(str, expected))}), "
                              f"got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"image batches are {x.dtype} but models and attacks take float images in [0, 1]: pass "
+                             "x.float() / 255 (robustkd's data loaders convert uint8 images)")
         lo, hi = float(x.min()), float(x.max())
         if lo < 0.0 or hi > 1.0:
-            hint = ("they look like 0-255 pixel values: divide the images by 255 (or pass uint8 tensors)"
+            hint = ("they look like 0-255 pixel values: divide the images by 255"
                     if lo >= 0.0 and hi <= 255.0 else "remove Normalize from your data pipeline; robustkd models "
                     "normalise inside")
             raise ValueError(f"image values span [{lo:.3f}, {hi:.3f}] but must lie in [0, 1] (attacks and budgets "
@@ -364,7 +406,9 @@ def tinyimagenet(data_dir: str | None = None, **kwargs: Any) -> ImageClassificat
 @register_task("imagefolder")
 def imagefolder(data_dir: str | None = None, *, num_classes: int | None = None, image_size: int = 32,
                 **kwargs: Any) -> ImageClassification:
-    """Any ImageFolder tree (train/<class>/..., test/<class>/...), resized to image_size."""
+    """Any ImageFolder tree (train/<class>/..., test/<class>/...), resized to image_size (resize=False refuses
+    images of another size instead)."""
+    kwargs.setdefault("resize", True)
     if data_dir is None:
         raise DataNotFoundError("the imagefolder task needs --data-dir pointing at a tree with train/ and test/")
     if num_classes is None:

@@ -44,11 +44,13 @@ class AudioDataError(ValueError):
 
 # -- decoding ---------------------------------------------------------------------------------
 def read_wav(path: str | Path, *, sample_rate: int | None = None, resample: bool = False,
-             downmix: bool = False) -> tuple[Tensor, int]:
+             downmix: bool = False, normalize_loud: bool = False) -> tuple[Tensor, int]:
     """Decode one file to a float32 mono waveform in [-1, 1] (and its rate after resampling).
 
     Refuses, naming the file: unreadable/corrupt files, files without samples, multi-channel
-    files (unless ``downmix``), and a rate other than ``sample_rate`` unless ``resample``.
+    files (unless ``downmix``), a rate other than ``sample_rate`` unless ``resample``, and samples
+    beyond [-1, 1] (a float WAV written unscaled; clipping would distort it) unless ``normalize_loud``,
+    which divides such a file by its peak.
     """
     sf = require("soundfile", "speech", "reading audio files")
 
@@ -66,6 +68,14 @@ def read_wav(path: str | Path, *, sample_rate: int | None = None, resample: bool
                                  "convert it to mono, or build the task with downmix=True to average the channels (recipes: "
                                  "--task-kwargs '{\"downmix\": true}')")
         data = data.mean(axis=1, keepdims=True)
+    peak = float(np.abs(data).max())
+    if peak > AUDIO_DOMAIN[1] and np.isfinite(peak):
+        if not normalize_loud:
+            raise AudioDataError(f"audio file {path} has samples up to {peak:.4g} but audio lies in [-1, 1] (a float "
+                                 f"WAV {peak:.3g}x too loud; clipping would distort it): rescale the file (divide it by "
+                                 "its peak), or build the task with normalize_loud=True to scale such files down to a "
+                                 "peak of 1 (recipes: --task-kwargs '{\"normalize_loud\": true}')")
+        data = data / peak
     wave = torch.from_numpy(np.ascontiguousarray(data[:, 0]))
     if sample_rate is not None and rate != sample_rate:
         if not resample:
@@ -94,13 +104,13 @@ def fix_length(wave: Tensor, num_samples: int) -> Tensor:
 
 
 def decode_files(files: Sequence[Path], num_samples: int, sample_rate: int | None, resample: bool,
-                 downmix: bool = False) -> tuple[Tensor, int]:
+                 downmix: bool = False, normalize_loud: bool = False) -> tuple[Tensor, int]:
     """Decode ``files`` into one ``(N, num_samples)`` float tensor; every file must share one rate
     (the first file's when ``sample_rate`` is None)."""
     out = torch.zeros(len(files), num_samples)
     rate = sample_rate
     for i, f in enumerate(files):
-        wave, r = read_wav(f, sample_rate=rate, resample=resample, downmix=downmix)
+        wave, r = read_wav(f, sample_rate=rate, resample=resample, downmix=downmix, normalize_loud=normalize_loud)
         rate = r if rate is None else rate
         out[i] = fix_length(wave, num_samples)
     return out, int(rate or 0)
@@ -116,22 +126,23 @@ def _cache_key(files: Sequence[Path], *parts: Any) -> str:
 
 
 def load_waveforms(files: Sequence[Path], num_samples: int, sample_rate: int | None, resample: bool,
-                   downmix: bool = False, cache_dir: str | None = None) -> tuple[Tensor, int]:
+                   downmix: bool = False, cache_dir: str | None = None,
+                   normalize_loud: bool = False) -> tuple[Tensor, int]:
     """:func:`decode_files`, memoised in the process and (with ``cache_dir``) on disk, keyed by the
     files' paths, sizes and modification times and the decoding settings."""
-    key = _cache_key(files, num_samples, sample_rate, resample, downmix)
-    return _load_cached(key, tuple(files), num_samples, sample_rate, resample, downmix, cache_dir)
+    key = _cache_key(files, num_samples, sample_rate, resample, downmix, *(("normalize_loud",) if normalize_loud else ()))
+    return _load_cached(key, tuple(files), num_samples, sample_rate, resample, downmix, cache_dir, normalize_loud)
 
 
 @functools.lru_cache(maxsize=16)
 def _load_cached(key: str, files: tuple[Path, ...], num_samples: int, sample_rate: int | None, resample: bool,
-                 downmix: bool, cache_dir: str | None) -> tuple[Tensor, int]:
+                 downmix: bool, cache_dir: str | None, normalize_loud: bool = False) -> tuple[Tensor, int]:
     if cache_dir is not None:
         path = Path(cache_dir).expanduser() / f"waveforms-{key}.pt"
         if path.exists():
             saved = torch.load(str(path), weights_only=True)
             return saved["waves"], int(saved["rate"])
-    waves, rate = decode_files(files, num_samples, sample_rate, resample, downmix)
+    waves, rate = decode_files(files, num_samples, sample_rate, resample, downmix, normalize_loud)
     if cache_dir is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -160,7 +171,8 @@ class SpeechClassification(ContinuousTask):
     """Fixed-length mono waveforms in [-1, 1]; subclasses say which files form each split.
 
     ``sample_rate`` is the rate the models see; files at another rate are an error unless
-    ``resample``. ``clip_seconds`` sets the fixed length. The default threat model is
+    ``resample``; files with samples beyond [-1, 1] are an error unless ``normalize_loud`` (each such
+    file divided by its peak). ``clip_seconds`` sets the fixed length. The default threat model is
     ``SNRBall(snr_db)``; ``eps`` sets the default amplitude budget for L-inf/L2 balls.
     """
 
@@ -170,12 +182,13 @@ class SpeechClassification(ContinuousTask):
 
     def __init__(self, name: str, classes: Sequence[str], *, sample_rate: int | None, clip_seconds: float = 1.0,
                  resample: bool = False, downmix: bool = False, snr_db: float = 30.0, eps: float = 0.002,
-                 norm: str = "linf", cache_dir: str | None = None):
+                 norm: str = "linf", cache_dir: str | None = None, normalize_loud: bool = False):
         require("soundfile", "speech", f"the {name} task")  # before any work: one line naming the extra
         self.name, self.classes = name, list(classes)
         self.num_classes = len(self.classes)
         self.sample_rate, self.clip_seconds = sample_rate, float(clip_seconds)
         self.resample, self.downmix, self.cache_dir = resample, downmix, cache_dir
+        self.normalize_loud = bool(normalize_loud)  # float WAVs beyond [-1, 1]: refused unless True
         self.snr_db, self.eps, self.norm = float(snr_db), float(eps), norm
         self._datasets: dict[str, WaveformDataset] = {}
 
@@ -196,9 +209,9 @@ class SpeechClassification(ContinuousTask):
             if not files:
                 raise DataNotFoundError(f"{self.name}: the {split!r} split has no audio files")
             if self.sample_rate is None:  # take the data's own rate from the first file
-                _, self.sample_rate = read_wav(files[0], downmix=self.downmix)
+                _, self.sample_rate = read_wav(files[0], downmix=self.downmix, normalize_loud=self.normalize_loud)
             waves, _ = load_waveforms(files, self.num_samples, self.sample_rate, self.resample, self.downmix,
-                                      self.cache_dir)
+                                      self.cache_dir, self.normalize_loud)
             self._datasets[split] = WaveformDataset(waves, torch.tensor(labels, dtype=torch.long), files, meta)
         return self._datasets[split]
 
@@ -392,6 +405,16 @@ class WavFolder(SpeechClassification):
                 f"{self.root} holds no labelled audio files: expected <label>/*.wav subfolders (or train/<label>/ and "
                 f"test/<label>/); found {', '.join(sorted(p.name for p in self.root.iterdir())[:10]) or 'nothing'}")
         super().__init__("wavfolder", classes, sample_rate=sample_rate, **kwargs)
+        if self.sample_rate is None:  # the data's own rate, from the first file (every file must share it)
+            first = next((f for split in ("train", "test") for f in self._files_or_none(split)), None)
+            if first is not None:
+                _, self.sample_rate = read_wav(first, downmix=self.downmix, normalize_loud=self.normalize_loud)
+
+    def _files_or_none(self, split: str) -> list[Path]:
+        try:
+            return self.split_files(split)[0]
+        except DataNotFoundError:
+            return []
 
     def split_files(self, split: str) -> tuple[list[Path], list[int], list[dict]]:
         if split not in ("train", "test"):

@@ -59,6 +59,8 @@ def load_raw_split(data_dir: str | None, hub_name: str | None, hub_config: str |
     with the fix when the data cannot be found."""
     import datasets
 
+    from robustkd.guards import check_parquet_files, check_split_rows, empty_split
+
     if data_dir is not None:
         root = Path(data_dir).expanduser()
         if not root.is_dir():
@@ -75,16 +77,22 @@ def load_raw_split(data_dir: str | None, hub_name: str | None, hub_config: str |
                     raise DataNotFoundError(f"split {name!r} in {root} mixes file types {sorted(kinds)}: keep one")
                 kind = kinds.pop()
                 options = {"encoding": encoding} if (encoding and kind == "csv") else {}
+                if kind == "parquet":  # a corrupt file or no rows: one line, not a DatasetGenerationError
+                    check_parquet_files(files, split, root)
                 try:
-                    return datasets.load_dataset(kind, data_files={name: [str(f) for f in files]}, split=name, **options)
+                    ds = datasets.load_dataset(kind, data_files={name: [str(f) for f in files]}, split=name, **options)
                 except Exception as exc:  # noqa: BLE001 - datasets wraps the decode error in its own
                     cause = _decode_error(exc)
+                    if cause is None and "corresponds to no data" in str(exc):  # a CSV/JSON file of no rows
+                        raise empty_split(split, root, files) from None
                     if cause is None:
                         raise
                     raise ValueError(f"{', '.join(str(f) for f in files)} is not {encoding or 'UTF-8'} text ({cause}): "
                                      "re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT) or name its "
                                      "encoding with encoding='latin-1' (recipes: --task-kwargs "
                                      "'{\"encoding\": \"latin-1\"}')") from None
+                check_split_rows(ds, split, root, files)
+                return ds
         raise DataNotFoundError(f"no {split!r} split in {root}: found splits {sorted(groups)} (file names must start "
                                 f"with the split name, e.g. '{SPLIT_ALIASES.get(split, (split,))[0]}-00000-of-00001.parquet').")
     if hub_name is None:
@@ -101,6 +109,7 @@ def load_raw_split(data_dir: str | None, hub_name: str | None, hub_config: str |
             f"robustkd never substitutes other data.{remote}") from exc
     for name in SPLIT_ALIASES.get(split, (split,)):
         if name in ds:
+            check_split_rows(ds[name], split, hub_name)
             return ds[name]
     raise DataNotFoundError(f"{hub_name!r} has splits {list(ds)}, none of them {split!r}")
 
@@ -367,18 +376,53 @@ class TextClassification(Task):
     def check_tokenizer_source(self, model: nn.Module) -> None:
         """Refuse a tokenizer saved from another model than ``model`` (compared by the last part of each one's
         name or path: ``org/name`` and a local ``.../name`` copy agree) unless the task has ``force_tokenizer``.
-        A tokenizer of another model can share the vocabulary size yet map words to other ids."""
+        A tokenizer of another model can share the vocabulary size yet map words to other ids, so when the names
+        agree (or the tokenizer has none) but the tokenizer was not loaded from the model's own files, its
+        vocabulary is compared with the tokenizer saved with the model (else its padding id with the model's)."""
         tok = self._need_tokenizer()
         tok_name = str(getattr(tok, "name_or_path", "") or "")
         model_name = str(getattr(getattr(unwrap(model), "config", None), "_name_or_path", "") or "")
-        if self.force_tokenizer or not tok_name or not model_name:
+        if self.force_tokenizer or not model_name:
             return
-        a, b = Path(tok_name.rstrip("/")).name.lower(), Path(model_name.rstrip("/")).name.lower()
-        if a != b:
-            raise ValueError(f"the tokenizer comes from {tok_name!r} but the model from {model_name!r}: another "
-                             "model's tokenizer maps words to other ids. Use the model's own tokenizer, or pass "
-                             "force_tokenizer=True if they are the same (recipes: --task-kwargs "
-                             "'{\"force_tokenizer\": true}')")
+        fix = ("Use the model's own tokenizer, or pass force_tokenizer=True if they are the same (recipes: "
+               "--task-kwargs '{\"force_tokenizer\": true}')")
+        if tok_name:
+            a, b = Path(tok_name.rstrip("/")).name.lower(), Path(model_name.rstrip("/")).name.lower()
+            if a != b:
+                raise ValueError(f"the tokenizer comes from {tok_name!r} but the model from {model_name!r}: another "
+                                 f"model's tokenizer maps words to other ids. {fix}")
+            if tok_name.rstrip("/") == model_name.rstrip("/"):
+                return  # loaded from the model's own files
+        # the same last name (or no name) is not the same tokenizer: compare with the one saved with the model
+        own = self._own_tokenizer(model_name)
+        if own is not None:
+            mine, theirs = tok.get_vocab(), own.get_vocab()
+            if mine != theirs:
+                moved = sorted(t for t in set(mine) | set(theirs) if mine.get(t) != theirs.get(t))
+                t = moved[0]
+                raise ValueError(f"the tokenizer{f' from {tok_name!r}' if tok_name else ''} is not the one saved with "
+                                 f"the model {model_name!r}: {len(moved)} tokens have other ids (e.g. {t!r}: "
+                                 f"{mine.get(t)} here, {theirs.get(t)} in the model's), so words would map to the "
+                                 f"wrong embeddings. {fix}")
+            return
+        pad = getattr(getattr(unwrap(model), "config", None), "pad_token_id", None)
+        if pad is not None and tok.pad_token_id is not None and int(pad) != int(tok.pad_token_id):
+            raise ValueError(f"the tokenizer pads with id {tok.pad_token_id} ({tok.pad_token!r}) but the model "
+                             f"{model_name!r} was built with pad_token_id={pad}: this is not the model's tokenizer. {fix}")
+
+    def _own_tokenizer(self, model_name: str) -> Any:
+        """The tokenizer saved with the model (its directory, or the local hub cache); None when there is none."""
+        from transformers import AutoTokenizer
+
+        path = Path(model_name).expanduser()
+        if path.is_dir() and not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                   "vocab.txt", "vocab.json", "spiece.model")):
+            return None
+        try:
+            return AutoTokenizer.from_pretrained(str(path) if path.is_dir() else model_name, local_files_only=True,
+                                                 trust_remote_code=self.trust_remote_code)
+        except Exception:  # noqa: BLE001 - no tokenizer with the model (or not cached): the name check stands
+            return None
 
     def check_vocabulary(self, model: nn.Module) -> None:
         """Refuse a tokenizer whose ids do not fit the model's embedding table."""

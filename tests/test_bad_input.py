@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import runpy
 import shutil
 import sys
@@ -424,6 +425,343 @@ def test_every_fix_a_message_names_is_reachable_through_task_kwargs(shared):
     speech_recipe, s = settings(str(REPO / "recipes" / "speech_adr.py"), "--data-dir", str(shared / "data" / "fsdd"),
                                 "--task-kwargs", '{"downmix": true}')
     assert speech_recipe["build_speech_task"](s).downmix
+
+
+# -- data faults: corrupt or empty files, string labels, foreign sizes ------------------------------
+def _png(size: int, value: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (value, 40, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _parquet_split(folder: Path, split: str, n: int, size: int = 32, labels: list | None = None) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = [{"bytes": _png(size, 20 * i % 255), "path": None} for i in range(n)]
+    table = pa.table({"img": pa.array(images, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                      "label": labels if labels is not None else pa.array([i % 10 for i in range(n)], pa.int64())})
+    path = folder / f"{split}-00000-of-00001.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("corrupt", ["train-00000-of-00001.parquet is not a readable parquet file", "truncated or corrupt"]),
+    ("empty_train", ["the 'train' split in", "has no rows", "training needs examples"]),
+    ("empty_test", ["the 'test' split in", "has no rows", "the evaluation needs examples"]),
+    ("string_labels", ["label column 'label'", "holds str values (e.g. 'cat')", "integer class ids"]),
+    ("64x64", ["are 64x64 but this task takes 32x32", "tinyimagenet", "'{\"resize\": true}'"]),
+])
+def test_data_faults_in_a_parquet_folder_are_one_line_before_training(case, fragments, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"
+    size = 64 if case == "64x64" else 32
+    labels = ["cat", "dog"] * 10 if case == "string_labels" else None
+    train = _parquet_split(data, "train", 0 if case == "empty_train" else 20, size, labels)
+    _parquet_split(data, "test", 0 if case == "empty_test" else 10, size, labels[:10] if labels else None)
+    if case == "corrupt":
+        train.write_bytes(train.read_bytes()[:300])
+    before = tree(data)
+    out = tmp_path / "run"
+    argv = [*TINY, "--dataset", "cifar10", "--data-dir", str(data), "--output-dir", str(out)]
+    code, err = run_script(CIFAR_RECIPE, argv, capsys, monkeypatch)
+    assert code == 2
+    one_line_error(err, *fragments)
+    assert "epoch 1" not in err and not (out / "metrics.jsonl").exists() and tree(data) == before
+    if case == "64x64":  # the fix the line names works: resized on request
+        from robustkd import create_task
+
+        task = create_task("cifar10", data_dir=str(data), resize=True)
+        assert task.dataset("train").images.shape == (20, 3, 32, 32)
+
+
+@pytest.mark.parametrize("case", ["corrupt_parquet", "empty_csv"])
+def test_text_data_faults_are_one_line(case, tmp_path, shared):
+    from robustkd import create_task
+
+    data = tmp_path / "text"
+    data.mkdir()
+    (data / "validation.csv").write_text("sentence,label\na fine film,1\n")
+    if case == "empty_csv":
+        (data / "train.csv").write_text("sentence,label\n")
+        expect = "the 'train' split in"
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        (data / "validation.csv").unlink()
+        for split in ("train", "validation"):
+            pq.write_table(pa.table({"sentence": ["good", "bad"], "label": [1, 0]}), data / f"{split}-0.parquet")
+        f = data / "train-0.parquet"
+        f.write_bytes(f.read_bytes()[:100])
+        expect = "train-0.parquet is not a readable parquet file"
+    task = create_task("text_classification", data_dir=str(data), num_classes=2)
+    with pytest.raises(ValueError) as info:
+        task.build_model(str(shared / "models" / "all-MiniLM-L6-v2"))
+        task.dataset("train")
+    msg = str(info.value)
+    assert "\n" not in msg and expect in msg and ("has no rows" in msg or "truncated or corrupt" in msg)
+
+
+def test_a_float_wav_far_too_loud_is_refused_naming_the_file_and_the_option_works(tmp_path, capsys, monkeypatch):
+    sf = pytest.importorskip("soundfile")
+    import numpy as np
+
+    data = tmp_path / "wavs"
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(4000) / 8000)).astype(np.float32)
+    for label in ("yes", "no"):
+        for i in range(3):
+            (data / label).mkdir(parents=True, exist_ok=True)
+            sf.write(str(data / label / f"{i}.wav"), tone * (i + 1) / 3, 8000, subtype="FLOAT")
+    loud = data / "yes" / "1.wav"
+    sf.write(str(loud), tone * 50 / 0.3, 8000, subtype="FLOAT")  # peak 50: written without scaling
+    before = tree(data)
+    out = tmp_path / "run"
+    argv = ["--dataset", "wavfolder", "--data-dir", str(data), "--output-dir", str(out), "--epochs", "1",
+            "--max-train-samples", "4", "--no-progress"]
+    code, err = run_script(str(REPO / "recipes" / "speech_adr.py"), argv, capsys, monkeypatch)
+    assert code == 2
+    one_line_error(err, f"audio file {loud} has samples up to 50", "'{\"normalize_loud\": true}'")
+    assert tree(data) == before and not (out / "metrics.jsonl").exists()
+    from robustkd import create_task
+
+    task = create_task("wavfolder", data_dir=str(data), test_fraction=0.0, normalize_loud=True)
+    train = task.dataset("train")
+    wave = train.waves[train.files.index(loud)]
+    scaled = torch.from_numpy(tone / np.abs(tone).max())  # divided by its peak, not clipped to a square wave
+    assert torch.allclose(wave[2000:6000], scaled, atol=1e-5) and float(wave.abs().max()) == pytest.approx(1.0)
+
+
+def test_a_same_named_tokenizer_with_other_ids_is_refused(shared, tmp_path):
+    from robustkd import create_task
+
+    src = shared / "models" / "all-MiniLM-L6-v2"
+    other = tmp_path / "copy" / "all-MiniLM-L6-v2"  # the model's own name, another vocabulary order
+    other.mkdir(parents=True)
+    for f in ("tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / f, other)
+    vocab = (src / "vocab.txt").read_text().split("\n")
+    i, j = vocab.index("good"), vocab.index("bad")
+    vocab[i], vocab[j] = vocab[j], vocab[i]  # same size, two words swapped
+    (other / "vocab.txt").write_text("\n".join(vocab))
+    sst2 = shared / "data" / "sst2" / "data"
+    task = create_task("sst2", data_dir=str(sst2), tokenizer=str(other))
+    with pytest.raises(ValueError) as info:
+        task.build_model(str(src))
+    msg = str(info.value)
+    assert "\n" not in msg and "is not the one saved with the model" in msg and "2 tokens have other ids" in msg
+    assert "force_tokenizer" in msg
+    create_task("sst2", data_dir=str(sst2), tokenizer=str(src)).build_model(str(src))  # its own: accepted
+
+
+# -- the training loader, attacks given bad batches ------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="needs the trainer to call robustkd.guards.check_train_batches "
+                   "(reported to the lead); remove this mark once it does")
+def test_fewer_examples_than_a_batch_under_drop_last_names_the_cause(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    argv = [*TINY, "--output-dir", str(out), "--max-train-samples", "16", "--drop-last", "true"]
+    code, err = run_script(CIFAR_RECIPE, argv, capsys, monkeypatch)
+    assert code == 2
+    one_line_error(err, "16 training examples make no full batch of --batch-size 32", "drop_last", "--drop-last false")
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_an_attack_refuses_uint8_and_0_255_image_batches_through_the_api():
+    from robustkd import create_task
+    from robustkd.attacks.base import AttackInputError, create_attack
+
+    task = create_task("synthetic", n_train=8, n_test=8)
+    model = task.build_model("small_cnn", width=8).eval()
+    x, y = task.dataset("test").images, task.dataset("test").labels  # uint8 storage
+    attack = create_attack("pgd", task, steps=1)
+    with pytest.raises(AttackInputError, match=r"got torch.uint8 images .* take float images in \[0, 1\]: pass "
+                                               r"batch\['inputs'\].float\(\) / 255"):
+        attack(model, {"inputs": x, "labels": y})
+    with pytest.raises(AttackInputError, match=r"spanning \[.*, 254\] .* in \[0, 1\] .*: they look like 0-255 pixel "
+                                               "values: divide them by 255"):
+        attack(model, {"inputs": x.float(), "labels": y})
+    adv = attack(model, {"inputs": x.float() / 255, "labels": y})  # the fix works
+    assert task.logits(model, *adv).shape == (8, 10)
+
+
+# -- a write that fails mid-run keeps the last good checkpoint --------------------------------------
+def _enospc_safetensors(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) at path "x"')
+
+
+def test_a_full_disk_while_writing_the_final_weights_is_one_line_keeping_the_checkpoint(tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(safetensors.torch, "save_model", _enospc_safetensors)
+    code, err = run_script(CIFAR_RECIPE, [*TINY, "--output-dir", str(out)], capsys, monkeypatch)
+    assert code == 2
+    one_line_error(err, f"could not write {out}", "No space left on device", "checkpoints/epoch-1 is intact",
+                   "--resume")
+    assert (out / "checkpoints" / "latest").read_text() == "epoch-1"
+    assert not list(out.glob("*.tmp")) and not (out / "model.safetensors").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="needs Trainer.save_checkpoint to catch robustkd.checkpoint.WRITE_ERRORS "
+                   "(safetensors' SafetensorError) and raise failed_write(...) (reported to the lead)")
+def test_a_full_disk_while_writing_a_checkpoint_through_safetensors_keeps_the_previous(tmp_path):
+    from robustkd.checkpoint import WriteFailedError
+
+    out = tmp_path / "run"
+    trainer = _api_trainer(out, epochs=2)
+    real = trainer.accelerator.save_state
+
+    def save_state(path, **kwargs):
+        if trainer.state.epoch == 2:
+            _enospc_safetensors()
+        return real(path, **kwargs)
+
+    trainer.accelerator.save_state = save_state
+    with pytest.raises(WriteFailedError) as info:
+        trainer.fit()
+    msg = str(info.value)
+    assert "\n" not in msg and "No space left on device" in msg and "epoch-1 is intact" in msg
+    assert (out / "checkpoints" / "latest").read_text() == "epoch-1"
+
+
+# -- robustkd eval: no attacks, another run's folder, a folder in use --------------------------------
+EVAL_ARGS = ["--attacks", "fgsm", "--max-eval-samples", "8", "--curve-steps", "1", "--curve-factors", "0,1",
+             "--no-progress", "--cpu"]
+
+
+def test_eval_with_an_empty_attack_list_is_refused(trained, tmp_path, capsys):
+    for empty in ("", " "):
+        code, err = run_cli(["eval", "--checkpoint", str(trained), "--attacks", empty, "--output-dir",
+                             str(tmp_path / "ev"), "--no-progress"], capsys)
+        assert code == 2
+        one_line_error(err, "names no attack", "--attacks pgd20", "leave --attacks out")
+    assert not (tmp_path / "ev").exists()
+
+
+def test_eval_refuses_another_runs_folder_and_overwrite_moves_it_aside(trained, run_copy, tmp_path, capsys):
+    before = tree(run_copy)
+    base = ["eval", "--checkpoint", str(trained), *EVAL_ARGS]
+    code, err = run_cli([*base, "--output-dir", str(run_copy)], capsys)  # a training run's folder
+    assert code == 2
+    one_line_error(err, f"--output-dir {run_copy} already holds a run", "--overwrite", "choose a new --output-dir")
+    assert "--resume" not in err and tree(run_copy) == before
+    code, err = run_cli([*base, "--output-dir", str(trained)], capsys)  # the evaluated run itself
+    assert code == 2
+    one_line_error(err, "is the --checkpoint run")
+    ev = tmp_path / "ev"
+    assert run_cli([*base, "--output-dir", str(ev)], capsys)[0] in (0, 3)
+    first = tree(ev)
+    code, err = run_cli([*base, "--output-dir", str(ev), "--seed", "1"], capsys)  # another evaluation's folder
+    assert code == 2
+    one_line_error(err, "already holds a run (report.json", "--overwrite")
+    assert tree(ev) == first
+    code, err = run_cli([*base, "--output-dir", str(ev), "--seed", "1", "--overwrite"], capsys)
+    assert code in (0, 3), err
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("ev.old-")]
+    assert len(moved) == 1 and tree(moved[0]) == first and (ev / "report.json").exists()
+    assert not (ev / ".robustkd.lock").exists()  # released when the evaluation ended
+
+
+@pytest.fixture
+def live_pid():
+    """A live process that is not this one (the holder of a lock in the tests)."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def _lock(folder: Path, pid: int) -> None:
+    import socket
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".robustkd.lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(),
+                                                       "started": "2026-01-01 00:00:00", "command": "python x.py"}))
+
+
+def test_a_folder_another_live_run_writes_to_is_refused_by_recipe_and_eval(trained, live_pid, tmp_path, capsys,
+                                                                           monkeypatch):
+    busy = tmp_path / "busy"
+    _lock(busy, live_pid)
+    before = tree(busy)
+    code, err = run_script(CIFAR_RECIPE, [*TINY, "--output-dir", str(busy)], capsys, monkeypatch)
+    assert code == 2
+    one_line_error(err, f"--output-dir {busy} is in use by another run (pid {live_pid}", "wait for it to finish")
+    code, err = run_cli(["eval", "--checkpoint", str(trained), *EVAL_ARGS, "--output-dir", str(busy)], capsys)
+    assert code == 2
+    one_line_error(err, f"is in use by another run (pid {live_pid}")
+    code, err = run_cli(["eval", "--checkpoint", str(trained), *EVAL_ARGS, "--output-dir", str(busy), "--overwrite"],
+                        capsys)
+    assert code == 2 and f"pid {live_pid}" in err  # --overwrite does not move a folder in use
+    assert tree(busy) == before
+
+
+def test_the_run_lock_refuses_a_second_holder_and_takes_over_a_stale_one(tmp_path, live_pid):
+    import subprocess
+
+    from robustkd.checkpoint import LOCK_FILE, RunDirError, RunLock
+
+    folder = tmp_path / "run"
+    with RunLock(folder):  # held by this process: another process is refused, naming this one
+        assert json.loads((folder / LOCK_FILE).read_text())["pid"] == os.getpid()
+        probe = subprocess.run([sys.executable, "-c", "import sys; from robustkd.checkpoint import RunLock\n"
+                                "try:\n    RunLock(sys.argv[1]).acquire()\nexcept ValueError as e:\n    print(e)",
+                                str(folder)], capture_output=True, text=True, timeout=120)
+        assert f"is in use by another run (pid {os.getpid()}" in probe.stdout, probe.stderr[-2000:]
+    assert not folder.exists()  # made for the lock only, nothing written: nothing left behind
+    _lock(folder, live_pid)
+    with pytest.raises(RunDirError, match=f"pid {live_pid}"):
+        RunLock(folder).acquire()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _lock(folder, dead.pid)  # its process is gone: a stale lock is taken over
+    with RunLock(folder):
+        assert json.loads((folder / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert not (folder / LOCK_FILE).exists()
+
+
+# -- robustkd push: repository ids, another run's folder --------------------------------------------
+@pytest.mark.parametrize("repo_id, fragment", [("me/my model!", "only letters, digits"), ("a/b/c", "it has 3 parts"),
+                                               ("", "it has 1 parts"), ("me/", "a part is empty"),
+                                               ("me/--x", "only letters, digits")])
+def test_push_refuses_repo_ids_the_hub_would_refuse(repo_id, fragment, run_copy, capsys):
+    before = tree(run_copy)
+    code, err = run_cli(["push", str(run_copy), "--repo-id", repo_id], capsys)
+    assert code == 2
+    one_line_error(err, f"--repo-id {repo_id!r} is not a Hub repository id", fragment, "USER/NAME")
+    assert tree(run_copy) == before and not (run_copy / "hub").exists()
+
+
+def test_push_refuses_a_folder_holding_another_run_and_overwrite_moves_it_aside(trained, run_copy, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(trained, other)
+    meta = json.loads((other / "robustkd.json").read_text())
+    (other / "robustkd.json").write_text(json.dumps({**meta, "run_id": "another-run"}))
+    before = tree(other)
+    code, err = run_cli(["push", str(run_copy), "--repo-id", "me/tiny", "--folder", str(other)], capsys)
+    assert code == 2
+    one_line_error(err, f"--folder {other} holds another run", "--overwrite")
+    assert tree(other) == before
+    code, err = run_cli(["push", str(run_copy), "--repo-id", "me/tiny", "--folder", str(run_copy)], capsys)
+    assert code == 2
+    one_line_error(err, "is the run")
+    hub = tmp_path / "hub"
+    for _ in range(2):  # this run's own Hub folder may be written again
+        assert run_cli(["push", str(run_copy), "--repo-id", "me/tiny", "--folder", str(hub)], capsys)[0] == 0
+    code, err = run_cli(["push", str(run_copy), "--repo-id", "me/tiny", "--folder", str(other), "--overwrite"], capsys)
+    assert code == 0, err
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("other.old-")]
+    assert len(moved) == 1 and tree(moved[0]) == before
+    assert json.loads((other / "robustkd.json").read_text())["run_id"] == meta["run_id"]
 
 
 # -- evaluation that cannot be fooled: planted gradient masking ------------------------------------

@@ -38,6 +38,7 @@ import re
 from abc import ABC, abstractmethod
 from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from ..registry import ATTACKS, RegistryError
@@ -96,6 +97,10 @@ def victim_mode(model: nn.Module, mode: str | None) -> Iterator[nn.Module]:
             m.training = training
 
 
+class AttackInputError(ValueError):
+    """A batch given to an attack outside the task's input domain; the message says what is expected."""
+
+
 class Attack(ABC):
     """Base class: subclasses implement :meth:`perturb` and list the capabilities (protocols from this
     module, or any class) they need from a task in ``requires``; a task without them is refused at
@@ -117,9 +122,40 @@ class Attack(ABC):
         self.task = task
 
     def __call__(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
-        """Perturb ``batch`` against ``model`` with the victim in the attack's ``mode``, then restore it."""
+        """Perturb ``batch`` against ``model`` with the victim in the attack's ``mode``, then restore it.
+        Inputs outside the task's domain (uint8 or 0-255 images) are refused: :meth:`check_inputs`."""
+        self.check_inputs(batch)
         with victim_mode(model, self.mode):
             return self.perturb(model, batch, targets)
+
+    def check_inputs(self, batch: Batch) -> None:
+        """Refuse a batch whose ``inputs`` do not lie in the task's ``input_domain`` (pixels in [0, 1], waveforms
+        in [-1, 1]): integer inputs (a uint8 image batch) always; values outside the domain (0-255 floats, on
+        which an 8/255 budget and the clamp to [0, 1] act on the wrong scale) on every CPU batch and on the first
+        batch on an accelerator (checking costs a host sync there)."""
+        x = batch.get("inputs") if isinstance(batch, dict) else None
+        domain = getattr(self.task, "input_domain", None)
+        if not isinstance(x, Tensor) or domain is None:
+            return
+        lo, hi = domain
+        image = getattr(self.task, "modality", None) == "image"
+        what = "images" if image else "inputs"
+        if not x.is_floating_point():
+            fix = "batch['inputs'].float() / 255" if x.dtype == torch.uint8 else "float tensors"
+            raise AttackInputError(f"{type(self).__name__} got {x.dtype} {what} but attacks on {self.task.name!r} take "
+                                   f"float {what} in [{lo:g}, {hi:g}]: pass {fix} (robustkd's data loaders do)")
+        if x.device.type != "cpu" and getattr(self, "_inputs_checked", False):
+            return
+        self._inputs_checked = True
+        if x.numel() == 0:
+            return
+        low, high = (float(v) for v in torch.aminmax(x.detach()))
+        if low < lo - 1e-6 or high > hi + 1e-6:
+            hint = ("they look like 0-255 pixel values: divide them by 255" if image and low >= 0 and high <= 255
+                    else f"scale them into [{lo:g}, {hi:g}] (models normalise inside)")
+            raise AttackInputError(f"{type(self).__name__} got {what} spanning [{low:.4g}, {high:.4g}] but attacks on "
+                                   f"{self.task.name!r} take {what} in [{lo:g}, {hi:g}] (budgets such as 8/255 are "
+                                   f"shares of that range): {hint}")
 
     @abstractmethod
     def perturb(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
