@@ -418,6 +418,9 @@ class TextAttackAdapter(Attack):
 
     def perturb(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
         labels = self.task.labels(batch) if targets is None or targets.dim() != 1 else targets
+        # TextAttack draws from Python's, NumPy's and torch's generators: seed them all from the evaluation's
+        # seed for this batch (robustkd's evaluation sets torch's to seed + batch index before each batch)
+        self.last_seed = seed_textattack(torch.initial_seed() % 2**32)
         if "text" not in batch:
             raise ValueError("the TextAttack adapter needs the raw texts in batch['text'] (the text task's collate_fn "
                              "keeps them)")
@@ -436,7 +439,17 @@ class TextAttackAdapter(Attack):
 
     def describe(self) -> dict[str, Any]:
         return {"attack": "textattack", "recipe": self.recipe, "recipe_class": TEXTATTACK_RECIPES[self.recipe][0],
-                "query_budget": self.query_budget, "model_batch_size": self.batch_size}
+                "query_budget": self.query_budget, "model_batch_size": self.batch_size,
+                "seed": "the evaluation's seed + batch index (TextAttack's set_seed before each batch)"}
+
+
+def seed_textattack(seed: int) -> int:
+    """Seed Python's, NumPy's and torch's generators as TextAttack's own ``Attacker`` does
+    (``textattack.shared.utils.set_seed(AttackArgs.random_seed)``); returns the seed."""
+    from textattack.shared.utils import set_seed
+
+    set_seed(int(seed))
+    return int(seed)
 
 
 def summarize_textattack(records: list[dict[str, Any]], recipe: str, keep_examples: int = 50) -> dict[str, Any]:
@@ -460,16 +473,20 @@ def summarize_textattack(records: list[dict[str, Any]], recipe: str, keep_exampl
 
 def textattack_evaluate(task: Task, model: nn.Module, texts: list[str], labels: list[int], recipe: str = "deepwordbug",
                         *, query_budget: int | None = None, output: str | Path | None = None,
-                        keep_examples: int = 50, batch_size: int = 32) -> dict[str, Any]:
+                        keep_examples: int = 50, batch_size: int = 32, seed: int = 0) -> dict[str, Any]:
     """Evaluate ``model`` under a TextAttack recipe on ``texts``; the summary as a dict (and JSON file).
-    The model answers TextAttack's queries ``batch_size`` texts at a time."""
+    The model answers TextAttack's queries ``batch_size`` texts at a time. The random generators are
+    seeded with ``seed`` first, as TextAttack's ``Attacker`` seeds them with ``AttackArgs(random_seed=seed)``,
+    so the results are those of ``Attacker`` on the same texts; the summary records the seed."""
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
     adapter = TextAttackAdapter(task, recipe, query_budget=query_budget, keep_examples=keep_examples,
                                 batch_size=batch_size)
     with victim_mode(model, adapter.mode):
+        adapter._build(model)  # built before seeding, as Attacker gets a built attack
+        seed_textattack(seed)
         adapter.attack_texts(model, list(texts), [int(y) for y in labels])
-    summary = adapter.summary()
+    summary = {**adapter.summary(), "seed": int(seed)}
     if output is not None:
         Path(output).write_text(json.dumps(summary, indent=2))
     return summary

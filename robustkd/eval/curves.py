@@ -79,8 +79,10 @@ def budget_sweep(task: Task, model: nn.Module, loader, threat: ThreatModel | Non
     grid = budget_grid(threat, factors)
     attacks: dict[str, PGD] = {f"budget_x{p.factor:g}": PGD(task, p.threat, steps=steps) for p in grid}
     large = large_budget(task, threat) if include_large else None
-    if large is not None:
-        attacks[LARGE] = PGD(task, large, steps=steps)
+    if large is not None:  # the large_budget sanity check's own step count, whatever the curve uses
+        from .sanity import large_budget_steps
+
+        attacks[LARGE] = PGD(task, large, steps=large_budget_steps(steps))
     torch.manual_seed(seed)
     result = evaluate_predictions(task, model, loader, attacks, accelerator, progress,
                                   seed=seed if split_processes else None, split_processes=split_processes)
@@ -92,5 +94,6 @@ def budget_sweep(task: Task, model: nn.Module, loader, threat: ThreatModel | Non
         sweep.points.append({"factor": p.factor, "x": p.x, "threat": p.threat.describe(),
                              "accuracy": float(result.robust_correct(name).float().mean())})
     if large is not None:
-        sweep.large = {"threat": large.describe(), "accuracy": float(result.robust_correct(LARGE).float().mean())}
+        sweep.large = {"threat": large.describe(), "accuracy": float(result.robust_correct(LARGE).float().mean()),
+                       "steps": attacks[LARGE].steps}
     return sweep, result

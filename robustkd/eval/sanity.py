@@ -11,7 +11,8 @@ conventions (Carlini et al. 2019, "On evaluating adversarial robustness"; Croce 
 ``budget_zero``      PGD with budget 0 gives the clean accuracy;
 ``monotone_budget``  accuracy never rises as the budget grows;
 ``strongest_vs_pgd`` the strongest attack (AutoAttack) is never weaker than PGD at the same budget;
-``large_budget``     a budget covering the whole input domain drives accuracy to about 0 (images, audio);
+``large_budget``     a budget covering the whole input domain drives accuracy to about 0 (images, audio), under
+                     PGD with at least ``LARGE_BUDGET_STEPS`` steps whatever the curve's step count;
 ``probability_outputs`` the model returns logits, not probabilities (rows >= 0 summing to 1), since a
                      softmax on top of probabilities flattens the attacks' loss;
 ``input_gradient``   the loss has a non-zero gradient with respect to the input for most examples (a
@@ -35,6 +36,15 @@ from .curves import BudgetSweep
 Status = Literal["pass", "fail", "n/a"]
 STRONG_ATTACKS = ("autoattack",)  # describe()["attack"] values held to be at least as strong as PGD
 LARGE_BUDGET_MAX_ACCURACY = 0.05
+#: PGD steps of the ``large_budget`` check at the least: with fewer, a budget covering the whole domain
+#: takes steps so large that PGD jumps between corners and a healthy model can stay accurate.
+LARGE_BUDGET_STEPS = 10
+
+
+def large_budget_steps(curve_steps: int) -> int:
+    """The steps of the ``large_budget`` check's PGD: the curve's when they are more, else
+    :data:`LARGE_BUDGET_STEPS` (the check does not borrow a short curve's step count)."""
+    return max(int(curve_steps), LARGE_BUDGET_STEPS)
 
 
 @dataclass
@@ -154,12 +164,14 @@ def check_large_budget(sweep: BudgetSweep, task: Task, max_accuracy: float = LAR
         return SanityCheck("large_budget", "n/a", f"only for image and audio tasks with a bounded input domain "
                            f"({task.name!r} is {task.modality})")
     acc = sweep.large["accuracy"]
-    values = {"accuracy": acc, "max_accuracy": max_accuracy, "threat": sweep.large["threat"]}
+    steps = sweep.large.get("steps")
+    values = {"accuracy": acc, "max_accuracy": max_accuracy, "threat": sweep.large["threat"], "steps": steps}
     if acc > max_accuracy:
         return SanityCheck("large_budget", "fail",
-                           f"accuracy is still {acc:.4f} (> {max_accuracy}) under PGD with a budget covering the "
+                           f"accuracy is still {acc:.4f} (> {max_accuracy}) under PGD-{steps} with a budget covering the "
                            "whole input domain: the gradients are masked or the attack is broken", values)
-    return SanityCheck("large_budget", "pass", f"accuracy {acc:.4f} <= {max_accuracy} at the largest budget", values)
+    return SanityCheck("large_budget", "pass", f"accuracy {acc:.4f} <= {max_accuracy} at the largest budget "
+                       f"(PGD-{steps})", values)
 
 
 def _budget_key(desc: Mapping[str, Any]) -> tuple:
