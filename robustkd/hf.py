@@ -32,9 +32,10 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -280,7 +281,7 @@ class AdapterEMATeacher(Teacher):
         finally:
             self.student.train(was_training)
 
-    def to(self, device: torch.device | str) -> "AdapterEMATeacher":
+    def to(self, device: torch.device | str) -> AdapterEMATeacher:
         self.tensors = {n: t.to(device) for n, t in self.tensors.items()}
         return self
 

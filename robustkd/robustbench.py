@@ -15,8 +15,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -122,7 +123,7 @@ class Patch:
     def undo(self) -> None:
         setattr(self.module, self.name, self.previous)
 
-    def __enter__(self) -> "Patch":
+    def __enter__(self) -> Patch:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -238,7 +239,7 @@ def patch_autoattack(*, version: str | None = None, attacks: Sequence[str] | Non
     import robustbench.eval as rb_eval
 
     cls = autoattack_v1_class(version=version, attacks=attacks, seed=seed, **knobs)
-    return Patch(rb_eval, "AutoAttack", cls, f"robustbench.eval.AutoAttack -> pyautoattack with the old argument names"
+    return Patch(rb_eval, "AutoAttack", cls, "robustbench.eval.AutoAttack -> pyautoattack with the old argument names"
                  + (f", overrides {cls.robustkd_overrides}" if cls.robustkd_overrides else ""))
 
 

@@ -51,8 +51,9 @@ def test_task_builds_models_with_and_without_normalisation(cifar_task):
 @pytest.mark.skipif(__import__("importlib").util.find_spec("robustbench") is None,
                     reason="the robustbench extra is not installed")
 def test_architectures_equal_robustbench_definitions_forward():
-    from robustkd.robustbench import import_robustbench
     from robustkd_tasks import image_models
+
+    from robustkd.robustbench import import_robustbench
 
     import_robustbench()
     from robustbench.model_zoo.architectures.dm_wide_resnet import DMPreActResNet, DMWideResNet
@@ -96,8 +97,8 @@ def test_autoattack_verdicts_equal_calling_pyautoattack_directly(synthetic):
     same model, points and seed."""
     from pyautoattack import AutoAttack as Official
 
-    from robustkd.eval.robustness import evaluate_predictions
     from robustkd.attacks.base import create_attack
+    from robustkd.eval.robustness import evaluate_predictions
 
     model = Prototypes(synthetic).eval()
     loader = synthetic.dataloader("test", 24, shuffle=False)

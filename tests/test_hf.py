@@ -321,7 +321,6 @@ def test_plain_trainer_checkpoint_continues_with_a_fresh_ema(sst2, tmp_path):
     EMA started from its weights."""
     from transformers import Trainer
 
-    from robustkd.hf import RobustTrainer
 
     model = sst2["model_init"]()
     plain = Trainer(model=model, args=_hf_args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1),

@@ -54,10 +54,10 @@ def test_textattack_evaluate_is_seeded_as_textattacks_own_attacker():
 
     import pandas as pd
     import textattack
+    from robustkd_tasks.text import TextClassification
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from robustkd.attacks.text import TEXTATTACK_RECIPES, TextAttackAdapter, textattack_evaluate
-    from robustkd_tasks.text import TextClassification
 
     tok = AutoTokenizer.from_pretrained(str(MINILM))
     torch.manual_seed(0)

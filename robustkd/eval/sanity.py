@@ -23,8 +23,9 @@ Every failure's detail ends with the fix to try.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Mapping, TextIO
+from typing import Any, Literal, TextIO
 
 import torch
 from torch import nn
