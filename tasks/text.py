@@ -181,8 +181,8 @@ class TextClassification(Task):
         if num is None:
             raise ValueError("the model has no config.num_labels: pass a transformers sequence-classification model")
         task = cls(kwargs.pop("name", "text_classification"), num_classes=int(num), tokenizer=tokenizer, **kwargs)
-        task.check_tokenizer_source(model)
         task.check_vocabulary(model)
+        task.check_tokenizer_source(model)
         return task
 
     # -- tokenizer ------------------------------------------------------------------------
@@ -369,8 +369,8 @@ class TextClassification(Task):
                                     "directory (e.g. ../shared/models/all-MiniLM-L6-v2).") from exc
         if self.tokenizer is None:
             self.set_tokenizer(name)
+        self.check_vocabulary(model)  # the plainer fault first: ids beyond the embedding table
         self.check_tokenizer_source(model)
-        self.check_vocabulary(model)
         return model
 
     def check_tokenizer_source(self, model: nn.Module) -> None:
