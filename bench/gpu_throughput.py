@@ -285,7 +285,8 @@ def reference_teachers(opts: dict[str, Any]):
     models = load_package("_gpu_bench_bmtard_models", Path(opts["refs"]) / "MTARD-extension" / "cifar10_models")
     torch.manual_seed(1000)
     depth, widen = opts["wrn"]
-    robust = models.WideResNet(depth=depth, widen_factor=widen).eval()
+    wrn = sys.modules[f"{models.__name__}.wideresnet"].WideResNet  # the script's WideResNet() (not in __all__)
+    robust = wrn(depth=depth, widen_factor=widen).eval()
     clean = models.resnet18().eval()
     return models, robust, clean, f"WideResNet(depth={depth}, widen_factor={widen}) robust, resnet18 clean"
 
