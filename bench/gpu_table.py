@@ -71,6 +71,8 @@ def accuracy_table(part: dict[str, Any]) -> list[str]:
         rc = r.get("run_config", {})
         settings = ", ".join(f"{k}={rc.get(k)}" for k in ("mixed_precision", "compile", "channels_last", "tf32"))
         ok = "" if r.get("flags_reached_trainer") else " (NOT as asked)"
+        if r.get("returncode") not in (0, None):
+            ok += f" (recipe exit status {r['returncode']}: see accuracy-logs.txt)"
         lines.append(f"| {r['mode']} | {r['seed']} | {_pct(m.get('clean'))} | {_pct(m.get('pgd20'))} | "
                      f"{_pct(e.get('clean'))} | {_pct(e.get('pgd20'))} | {settings}{ok} | {_f(r.get('seconds'), 0)} |")
         if m.get("clean") is not None and m.get("pgd20") is not None:

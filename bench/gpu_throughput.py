@@ -458,7 +458,7 @@ class Run:
             names = list(ready)
             per: dict[str, list[float]] = {n: [] for n in names}
             n = s["steps_per_round"]
-            for k in range(s["rounds"]):
+            for k in range(s["rounds"] if names else 0):
                 if self.left() < 20:
                     out["stopped_early"] = f"out of time after {k} rounds"
                     break
@@ -533,7 +533,7 @@ class Run:
                 for which, path in (("model", out / "report.json"), ("ema", out / "ema" / "report.json")):
                     m = json.loads(path.read_text())["metrics"]
                     row[which] = {"clean": m["clean"]["accuracy"],
-                                  **{k: d["accuracy"] for k, d in m["adversarial"].items()}, "n": m.get("n")}
+                                  **{k: d["accuracy"] for k, d in m["adversarial"].items()}, "n": m.get("num_examples")}
                 cfgs = sorted(out.glob("checkpoints/*/run_config.json"))
                 rc_json = json.loads(cfgs[-1].read_text())
                 row["run_config"] = {k: rc_json.get(k) for k in ("compile", "channels_last", "tf32", "mixed_precision",
