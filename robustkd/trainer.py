@@ -1,18 +1,26 @@
 """The one training loop, on Accelerate: one CPU, one GPU or many processes.
 
 Per step: ``method.prepare`` (targets, teachers, attack) -> optional AWP -> ``method.loss`` ->
-backward -> optimizer and LR-scheduler step -> EMA update -> ``method.after_step``. Per epoch:
-evaluation every ``eval_every`` epochs, a line in ``metrics.jsonl``, and a checkpoint written
-to a temporary directory and renamed into place, so a crash never leaves a corrupt "latest".
+backward -> optimizer and LR-scheduler step -> EMA update -> ``method.after_step`` -> the
+``on_step_end`` event. Per epoch: evaluation every ``eval_every`` epochs, a line in
+``metrics.jsonl``, and a checkpoint written to a temporary directory and renamed into place, so a
+crash never leaves a corrupt "latest"; ``save_every_steps`` adds mid-epoch checkpoints, and SIGINT /
+SIGTERM write one after the current step (:mod:`robustkd.callbacks`). ``resume`` continues from
+either exactly: the data order (the batches already done are skipped), the random number
+generators, the optimizer, scheduler, EMA and method state.
+
+The output-directory policy lives in :mod:`robustkd.rundir`, the divergence guard in
+:mod:`robustkd.divergence`, the events in :mod:`robustkd.callbacks`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import random
 import shutil
 import time
-import uuid
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -23,15 +31,34 @@ from torch import nn
 
 from .attacks.base import Attack, create_attack
 from .awp import AWP
-from .checkpoint import (CheckpointError, RunDirError, atomic_write_text, prepare_output_dir, read_latest,
-                         save_model_dir, write_failed)
+from .callbacks import CallbackList, Interruption, RunEstimate, TrainerCallback, TrainingInterrupted, duration
+from .checkpoint import (
+    WRITE_ERRORS,
+    CheckpointError,
+    RunLock,
+    atomic_write_text,
+    failed_write,
+    save_model_dir,
+    write_failed,
+)
 from .distill.methods import Method, Progress
-from .eval.robustness import evaluate
-from .task import Task
 from .distributed import reduce_
+from .divergence import CHECK_EVERY, DivergenceError, DivergenceGuard, divergence_hint
+from .eval.robustness import evaluate
+from .guards import check_train_batches
+from .rundir import (
+    CHECKPOINT_DIR,
+    RESUME_KEYS,
+    ConfigMismatchError,
+    check_resume_config,
+    claim_output_dir,
+    latest_checkpoint,
+    needed_bytes,
+    preflight,
+)
+from .task import Task
 from .teachers import EMATeacher, unwrap
 
-CHECKPOINT_DIR = "checkpoints"
 logger = get_logger(__name__)  # Accelerate's multi-process logger: main process only by default
 
 
@@ -70,6 +97,11 @@ class TrainConfig:
     nesterov: bool = setting(False, "Nesterov momentum (ADR's reference SGD uses it; --nesterov false turns a "
                              "preset's off)", group=OPTIM)
     weight_decay: float = setting(5e-4, "weight decay", group=OPTIM)
+    bn_no_decay: bool = setting(False, "no weight decay on the batch-norm parameters (ADR's reference with extra "
+                                "data; the parameters named 'batchnorm', as in the PreAct-ResNet and WRN models)",
+                                group=OPTIM)
+    bn_momentum_schedule: bool = setting(False, "batch-norm momentum 1.0 at the first optimizer step, then 0.01 (ADR's "
+                                         "reference with extra data)", group=OPTIM)
     lr_schedule: Literal["multistep", "cosine", "constant"] = setting("multistep", "LR schedule", group=OPTIM)
     milestones: Optional[list[int]] = setting(None, "LR decay epochs, comma-separated (default: 50%%,75%% of "
                                               "--epochs)", group=OPTIM, flag_type=Optional[str])
@@ -115,6 +147,9 @@ class TrainConfig:
                               flag_type=Optional[str])
     progress: bool = setting(True, "progress bars (--no-progress hides them)", group=RUN, flag=False)
     keep_checkpoints: int = setting(1, "how many epoch checkpoints to keep (the newest)", group=RUN)
+    save_every_steps: int = setting(0, "also write a checkpoint every N optimizer steps within an epoch (0: at "
+                                    "epoch ends only); --resume continues from it exactly; SIGINT/SIGTERM write one "
+                                    "after the current step whatever this is", group=RUN)
     eval_threat: Optional[dict[str, Any]] = setting(
         None, "the run's threat model (e.g. {'eps': 0.5, 'norm': 'l2'}): the budget of every per-epoch evaluation "
         "attack whose spec names none", group=THREAT, flag=False)
@@ -137,50 +172,58 @@ class TrainConfig:
         return [m for m in (self.epochs // 2, (3 * self.epochs) // 4) if m > 0]
 
 
-class ConfigMismatchError(ValueError):
-    """A checkpoint made with another configuration than the one asked to resume it."""
-
-
-class DivergenceError(ValueError):
-    """Training produced a non-finite loss or parameter; the last good checkpoint is kept, nothing final written."""
-
-
-NONFINITE_CHECK_EVERY = 10  # micro-steps between host checks of the on-device non-finite flag (no per-step sync)
+NONFINITE_CHECK_EVERY = CHECK_EVERY  # the name before robustkd.divergence
+_RESUME_KEYS = RESUME_KEYS
+__all__ = ["ConfigMismatchError", "DivergenceError", "TrainConfig", "Trainer", "TrainerCallback", "TrainingInterrupted",
+           "evaluate_models", "lr_factor"]
 
 
 @dataclass
 class _TrainState:
-    """Loop counters and history: saved with every checkpoint."""
+    """Loop counters and history: saved with every checkpoint. Within an epoch (a mid-epoch
+    checkpoint): the micro-batches done, and the epoch's loss sum, loss count and seconds so far."""
 
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
     history: list[dict[str, Any]] = field(default_factory=list)
+    batch: int = 0  # micro-batches of epoch ``epoch`` (0-based) done
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    seconds: float = 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "history": json.dumps(self.history)}
+        return {"epoch": self.epoch, "step": self.step, "history": json.dumps(self.history), "batch": self.batch,
+                "loss_sum": self.loss_sum, "loss_count": self.loss_count, "seconds": self.seconds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = json.loads(state["history"])
-
-
-# Fields that must match to resume a checkpoint (others, e.g. eval settings or epochs, may change).
-_RESUME_KEYS = ("task", "model", "model_kwargs", "num_classes", "method", "batch_size", "optimizer", "grad_accum", "awp_gamma",
-                "ema_decay", "ema_warmup", "max_train_samples", "seed")
+        self.batch, self.loss_count = int(state.get("batch", 0)), int(state.get("loss_count", 0))
+        self.loss_sum, self.seconds = float(state.get("loss_sum", 0.0)), float(state.get("seconds", 0.0))
 
 
 class Trainer:
-    """Fit ``model`` on ``task`` with ``method``; ``fit()`` trains, evaluates, checkpoints."""
+    """Fit ``model`` on ``task`` with ``method``; ``fit()`` trains, evaluates, checkpoints.
+
+    ``callbacks``: :class:`~robustkd.callbacks.TrainerCallback` instances whose events run after the
+    trainer's own (:class:`~robustkd.callbacks.Interruption`, :class:`~robustkd.callbacks.RunEstimate`)."""
 
     def __init__(self, task: Task, model: nn.Module, method: Method, config: TrainConfig,
-                 run_info: dict[str, Any] | None = None):
+                 run_info: dict[str, Any] | None = None, callbacks: list[TrainerCallback] | None = None):
         from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration, set_seed
 
         self.task, self.method, self.config = task, method, config
         self.run_info = dict(run_info or {})
         self.output_dir = Path(config.output_dir)
-        self._resume_from = self._preflight(model)  # output dir and resume checks: before any work
+        self.estimate = RunEstimate()
+        self.callbacks = CallbackList([Interruption(), self.estimate, *(callbacks or [])])
+        self.stop_requested: tuple[str, int] | None = None
+        if config.save_every_steps < 0:
+            raise ValueError(f"--save-every-steps {config.save_every_steps}: use 0 (epoch ends only) or a positive "
+                             "number of optimizer steps")
+        # output dir and resume checks: before any work
+        self._resume_from, self.run_id = preflight(config, needed_bytes(model, config), self._config_now())
         if config.awp_gamma is not None and config.grad_accum > 1:
             raise ValueError("AWP perturbs the weights once per optimizer step and cannot be combined with "
                              "gradient accumulation: use --grad-accum 1 or drop --awp")
@@ -194,14 +237,16 @@ class Trainer:
         acc = self.accelerator
         _set_tf32(config.tf32, acc.device)
         loader_options = {"num_workers": config.num_workers, "pin_memory": config.pin_memory}
-        self._claim_output_dir(model)
         self.train_loader = task.dataloader("train", config.batch_size, max_samples=config.max_train_samples,
                                             seed=config.seed, drop_last=config.drop_last, **loader_options)
         self.eval_loader = task.dataloader("test", config.eval_batch_size, max_samples=config.max_eval_samples,
                                            seed=config.seed, shuffle=False, **loader_options)
+        self.train_examples = len(self.train_loader.dataset)  # type: ignore[arg-type]
+        check_train_batches(self.train_examples, config.batch_size, config.drop_last)
         if len(self.train_loader) == 0:
             raise ValueError("the training split is empty: check --data-dir and --max-train-samples")
         self._validate(model)
+        self.run_id = claim_output_dir(acc, config, self.run_id, needed_bytes(model, config))
         if config.channels_last:  # before the optimizer and the EMA copy: both see the same tensors
             model = model.to(memory_format=torch.channels_last)
         self.optimizer = self._make_optimizer(model)
@@ -223,72 +268,28 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.train_loader) / config.grad_accum)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = self._make_scheduler()
+        self.bn_momentum = None
+        if config.bn_momentum_schedule:
+            from .fidelity import BNMomentumSchedule
+
+            if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in unwrap(self.model).modules()):
+                raise ValueError("--bn-momentum-schedule: this model has no batch-norm layer, so nothing would "
+                                 "change: drop --bn-momentum-schedule")
+            self.bn_momentum = BNMomentumSchedule()
         self.state = _TrainState()
-        self._reset_nonfinite()
+        self.guard = DivergenceGuard(acc.device, max_nonfinite_steps=config.max_nonfinite_steps,
+                                     reduce=(lambda t: acc.reduce(t, "sum")) if acc.num_processes > 1 else None,
+                                     hint=divergence_hint(config), latest=self._latest_checkpoint)
         # Accelerate needs only state_dict/load_state_dict, which the method, EMA and counters all have
         for obj in (self.scheduler, self.state, self.method) + ((self.ema,) if self.ema else ()):
             acc.register_for_checkpointing(obj)
         self.eval_attacks = {spec: create_attack(spec, task, **(config.eval_threat or {})) for spec in config.eval_attacks}
 
     # -- setup helpers ------------------------------------------------------------------
-    def _needed_bytes(self, model: nn.Module) -> int:
-        """Room for the run's files: ``keep_checkpoints + 1`` checkpoints (the new one is written before the
-        old is pruned), each the model, EMA and optimizer state, plus the final weights; 10 % margin."""
-        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        per_ckpt = size * (2 + (2 if self.config.optimizer == "adamw" else 1))
-        return int(1.1 * ((self.config.keep_checkpoints + 1) * per_ckpt + 2 * size))
-
-    def _preflight(self, model: nn.Module) -> Path | None:
-        """Refuse a bad output location, another run in ``output_dir`` (without ``resume``/``overwrite``),
-        or a checkpoint that cannot be resumed; returns the checkpoint to resume. Changes nothing on disk."""
-        c = self.config
-        if c.resume and c.overwrite:
-            prepare_output_dir(c.output_dir, resume=True, overwrite=True)  # raises the one-line error
-        from .checkpoint import check_writable, run_markers
-
-        check_writable(c.output_dir, self._needed_bytes(model))
-        if not c.resume:
-            if run_markers(c.output_dir) and not c.overwrite:
-                prepare_output_dir(c.output_dir)  # raises: the directory holds another run
-            self.run_id: str | None = uuid.uuid4().hex[:12]
-            return None
-        ckpt = read_latest(self.output_dir / CHECKPOINT_DIR)
-        if ckpt is None:
-            if found := run_markers(c.output_dir):  # resuming "from scratch" would overwrite that run's files
-                raise RunDirError(f"--output-dir {c.output_dir} holds a run ({', '.join(found)}) but no checkpoint to "
-                                  "resume: drop --resume and pass --overwrite to move it aside, or choose a new "
-                                  "--output-dir")
-            self.run_id = uuid.uuid4().hex[:12]
-            return None
-        self.run_id = self._check_resume_config(ckpt).get("run_id")
-        return ckpt
-
-    def _check_resume_config(self, ckpt: Path) -> dict[str, Any]:
-        """The checkpoint's run config; :class:`ConfigMismatchError` when a field of ``_RESUME_KEYS`` differs."""
-        saved = json.loads((ckpt / "run_config.json").read_text())
-        now = {**self.run_info, "task": self.task.name, "num_classes": self.task.num_classes,
-               "method": self.method.name, **asdict(self.config)}
-        diffs = {k: (saved.get(k), now.get(k)) for k in _RESUME_KEYS if _norm(saved.get(k)) != _norm(now.get(k))}
-        if diffs:
-            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
-            raise ConfigMismatchError(f"the checkpoint {ckpt} was made with another configuration ({detail}). "
-                                      "Resume with the same settings, or use a new --output-dir.")
-        return saved
-
-    def _claim_output_dir(self, model: nn.Module) -> None:
-        """Move an old run aside (``overwrite``) on the main process; share one run id across processes."""
-        from accelerate.utils import broadcast_object_list
-
-        acc, c = self.accelerator, self.config
-        if acc.is_main_process and not c.resume:
-            moved = prepare_output_dir(c.output_dir, overwrite=c.overwrite, need_bytes=self._needed_bytes(model))
-            if moved is not None:
-                logger.warning(f"moved the previous run in {c.output_dir} aside to {moved} (--overwrite)")
-        ids = [self.run_id]
-        if acc.num_processes > 1:
-            broadcast_object_list(ids)
-        self.run_id = ids[0]
-        acc.wait_for_everyone()
+    def _config_now(self) -> dict[str, Any]:
+        """This run's configuration as a checkpoint's ``run_config.json`` holds it (for the resume check)."""
+        return {**self.run_info, "task": self.task.name, "num_classes": self.task.num_classes,
+                "method": self.method.name, **asdict(self.config)}
 
     def _validate(self, model: nn.Module) -> None:
         """Check data and model against the task on one batch of each split, before any work."""
@@ -299,14 +300,21 @@ class Trainer:
         model.train()
 
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer; ``bn_no_decay``: ADR's two parameter groups (:func:`robustkd.fidelity.param_groups`)."""
+        from .fidelity import is_bn_parameter, param_groups
+
         c = self.config
+        if c.bn_no_decay and not any(is_bn_parameter(n) for n, _ in model.named_parameters()):
+            raise ValueError("--bn-no-decay: this model has no parameter named 'batchnorm' (ADR's grouping: the "
+                             "PreAct-ResNet and WRN models), so nothing would change: drop --bn-no-decay")
+        groups = param_groups(model, c.weight_decay, no_decay_bn=c.bn_no_decay)
         if c.optimizer == "sgd":
-            return torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+            return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
                                    nesterov=c.nesterov)
         if c.nesterov:
             raise ValueError(f"nesterov applies to the SGD optimizer only, not {c.optimizer!r}: drop --nesterov")
         if c.optimizer == "adamw":
-            return torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+            return torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
         raise ValueError(f"unknown optimizer {c.optimizer!r}: use 'sgd' or 'adamw'")
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
@@ -337,6 +345,8 @@ class Trainer:
         batch = self._on_device(batch)
         progress = self.progress()
         victim = unwrap(model)
+        if self.bn_momentum is not None:  # before the step's forward passes (1.0 at step 0, then 0.01)
+            self.bn_momentum(victim, self.state.step)
         # the attack sets and restores the victim's mode; it and the teachers run in the run's precision
         with acc.autocast():
             prepared = method.prepare(victim, batch, progress)
@@ -346,7 +356,7 @@ class Trainer:
             self.awp.perturb(victim, v)
         with acc.accumulate(model):
             loss, logs = method.loss(model, batch, prepared, progress)
-            if self._loss_ok(loss):  # False only for a skipped step under --max-nonfinite-steps
+            if self.guard.loss_ok(loss, self.state.step):  # False only for a skipped step under --max-nonfinite-steps
                 acc.backward(loss)
                 if v is not None and self.awp.restores_before_step:  # the gradient at w + v updates w
                     self.awp.restore(victim, v)
@@ -380,9 +390,13 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:
-        """Train for ``config.epochs`` (continuing from the last checkpoint with ``resume``)."""
-        from tqdm.auto import tqdm
+        """Train for ``config.epochs`` (continuing from the last checkpoint with ``resume``), holding the
+        output folder's run lock (:class:`~robustkd.checkpoint.RunLock`) on the main process."""
+        lock = RunLock(self.output_dir) if self.accelerator.is_main_process else contextlib.nullcontext()
+        with lock:
+            return self._fit()
 
+    def _fit(self) -> list[dict[str, Any]]:
         acc, c = self.accelerator, self.config
         if c.resume:
             self.resume()
@@ -394,118 +408,169 @@ class Trainer:
                 atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in self.state.history))
             except OSError as exc:
                 raise write_failed(metrics, exc) from exc
-        self._reset_nonfinite()
+        self.guard.reset()
+        self.stop_requested = None
         if c.log_with:
             name = c.run_name or self.output_dir.name
             acc.init_trackers(name, config=_flat_config(self.run_config()),
                               init_kwargs={"wandb": {"name": name, "tags": list(c.tags)}})
-        for epoch in range(self.state.epoch, c.epochs):
-            if hasattr(self.train_loader, "set_epoch"):
-                self.train_loader.set_epoch(epoch)
-            self.model.train()
-            started, loss_sum, n = time.perf_counter(), torch.zeros((), device=acc.device), 0
-            bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{c.epochs}", leave=False,
-                       disable=not (c.progress and acc.is_local_main_process))
-            for i, batch in enumerate(bar):
-                logs = self.train_step(batch)
-                if not logs.get("skipped", False):
-                    loss_sum += logs["loss"].float()
-                    n += 1
-                if i % NONFINITE_CHECK_EVERY == 0:
-                    self.check_finite(epoch)  # one host sync every NONFINITE_CHECK_EVERY steps
-                if i % 10 == 0 and not bar.disable:  # a host sync: only when the bar is shown
-                    bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
-            self.check_finite(epoch, parameters=True)
-            record: dict[str, Any] = {"epoch": epoch + 1, "step": self.state.step,
-                                      "lr": self.optimizer.param_groups[0]["lr"],
-                                      "train_loss": float(acc.reduce(loss_sum, "mean")) / max(n, 1),
-                                      "epoch_seconds": time.perf_counter() - started,
-                                      **self.method.log_values(self.progress())}
-            self.state.epoch = epoch + 1
-            # batch-norm statistics drift apart per process: make them identical before eval/checkpoint
-            reduce_([b for b in unwrap(self.model).buffers() if b.is_floating_point()])
-            if c.eval_every and ((epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs):
-                record.update(self.evaluate_all(prefix_ema="ema_"))
-            record["run_id"] = self.run_id
-            self.state.history.append(record)
-            if acc.is_main_process:
-                try:
-                    with open(metrics, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                except OSError as exc:
-                    raise write_failed(metrics, exc, self._latest_checkpoint()) from exc
-                logger.info(_summary_line(record))
+        if self.bn_momentum is not None and self.state.step > 1:  # resumed: the momentum the schedule set at step 1
+            self.bn_momentum(unwrap(self.model), 1)
+        self.callbacks.event("on_train_begin", self)
+        try:
+            for epoch in range(self.state.epoch, c.epochs):
+                self._train_epoch(epoch, metrics)
+            self.save_final()
             if c.log_with:
-                acc.log({k: v for k, v in _flat_config(record).items() if isinstance(v, (int, float))}, step=epoch + 1)
-            self.save_checkpoint()
-        self.save_final()
-        if c.log_with:
-            acc.end_training()
+                acc.end_training()
+        finally:
+            self.callbacks.event("on_train_end", self)
         return self.state.history
 
-    # -- divergence ---------------------------------------------------------------------
-    def _reset_nonfinite(self) -> None:
-        device = self.accelerator.device
-        self._nonfinite = torch.zeros((), dtype=torch.long, device=device)  # non-finite losses since the start
-        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)  # 1-based step of the first
-        self._skipped = 0  # steps skipped under max_nonfinite_steps
+    def _train_epoch(self, epoch: int, metrics: Path) -> None:
+        """One epoch, from the batch a mid-epoch checkpoint stopped at (``state.batch``)."""
+        from accelerate import skip_first_batches
+        from tqdm.auto import tqdm
 
-    def _loss_ok(self, loss: torch.Tensor) -> bool:
-        """Record a non-finite loss on the device (no host sync); with ``max_nonfinite_steps`` > 0 sync
-        once per step to skip such a step, and stop after more than that many."""
-        bad = ~torch.isfinite(loss.detach()).all()
-        self._nonfinite += bad
-        self._first_bad = torch.where(bad & (self._first_bad < 0), self.state.step + 1, self._first_bad)
-        if self.config.max_nonfinite_steps <= 0:
+        acc, c, state = self.accelerator, self.config, self.state
+        if hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(epoch)
+        self.model.train()
+        start, n_batches = state.batch, len(self.train_loader)
+        started = time.perf_counter() - state.seconds
+        loss_sum = torch.tensor(state.loss_sum, dtype=torch.float32, device=acc.device)
+        n = state.loss_count
+        loader = skip_first_batches(self.train_loader, start) if start else self.train_loader
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{c.epochs}", leave=False, initial=start, total=n_batches,
+                   disable=not (c.progress and acc.is_local_main_process))
+        for i, batch in enumerate(bar if start < n_batches else (), start):
+            if i == start and start:
+                # the checkpoint's generator states were taken after this epoch's loader drew its seed;
+                # the new loader drew another one on its first batch: back to the checkpoint's states
+                self._restore_rng()
+            logs = self.train_step(batch)
+            state.batch = i + 1
+            if not logs.get("skipped", False):
+                loss_sum += logs["loss"].float()
+                n += 1
+            if i % CHECK_EVERY == 0:
+                self.check_finite(epoch)  # one host sync every CHECK_EVERY steps
+            if i % 10 == 0 and not bar.disable:  # a host sync: only when the bar is shown
+                bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
+            if not acc.sync_gradients:
+                continue
+            self.callbacks.event("on_step_end", self, logs)
+            last = i + 1 == n_batches
+            if self._stopping() and not last:  # on the epoch's last step: after its evaluation and checkpoint
+                self._keep_partial(loss_sum, n, started)
+                self._stop(self.save_checkpoint(mid_epoch=True), epoch)
+            if c.save_every_steps and state.step % c.save_every_steps == 0 and not last:
+                self._keep_partial(loss_sum, n, started)
+                self.save_checkpoint(mid_epoch=True)
+        bar.close()
+        self.check_finite(epoch, parameters=True)
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": state.step,
+                                  "lr": self.optimizer.param_groups[0]["lr"],
+                                  "train_loss": float(acc.reduce(loss_sum, "mean")) / max(n, 1),
+                                  "epoch_seconds": time.perf_counter() - started,
+                                  **self.method.log_values(self.progress())}
+        state.epoch, state.batch, state.loss_sum, state.loss_count, state.seconds = epoch + 1, 0, 0.0, 0, 0.0
+        # batch-norm statistics drift apart per process: make them identical before eval/checkpoint
+        reduce_([b for b in unwrap(self.model).buffers() if b.is_floating_point()])
+        if c.eval_every and ((epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs):
+            evaluated = self.evaluate_all(prefix_ema="ema_")
+            self.callbacks.event("on_evaluate", self, evaluated)
+            record.update(evaluated)
+        record["run_id"] = self.run_id
+        state.history.append(record)
+        if acc.is_main_process:
+            try:
+                with open(metrics, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as exc:
+                raise write_failed(metrics, exc, self._latest_checkpoint()) from exc
+            left = self.estimate.remaining(self) if epoch + 1 < c.epochs else None
+            logger.info(_summary_line(record) + (f" | {duration(left)} left" if left is not None else ""))
+        if c.log_with:
+            acc.log({k: v for k, v in _flat_config(record).items() if isinstance(v, (int, float))}, step=epoch + 1)
+        self.callbacks.event("on_epoch_end", self, record)
+        path = self.save_checkpoint()
+        if self._stopping(at_epoch_end=True):
+            self._stop(path, epoch)
+
+    # -- stopping on request (SIGINT, SIGTERM, a callback) ---------------------------------
+    def request_stop(self, reason: str, status: int = 1) -> None:
+        """Stop after the current optimizer step with a checkpoint; the process then ends with ``status``."""
+        if self.stop_requested is None:
+            self.stop_requested = (reason, status)
+
+    def _stopping(self, at_epoch_end: bool = False) -> bool:
+        """Whether to stop now: every process agrees (one all-reduce every ``CHECK_EVERY`` steps and at
+        epoch ends when there are several; none on a single process)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self.stop_requested is not None
+        if not at_epoch_end and self.state.step % CHECK_EVERY:
+            return False
+        flag = torch.tensor(float(self.stop_requested is not None), device=acc.device)
+        if float(acc.reduce(flag, "sum")) > 0:
+            self.request_stop("a signal to another process", 143)
             return True
-        if self.accelerator.num_processes > 1:  # every process must skip the same steps (DDP's all-reduce)
-            bad = self.accelerator.reduce(bad.float(), "sum") > 0
-        if not bool(bad):
-            return True
-        self._skipped += 1
-        if self._skipped > self.config.max_nonfinite_steps:
-            raise self._divergence(f"the loss was non-finite in {self._skipped} steps (more than "
-                                   f"--max-nonfinite-steps {self.config.max_nonfinite_steps}), the last at step "
-                                   f"{self.state.step + 1}")
         return False
 
-    def check_finite(self, epoch: int, parameters: bool = False) -> None:
-        """Raise :class:`DivergenceError` when a loss since the last check (or, with ``parameters``, a
-        weight) is non-finite. One host sync; called every few steps and before every evaluation/checkpoint."""
-        count = self._nonfinite
-        if self.accelerator.num_processes > 1:  # all processes stop together, or none does
-            count = self.accelerator.reduce(count.clone(), "sum")
-        if self.config.max_nonfinite_steps <= 0 and int(count) > 0:
-            raise self._divergence(f"the loss became non-finite at step {int(self._first_bad)} (epoch {epoch + 1})")
-        if parameters:
-            params = [p.detach() for p in unwrap(self.model).parameters()]
-            if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-                raise self._divergence(f"the weights became non-finite by step {self.state.step} (epoch {epoch + 1})")
+    def _keep_partial(self, loss_sum: torch.Tensor, n: int, started: float) -> None:
+        """The epoch so far, for a mid-epoch checkpoint (one host read of the loss sum)."""
+        self.state.loss_sum, self.state.loss_count = float(loss_sum), n
+        self.state.seconds = time.perf_counter() - started
 
-    def _divergence(self, what: str) -> DivergenceError:
-        c = self.config
-        latest = self._latest_checkpoint()
-        kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint had been written yet"
-        return DivergenceError(
-            f"training diverged: {what}. Likely cause: the learning rate is too high (--lr {c.lr:g}); lower it, "
-            f"clip gradients (--max-grad-norm), or with mixed precision allow skipped steps "
-            f"(--max-nonfinite-steps N). {kept[0].upper() + kept[1:]}; no final weights or report were written.")
+    def _stop(self, path: Path, epoch: int) -> None:
+        reason, status = self.stop_requested or ("a stop request", 1)
+        s = self.state
+        where = f"epoch {epoch + 1}, batch {s.batch}/{len(self.train_loader)}" if s.batch else f"end of epoch {s.epoch}"
+        message = (f"stopped on {reason} after optimizer step {s.step} of {self.total_steps} ({where}): checkpoint "
+                   f"{path}; continue with --resume")
+        logger.warning(message)
+        raise TrainingInterrupted(status, message, path)
+
+    def _restore_rng(self) -> None:
+        random.setstate(self._rng[0])
+        if self._rng[1] is not None:
+            import numpy as np
+
+            np.random.set_state(self._rng[1])
+        torch.set_rng_state(self._rng[2])
+        if self._rng[3] is not None:
+            torch.cuda.set_rng_state_all(self._rng[3])
+
+    def _capture_rng(self) -> None:
+        try:
+            import numpy as np
+
+            numpy_state = np.random.get_state()
+        except ImportError:  # pragma: no cover - numpy comes with torch's stack
+            numpy_state = None
+        self._rng = (random.getstate(), numpy_state, torch.get_rng_state(),
+                     torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+    # -- divergence (robustkd.divergence) -----------------------------------------------
+    @property
+    def _skipped(self) -> int:
+        return self.guard.skipped
+
+    def check_finite(self, epoch: int, parameters: bool = False) -> None:
+        """Raise :class:`DivergenceError` when a loss since the start was non-finite or (every time: one
+        fused reduction in the same host read) a weight is non-finite or exploded."""
+        del parameters  # the weights are checked at every check (kept for callers of the old signature)
+        self.guard.check(list(unwrap(self.model).parameters()), step=self.state.step, epoch=epoch)
 
     def _latest_checkpoint(self) -> Path | None:
-        pointer = self.output_dir / CHECKPOINT_DIR / "latest"
-        try:
-            name = pointer.read_text().strip()
-        except OSError:
-            return None
-        return pointer.parent / name if name else None
+        return latest_checkpoint(self.output_dir)
 
     def evaluate_all(self, attacks: dict[str, Attack] | None = None, prefix_ema: str = "ema_") -> dict[str, Any]:
         """Clean and robust accuracy of the student and, when kept, the EMA model."""
-        attacks = self.eval_attacks if attacks is None else attacks
-        out = evaluate(self.task, unwrap(self.model), self.eval_loader, attacks, accelerator=self.accelerator)
-        if self.ema is not None:
-            ema = evaluate(self.task, self.ema.model, self.eval_loader, attacks, accelerator=self.accelerator)
-            out.update({f"{prefix_ema}{k}": v for k, v in ema.items()})
+        models = {"": unwrap(self.model), **({prefix_ema: self.ema.model} if self.ema is not None else {})}
+        out = evaluate_models(self.task, models, self.eval_loader, self.eval_attacks if attacks is None else attacks,
+                              self.accelerator)
         self.model.train()
         return out
 
@@ -514,12 +579,16 @@ class Trainer:
         return {**self.run_info, "run_id": self.run_id, "task": self.task.name, "num_classes": self.task.num_classes,
                 "method": self.method.name, "method_config": self.method.describe(), **asdict(self.config)}
 
-    def save_checkpoint(self) -> Path:
-        """``checkpoints/epoch-N`` via a temporary directory renamed into place; ``latest`` points to it."""
+    def save_checkpoint(self, mid_epoch: bool = False) -> Path:
+        """``checkpoints/epoch-N`` (``mid_epoch``: ``checkpoints/step-N``, N optimizer steps done) via a
+        temporary directory renamed into place; ``latest`` points to it. A mid-epoch one is checked for
+        divergence first (the epoch's end is checked before its evaluation)."""
         acc = self.accelerator
+        if mid_epoch:
+            self.check_finite(self.state.epoch)
         root = self.output_dir / CHECKPOINT_DIR
-        final = root / f"epoch-{self.state.epoch}"
-        tmp = root / f".tmp-epoch-{self.state.epoch}"
+        name = f"step-{self.state.step}" if mid_epoch else f"epoch-{self.state.epoch}"
+        final, tmp = root / name, root / f".tmp-{name}"
         previous = self._latest_checkpoint()
         try:
             if acc.is_main_process:
@@ -533,31 +602,34 @@ class Trainer:
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
                 atomic_write_text(root / "latest", final.name)
-        except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError (iostream error)
+        except WRITE_ERRORS as exc:  # a full disk: OSError, torch's RuntimeError, safetensors' SafetensorError
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, RuntimeError) and "write" not in str(exc).lower() and "iostream" not in str(exc):
-                raise
-            if not isinstance(exc, OSError):
-                exc = OSError(0, f"{_disk_cause(tmp)} ({str(exc).splitlines()[0][:100]})")
-            raise write_failed(tmp, exc, previous) from exc
+            raise failed_write(tmp, exc, previous) from exc
         if acc.is_main_process:
             self._prune(root, final)
         acc.wait_for_everyone()
+        self.callbacks.event("on_save", self, final)
         return final
 
     def _prune(self, root: Path, newest: Path) -> None:
-        """Keep the newest ``keep_checkpoints`` checkpoints *of this run* (its run id); never touch others."""
+        """Keep the newest ``keep_checkpoints`` epoch checkpoints *of this run* (its run id) and only its
+        newest mid-epoch one, none once a newer checkpoint exists; never touch another run's."""
         def run_id(p: Path) -> Any:
             try:
                 return json.loads((p / "run_config.json").read_text()).get("run_id")
             except (OSError, ValueError):
                 return "<unreadable>"
 
-        ours = [p for p in root.glob("epoch-*") if p.is_dir() and p != newest and run_id(p) == self.run_id]
-        ours = sorted(ours, key=lambda p: int(p.name.split("-")[1])) + [newest]
-        for old in ours[:-max(self.config.keep_checkpoints, 1)]:
+        def ours(pattern: str) -> list[Path]:
+            found = [p for p in root.glob(pattern) if p.is_dir() and p != newest and run_id(p) == self.run_id]
+            return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+        for old in ours("step-*"):
             shutil.rmtree(old, ignore_errors=True)
+        if newest.name.startswith("epoch-"):
+            for old in (ours("epoch-*") + [newest])[:-max(self.config.keep_checkpoints, 1)]:
+                shutil.rmtree(old, ignore_errors=True)
 
     def resume(self) -> bool:
         """Load the latest checkpoint under ``output_dir`` (if any); refuse one from another configuration."""
@@ -565,13 +637,15 @@ class Trainer:
         if ckpt is None:
             logger.info(f"no checkpoint under {self.output_dir}: starting from scratch")
             return False
-        self._check_resume_config(ckpt)  # again: the config may have been changed since __init__
+        check_resume_config(ckpt, self._config_now())  # again: the config may have been changed since __init__
         try:
             self.accelerator.load_state(str(ckpt))
         except (RuntimeError, KeyError) as exc:  # shapes or keys that passed the config check but not the load
             raise CheckpointError(f"the checkpoint {ckpt} does not fit this run ({str(exc).strip().splitlines()[0][:160]}"
                                   "): resume with the settings it was made with, or use a new --output-dir") from exc
-        logger.info(f"resumed from {ckpt} (epoch {self.state.epoch}, step {self.state.step})")
+        self._capture_rng()
+        within = f", batch {self.state.batch} of epoch {self.state.epoch + 1}" if self.state.batch else ""
+        logger.info(f"resumed from {ckpt} (epoch {self.state.epoch}, step {self.state.step}{within})")
         return True
 
     def save_final(self) -> None:
@@ -582,28 +656,19 @@ class Trainer:
                     "num_classes": self.task.num_classes, "method": self.method.name, "epochs": self.state.epoch}
             try:
                 save_model_dir(self.output_dir, unwrap(self.model), self.ema.model if self.ema else None, meta)
-            except (OSError, RuntimeError) as exc:
-                if not isinstance(exc, OSError):
-                    exc = OSError(0, f"{_disk_cause(self.output_dir)} ({str(exc).splitlines()[0][:100]})")
-                raise write_failed(self.output_dir, exc, self._latest_checkpoint()) from exc
+            except WRITE_ERRORS as exc:
+                raise failed_write(self.output_dir, exc, self._latest_checkpoint()) from exc
         acc.wait_for_everyone()
 
 
-def _norm(value: Any) -> Any:
-    """Compare configs as JSON sees them (tuples and lists alike; a missing model_kwargs is {})."""
-    return json.loads(json.dumps(value, default=str)) if value not in (None, {}) else None
-
-
-def _disk_cause(path: Path) -> str:
-    """Name why a write failed when the library gave no errno (torch: "iostream error")."""
-    from .checkpoint import _nearest_existing
-
-    base = _nearest_existing(path)
-    if shutil.disk_usage(base).free < 2**20:
-        return f"no space left on the device holding {base}"
-    if not os.access(base, os.W_OK):
-        return f"{base} is read-only"
-    return "the write failed"
+def evaluate_models(task: Task, models: dict[str, nn.Module], loader: Any, attacks: dict[str, Attack],
+                    accelerator: Any = None) -> dict[str, Any]:
+    """Clean and robust accuracy of each model (the student, its EMA copy, ...) under ``attacks`` on
+    ``loader``: one dict, each model's keys prefixed with its name (``""`` for the student, ``"ema_"``)."""
+    out: dict[str, Any] = {}
+    for prefix, model in models.items():
+        out.update({f"{prefix}{k}": v for k, v in evaluate(task, model, loader, attacks, accelerator=accelerator).items()})
+    return out
 
 
 def _set_tf32(enabled: bool, device: torch.device) -> None:

@@ -120,7 +120,8 @@ DEEP = {
                              else t.train_loader).pin_memory,
 }
 #: Flags a TrainConfig field's test value needs beside it (the preset's Nesterov SGD, AWP on, ...).
-NEEDS = {"optimizer": ["--nesterov", "false"], "awp_style": ["--awp"], "grad_accum": ["--method", "pgd_at"]}
+NEEDS = {"optimizer": ["--nesterov", "false"], "awp_style": ["--awp"], "grad_accum": ["--method", "pgd_at"],
+         "bn_no_decay": ["--model", "preact_resnet18"]}
 #: Flag values for the TrainConfig fields a type cannot choose (strings, lists, bounded numbers).
 VALUES = {"optimizer": "adamw", "lr_schedule": "cosine", "milestones": "1", "mixed_precision": "bf16",
           "eval_attacks": "fgsm", "output_dir": "{tmp}/other", "run_name": "named", "tags": "a,b",

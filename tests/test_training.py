@@ -180,3 +180,39 @@ def test_a_model_with_another_class_count_is_refused(cifar_task, tmp_path):
 def test_awp_with_gradient_accumulation_is_refused(cifar_task, tmp_path):
     with pytest.raises(ValueError, match="AWP .* gradient accumulation"):
         _trainer(cifar_task, tmp_path, grad_accum=2)
+
+
+def test_adr_batch_norm_settings_reach_the_optimizer_and_the_step(cifar_dir, tmp_path, monkeypatch):
+    """--bn-no-decay (no weight decay on the batch-norm parameters) and --bn-momentum-schedule (1.0 at the
+    first step, 0.01 after), ADR's settings for its extra-data runs, through the recipe; --bn-no-decay is
+    refused on a model it would not change."""
+    from accelerate.state import AcceleratorState
+
+    from robustkd import recipe as recipe_mod
+    from robustkd.teachers import unwrap
+
+    built = []
+    real = recipe_mod.build_trainer
+    monkeypatch.setattr(recipe_mod, "build_trainer", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    monkeypatch.setattr(Trainer, "fit", lambda self: (_ for _ in ()).throw(_Crash("built")))
+    base = ["--data-dir", cifar_dir, "--max-train-samples", "16", "--batch-size", "8", "--method", "standard",
+            "--output-dir", str(tmp_path / "run"), "--no-progress", "--final-attacks", "fgsm"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(_Crash):
+        _recipe([*base, "--model", "preact_resnet18", "--bn-no-decay", "true", "--bn-momentum-schedule", "true"],
+                monkeypatch)
+    trainer = built[-1]
+    names = {id(p): n for n, p in unwrap(trainer.model).named_parameters()}
+    decay, no_decay = trainer.optimizer.param_groups
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert no_decay["params"] and all("batchnorm" in names[id(p)] for p in no_decay["params"])
+    assert not any("batchnorm" in names[id(p)] for p in decay["params"])
+    bns = [m for m in unwrap(trainer.model).modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    batch = next(iter(trainer.train_loader))
+    for expected in (1.0, 0.01):
+        trainer.train_step(batch)
+        assert {m.momentum for m in bns} == {expected}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ValueError, match="--bn-no-decay: this model has no parameter named 'batchnorm'"):
+        _recipe([*base, "--model", "small_cnn", "--bn-no-decay", "true", "--output-dir", str(tmp_path / "other")],
+                monkeypatch)
