@@ -36,9 +36,10 @@ import shlex
 import sys
 import tempfile
 import types
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +58,8 @@ def param_groups(model: nn.Module, weight_decay: float, *, no_decay_bn: bool = F
     (``src/util/optimizer_scheduler.py:8-18``; within each group the model's order, as there)."""
     if not no_decay_bn:
         return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         (no_decay if is_bn_parameter(name) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -317,8 +319,8 @@ def run_adr_case(case: Case, opts: Options, notes: list[str]) -> list[dict[str, 
         task, trainer = _robustkd_trainer(case, s)
         batches = _batches(task, opts)
         with reference_imports(opts.adr / "src", notes):
-            from advTrainer import AdvTrainer  # type: ignore[import-not-found]
             from adr import ADR as RefADR  # type: ignore[import-not-found]
+            from advTrainer import AdvTrainer  # type: ignore[import-not-found]
             from model.create_model import create_model  # type: ignore[import-not-found]
             from timm.utils import ModelEmaV2
             from util import optimizer_scheduler as opt_sched  # type: ignore[import-not-found]

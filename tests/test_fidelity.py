@@ -279,8 +279,9 @@ def test_swish_activation_value_and_gradient():
 
 # -- ADR's batch-norm settings for runs with extra data ------------------------------------------
 def test_param_groups_leave_batch_norm_undecayed():
-    from robustkd.fidelity import param_groups
     from robustkd_tasks.image_models import preact_resnet18
+
+    from robustkd.fidelity import param_groups
 
     model = preact_resnet18(normalize=False)
     one = param_groups(model, 5e-4)
@@ -339,8 +340,16 @@ def test_fidelity_robustkd_side_and_table(cifar_dir, tmp_path):
     state comparison and the printed tables."""
     import copy
 
-    from robustkd.fidelity import CASES, Options, _batches, _robustkd_trainer, _settings, compare_states, \
-        format_table, summarize
+    from robustkd.fidelity import (
+        CASES,
+        Options,
+        _batches,
+        _robustkd_trainer,
+        _settings,
+        compare_states,
+        format_table,
+        summarize,
+    )
 
     case = CASES["adr_trades"]
     opts = Options(None, None, None, cifar_dir, steps=1, batch_size=2)

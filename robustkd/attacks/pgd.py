@@ -5,7 +5,8 @@ may move) and the threat model (norm, radius, domain), so this loop is the same 
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +153,6 @@ class PGD(Attack):
     def _perturb_point(self, model: nn.Module, batch: Batch, targets: Tensor, x: Tensor, mask: Tensor | None,
                        alpha: float | Tensor) -> Adversarial:
         """PGD on the perturbed point itself (``keep_point``), with the reference attacks' arithmetic."""
-        task = self.task
         if mask is not None:
             raise ValueError(f"keep_point={self.keep_point!r} cannot keep positions fixed (the task masks some): "
                              "use keep_point='off'")
@@ -161,18 +161,26 @@ class PGD(Attack):
             point = self._start_point(x)
             for _ in range(self.steps):
                 point.requires_grad_(True)
-                loss = self.objective(task.logits(model, task.point_batch(batch, point)), targets).mean()
+                loss = self.objective(self.task.logits(model, self._point(batch, point)), targets).mean()
                 (grad,) = torch.autograd.grad(loss, point)
                 point = self._project_point(x, point.detach() + alpha * grad.sign()).detach()
             if self.restarts == 1:
-                return Adversarial(task.point_batch(batch, point), None)
+                return Adversarial(self._point(batch, point), None)
             best, best_score = self._keep_worst_point(model, batch, targets, point, best, best_score)
-        return Adversarial(task.point_batch(batch, best), None)
+        assert best is not None
+        return Adversarial(self._point(batch, best), None)
+
+    def _point(self, batch: Batch, point: Tensor) -> Batch:
+        out = self.task.point_batch(batch, point)
+        if out is None:
+            raise ValueError(f"the task {self.task.name!r} holds no perturbed point (point_batch returned None): "
+                             "use keep_point='off'")
+        return out
 
     def _keep_worst_point(self, model: nn.Module, batch: Batch, targets: Tensor, point: Tensor,
                           best: Tensor | None, best_score: Tensor | None) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
-            logits = self.task.logits(model, self.task.point_batch(batch, point))
+            logits = self.task.logits(model, self._point(batch, point))
         return self._better(logits, targets, point, best, best_score)
 
     def _better(self, logits: Tensor, targets: Tensor, cand: Tensor, best: Tensor | None,
@@ -182,7 +190,7 @@ class PGD(Attack):
             score = self.objective(logits, targets).float()
             if targets.dim() == 1:
                 score = score + 1e6 * (logits.argmax(1) != targets).float()
-        if best is None:
+        if best is None or best_score is None:
             return cand, score
         better = score > best_score
         shape = (-1,) + (1,) * (cand.dim() - 1)
