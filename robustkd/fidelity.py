@@ -331,12 +331,21 @@ def run_adr_case(case: Case, opts: Options, notes: list[str]) -> list[dict[str, 
                                g.get("create_model.activation_name", "relu"))
             ref.load_state_dict(bare(trainer.model).state_dict())
             steps_per_epoch, epochs = trainer.steps_per_epoch, g["main.epoch"]
+            extra = "main.aux_dataset_path" in g  # the config trains with extra data: its batch-norm settings
+            aux_loader = None
+            if extra:
+                note = ("extra-data configs (PreAct): the reference runs with an extra-data loader of zero images, "
+                        "so that its batch-norm settings apply and the batches stay the same")
+                if note not in notes:
+                    notes.append(note)
+                x0 = batches[0]["inputs"]
+                aux_loader = [(x0.new_zeros((0, *x0.shape[1:])), batches[0]["labels"].new_zeros((0,)))]
             if g["build_optimizer.optimizer_type"] == "sgd":
-                optimizer = opt_sched.build_sgd_optimizer(ref, False, g["build_sgd_optimizer.lr"],
+                optimizer = opt_sched.build_sgd_optimizer(ref, extra, g["build_sgd_optimizer.lr"],
                                                           g["build_sgd_optimizer.momentum"],
                                                           g["build_sgd_optimizer.weight_decay"])
             else:
-                optimizer = opt_sched.build_awp_optimizer(ref, False, g["build_awp_optimizer.lr"],
+                optimizer = opt_sched.build_awp_optimizer(ref, extra, g["build_awp_optimizer.lr"],
                                                           g["build_awp_optimizer.momentum"],
                                                           g["build_awp_optimizer.weight_decay"],
                                                           g["build_awp_optimizer.rho"])
@@ -358,7 +367,7 @@ def run_adr_case(case: Case, opts: Options, notes: list[str]) -> list[dict[str, 
                                      g["AdvTrainer.model_ema_decay"], g["AdvTrainer.temperature_low"],
                                      g["AdvTrainer.temperature_high"], g["AdvTrainer.interpolation_low"],
                                      g["AdvTrainer.interpolation_high"], adv_attacker=attacker,
-                                     adv_beta=g.get("AdvTrainer.adv_beta", 6.0))
+                                     adv_beta=g.get("AdvTrainer.adv_beta", 6.0), aux_loader=aux_loader)
             ref_trainer.model_ema = ModelEmaV2(ref, decay=g["AdvTrainer.model_ema_decay"])
             th = g["AdvTrainer.temperature_high"]
             ref_trainer.adr = RefADR(num_classes, epochs, steps_per_epoch, g["AdvTrainer.temperature_low"], th,
