@@ -6,7 +6,8 @@ inputs only through a task. A batch is a ``dict`` of tensors with at least ``"la
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn

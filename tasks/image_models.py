@@ -26,7 +26,7 @@ fixed window where the reference does (``AvgPool2d(4)`` / ``AvgPool2d(8)`` on CI
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
