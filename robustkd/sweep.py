@@ -264,6 +264,82 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> Study:
                  results_dir=results_dir, attack_columns={str(k): v for k, v in columns.items()})
 
 
+# -- checking the flags against the recipe ---------------------------------------------------------
+def recipe_parser(recipe: str | Path) -> Any:
+    """The argument parser of a recipe script, with argparse's abbreviations off (``--epoch`` is not
+    ``--epochs``): the recipe's :class:`robustkd.config.Recipe` built into a parser, the script imported
+    without running it. None when the script declares no ``Recipe`` (a script of the user's own)."""
+    import importlib.util
+
+    from .config import Recipe, build_parser
+
+    path = Path(recipe)
+    source = path.read_text(errors="replace")
+    if "Recipe(" not in source or "robustkd.config" not in source:
+        return None  # not a robustkd recipe: importing a script of unknown shape could run it
+    spec = importlib.util.spec_from_file_location(f"_robustkd_sweep_recipe_{_slug(path.stem)}", path)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - whatever the script raises on import, the study cannot be checked
+        raise StudyError(f"the recipe {path} cannot be imported to check the study's flags "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from exc
+    recipes = [v for v in vars(module).values() if isinstance(v, Recipe)]
+    if len(recipes) != 1:
+        return None
+    parser = build_parser(recipes[0])
+    parser.allow_abbrev = False
+    return parser
+
+
+def check_flags(study: Study) -> None:
+    """Refuse, before any cell runs, a flag of the study or of a variant or grid point that the recipe does
+    not take (a misspelt ``--epoch``, an abbreviation), a switch given a value or a valued flag given none:
+    one :class:`StudyError` naming the variant, the flag and the recipe's nearest flags."""
+    import argparse
+    import difflib
+
+    parser = recipe_parser(study.recipe)
+    if parser is None:
+        logger.warning("cannot check the study's flags: %s declares no robustkd.config.Recipe", study.recipe)
+        return
+    actions = {opt: a for a in parser._actions for opt in a.option_strings}
+    points = [dict(zip(study.grid, values)) for values in itertools.product(*study.grid.values())] or [{}]
+    for variant in (v for v in study.variants if v.runs is None):
+        for point in points:
+            for key, value in {**study.flags, **variant.flags, **point}.items():
+                where = (f"variants.{variant.name}.flags" if key in variant.flags else
+                         "grid" if key in point else "flags")
+                action = actions.get(f"--{key}")
+                if action is None:
+                    near = difflib.get_close_matches(f"--{key}", [o for o in actions if o.startswith("--")], n=3)
+                    raise StudyError(f"{study.path}: {where}: the recipe {study.recipe.name} has no flag --{key}"
+                                     + (f" (did you mean {', '.join(near)}?)" if near else "")
+                                     + f"; `python {study.recipe} --help` lists its flags")
+                if value is None or value is False:
+                    continue
+                takes_value = action.nargs != 0 and not isinstance(action, (argparse._StoreTrueAction,
+                                                                            argparse._StoreFalseAction,
+                                                                            argparse._StoreConstAction))
+                if value is True and takes_value and action.nargs != "?":
+                    raise StudyError(f"{study.path}: {where}: --{key} takes a value, not `true`")
+                if value is not True and not takes_value:
+                    raise StudyError(f"{study.path}: {where}: --{key} is a switch: write `{key}: true` (or false)")
+                if value is True or isinstance(value, (dict, list)) or re.search(r"[{$]", str(value)):
+                    continue  # JSON values and placeholders ({seed}, $VAR) are the recipe's to check
+                text = str(value)
+                try:
+                    converted = action.type(text) if callable(action.type) else text
+                except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
+                    raise StudyError(f"{study.path}: {where}: --{key} {text!r} is refused by the recipe "
+                                     f"({str(exc) or type(exc).__name__})") from exc
+                if action.choices is not None and converted not in action.choices:
+                    raise StudyError(f"{study.path}: {where}: --{key} {text!r} is not one of "
+                                     f"{', '.join(map(str, action.choices))}")
+
+
 # -- running ---------------------------------------------------------------------------------------
 def _expand(value: str, cell: Cell | None, study: Study | None) -> str:
     value = os.path.expandvars(value)
@@ -384,6 +460,7 @@ def run_sweep(study: Study, jobs: int = 1, dry_run: bool = False, progress: bool
     """Run every unfinished cell (``jobs`` at a time); finished cells are skipped, never re-run."""
     from tqdm.auto import tqdm
 
+    check_flags(study)  # a misspelt flag fails here, before any cell runs
     cells = study.cells()
     for cell in [c for c in cells if c.variant.runs is not None and read_cell_report(c.dir) is None]:
         logger.warning("no finished run at %s (variant %s reads runs made elsewhere; the sweep does not run it)",
@@ -664,6 +741,26 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_replaces(study: Study, out: Path, finished: int, total: int) -> None:
+    """Refuse to write results that would replace measured ones with fewer: no finished cell at all, or
+    fewer finished runs than the ``results.json`` already in ``out`` (e.g. the tables committed under
+    docs/results/ on a fresh clone). Nothing is written then."""
+    where = f"under {study.output_dir}"
+    if finished == 0:
+        raise StudyError(f"no run of {study.path} has finished {where} (0 of {total}): run `robustkd sweep "
+                         f"{study.path}` first (or pass --output-dir where its runs are); nothing was written, "
+                         f"{out} is unchanged")
+    try:
+        previous = json.loads((out / RESULTS_JSON).read_text())
+        before = sum(bool(e.get("finished")) for e in previous.get("cells", []) if e.get("view") == "model")
+    except (OSError, ValueError, AttributeError, TypeError):
+        return
+    if before > finished:
+        raise StudyError(f"{out / RESULTS_JSON} holds {before} finished runs but only {finished} of {total} have "
+                         f"finished {where}: nothing was written. Finish the sweep (`robustkd sweep {study.path}`), "
+                         f"or pass --output-dir DIR to aggregate the runs in DIR into DIR instead")
+
+
 def write_results(study: Study, command: str | None = None) -> dict[str, Path]:
     """``results.json``, ``results.md`` and the two plots into the study's output directory."""
     from .checkpoint import atomic_write_text
@@ -672,9 +769,10 @@ def write_results(study: Study, command: str | None = None) -> dict[str, Path]:
     results = aggregate(study)
     results["command"] = command or f"robustkd sweep {study.path} --report"
     out = study.results_dir or study.output_dir
-    out.mkdir(parents=True, exist_ok=True)
     finished = sum(e["finished"] for e in results["cells"] if e["view"] == "model")
     total = sum(1 for e in results["cells"] if e["view"] == "model")
+    check_replaces(study, out, finished, total)
+    out.mkdir(parents=True, exist_ok=True)
     attack = next((c["attack"] for c in results["curves"].values() if c["attack"]), "robust")
     save_figure(scatter_figure(results["rows"], "clean", "pgd20", title=f"{study.title}\nPGD-20 vs clean"),
                 out / SCATTER_PNG)

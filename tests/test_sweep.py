@@ -253,3 +253,48 @@ def test_after_orders_cells_threads_are_shared_and_attack_columns_are_tabled(tmp
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     assert cli_main(["sweep", str(path)]) == 2
     assert "`after` must name other variants" in capsys.readouterr().err
+
+
+def test_a_misspelt_flag_is_refused_before_any_cell_runs(tmp_path, capsys, cifar_dir):
+    """Every variant's flags are checked against the recipe's own parser, abbreviations off."""
+    out = tmp_path / "o"
+    base = {"recipe": str(REPO / "recipes/cifar_adr.py"), "seeds": [0], "output_dir": str(out),
+            "flags": {"data-dir": cifar_dir, "epochs": 1}}
+    bad = tmp_path / "bad.yaml"
+    cases = [({"ok": {"flags": {"method": "pgd_at"}}, "typo": {"flags": {"epoch": 2}}}, "no flag --epoch"),
+             ({"short": {"flags": {"max-train": 64}}}, "no flag --max-train"),  # no abbreviations
+             ({"a": {"flags": {"epochs": "two"}}}, "--epochs 'two' is refused"),
+             ({"a": {"flags": {"optimizer": "adam"}}}, "--optimizer 'adam' is not one of"),
+             ({"a": {"flags": {"lr": True}}}, "--lr takes a value")]
+    for variants, message in cases:
+        bad.write_text(yaml.safe_dump({**base, "variants": variants}))
+        assert cli_main(["sweep", str(bad), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()  # refused before any cell ran
+    bad.write_text(yaml.safe_dump({**base, "variants": {"typo": {"flags": {"epoch": 2}}}}))
+    assert cli_main(["sweep", str(bad), "--dry-run"]) == 2
+    assert "did you mean --epochs" in capsys.readouterr().err
+
+
+def test_report_without_finished_runs_keeps_the_measured_tables(tmp_path, capsys, cifar_dir):
+    """`--report` (with or without `--update-doc`) on a study none of whose runs finished here is refused in
+    one line, and the results already there (e.g. docs/results/<study>/ on a fresh clone) are left as they are."""
+    results = tmp_path / "docs_results"
+    results.mkdir()
+    kept = {"results.json": '{"cells": [{"view": "model", "finished": true}]}', "results.md": "measured table\n",
+            "results_curves.png": "png", "results_scatter.png": "png"}
+    for name, text in kept.items():
+        (results / name).write_text(text)
+    doc = tmp_path / "page.md"
+    doc.write_text("<!-- sweep:study -->\nmeasured\n<!-- /sweep:study -->\n")
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"recipe": str(REPO / "recipes/cifar_adr.py"), "seeds": [0, 1],
+                                     "output_dir": str(tmp_path / "runs"), "results_dir": str(results),
+                                     "variants": {"a": {"flags": {"epochs": 1}}}}))
+    for extra in ([], ["--update-doc", str(doc)]):
+        assert cli_main(["sweep", str(study), "--report", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: no run of") and "0 of 2" in err and len(err.strip().splitlines()) == 1
+        assert {p.name: p.read_text() for p in results.iterdir()} == kept
+        assert doc.read_text() == "<!-- sweep:study -->\nmeasured\n<!-- /sweep:study -->\n"

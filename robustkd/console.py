@@ -1,0 +1,52 @@
+"""What the entry points (the ``robustkd`` CLI and the recipes) share about the terminal: where
+robustkd's status lines go, how help shows defaults, and how a failure ends the process.
+
+A library user is left alone: importing robustkd configures no logging; only the entry points
+call :func:`configure_logging`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+EXIT_USER_ERROR = 2
+EXIT_SANITY_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show robustkd's status lines (per-epoch summaries, "resumed from ...", notes; Accelerate's logger
+    prints them on the main process only) on stderr, once per process. For entry points (the CLI,
+    the recipes); a library user configures ``logging`` as they like."""
+    root = logging.getLogger("robustkd")
+    if not any(getattr(h, "_robustkd", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._robustkd = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each default shown once: a help text that already says its default (or has
+    none worth showing: ``None``, a switch) is left as it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help = action.help or ""
+        if ("%(default)" in help or "default:" in help.lower() or action.default is None
+                or action.default is False or action.default == argparse.SUPPRESS or action.nargs == 0):
+            return help
+        return super()._get_help_string(action)
+
+
+def under_launcher() -> bool:
+    """True in a process that ``accelerate launch`` (or torchrun) started."""
+    return any(k in os.environ for k in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND", "LOCAL_RANK"))
+
+
+def fail(message: str, status: int = EXIT_USER_ERROR) -> None:
+    """Print ``error: message`` (one line, stderr) and end the process with ``status``."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
