@@ -457,3 +457,101 @@ def load_model(path: str | Path, task: Task, which: Literal["auto", "student", "
                          f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}): was it trained with "
                          "another --model?")
     return model.eval()
+
+
+# -- evaluating an unfinished run: its training checkpoints ---------------------------------------
+RUN_CONFIG_FILE = "run_config.json"
+
+
+def training_checkpoint(path: str | Path) -> Path | None:
+    """The training checkpoint ``robustkd eval --checkpoint PATH`` should read, or None for final weights:
+    PATH itself when it is one (``RUN/checkpoints/epoch-N``), the latest one when PATH is a run folder
+    without final weights (the run has not finished, or was stopped)."""
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / RUN_CONFIG_FILE).exists() and path.parent.name == "checkpoints":
+        for f in sorted(path.iterdir()):
+            if f.is_file() and f.suffix in (".safetensors", ".bin"):
+                check_weight_file(f)
+        return path
+    if path.is_dir() and not any((path / f).exists() for f in WEIGHT_FILES.values()):
+        root = path / "checkpoints"
+        if root.is_dir():
+            latest = read_latest(root)
+            if latest is not None:
+                return latest
+            raise FileNotFoundError(f"{path} has no final weights and {root} no `latest` checkpoint: pass one of "
+                                    f"{sorted(p.name for p in root.glob('epoch-*')) or 'its checkpoints'} as "
+                                    f"--checkpoint {root}/epoch-N")
+    return None
+
+
+def checkpoint_meta(ckpt: str | Path) -> dict[str, Any]:
+    """What a training checkpoint records about its run (task, model, data, method; ``epoch``: the epochs
+    it had completed, from its folder name)."""
+    ckpt = Path(ckpt)
+    try:
+        meta = json.loads((ckpt / RUN_CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt / RUN_CONFIG_FILE} is missing or corrupt ({exc}): this checkpoint cannot be "
+                              "evaluated; pass another RUN/checkpoints/epoch-N") from exc
+    name = ckpt.name
+    meta["checkpoint_epoch"] = int(name.split("-", 1)[1]) if name.startswith("epoch-") and name[6:].isdigit() else None
+    return meta
+
+
+def _checkpoint_objects(ckpt: Path) -> list[dict[str, Any]]:
+    """The objects a training checkpoint registered (scheduler, counters, method, EMA), read with
+    ``torch.load(weights_only=True)``: tensors and plain containers only, no code is run."""
+    import torch
+
+    out = []
+    for f in sorted(ckpt.glob("custom_checkpoint_*.pkl"), key=lambda p: int(p.stem.rsplit("_", 1)[1])):
+        try:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: one line, whatever the cause
+            raise CheckpointError(f"{f} cannot be read ({str(exc).splitlines()[0][:120]}): pass another "
+                                  "RUN/checkpoints/epoch-N") from exc
+        out.append(obj if isinstance(obj, dict) else {})
+    return out
+
+
+def load_training_checkpoint(ckpt: str | Path, task: Task, which: Literal["auto", "student", "ema"] = "auto"
+                             ) -> tuple[nn.Module, str, list[dict[str, Any]] | None]:
+    """(model, which weights were taken, the run's per-epoch history up to this checkpoint) from a training
+    checkpoint; ``auto`` takes the EMA copy when the run kept one, like a finished run's folder."""
+    from safetensors.torch import load_file
+
+    ckpt = Path(ckpt)
+    meta = checkpoint_meta(ckpt)
+    if meta.get("num_classes") != task.num_classes:
+        raise ValueError(f"the checkpoint {ckpt} has {meta.get('num_classes')} classes ({meta.get('task')}) but the "
+                         f"task {task.name!r} has {task.num_classes}: use a checkpoint trained on this task.")
+    objects = _checkpoint_objects(ckpt)
+    ema = next((o for o in objects if {"model", "num_updates", "decay"} <= set(o)), None)
+    counters = next((o for o in objects if {"epoch", "step", "history"} <= set(o)), None)
+    if which == "auto":
+        which = "ema" if ema is not None else "student"
+    if which == "ema":
+        if ema is None:
+            raise FileNotFoundError(f"the checkpoint {ckpt} holds no EMA copy (the run kept none): pass --which student")
+        state = ema["model"]
+    else:
+        weights = ckpt / "model.safetensors"
+        if not weights.exists():
+            raise FileNotFoundError(f"the checkpoint {ckpt} has no model.safetensors: pass another "
+                                    "RUN/checkpoints/epoch-N")
+        state = load_file(str(weights))
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+    model = task.build_model(meta["model"], **meta.get("model_kwargs", {}))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"the weights in {ckpt} do not fit the model {meta['model']!r} built by task {task.name!r} "
+                         f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
+    history = None
+    if counters is not None:
+        try:
+            rows = json.loads(counters["history"]) if isinstance(counters["history"], str) else counters["history"]
+            history = [r for r in rows if meta["checkpoint_epoch"] is None or r.get("epoch", 0) <= meta["checkpoint_epoch"]]
+        except (TypeError, ValueError):
+            history = None
+    return model.eval(), which, history
