@@ -250,11 +250,18 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .eval.compare import compare, format_comparison
+    from .eval.compare import compare, describe, format_comparison, matching_view
     from .eval.schema import read_report
 
-    settings, metrics = compare(read_report(args.a), read_report(args.b))
-    print(f"A = {args.a}\nB = {args.b}\n")
+    a, b = read_report(args.a), read_report(args.b)
+    a, note_a = matching_view(args.a, a, b)
+    b, note_b = matching_view(args.b, b, a)
+    print(f"A = {args.a}: {describe(a)}\nB = {args.b}: {describe(b)}")
+    for note in (note_a, note_b):
+        if note:
+            print(f"(compared like with like: {note})")
+    print()
+    settings, metrics = compare(a, b)
     print(format_comparison(settings, metrics))
     return 0
 

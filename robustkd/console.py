@@ -23,10 +23,20 @@ def configure_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger("robustkd")
     if not any(getattr(h, "_robustkd", False) for h in root.handlers):
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_Formatter("%(message)s"))
         handler._robustkd = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
+
+
+class _Formatter(logging.Formatter):
+    """The message alone; Accelerate's ``[RANK 0]`` prefix only when several processes run."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if text.startswith("[RANK ") and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            text = text.split("] ", 1)[1] if "] " in text else text
+        return text
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

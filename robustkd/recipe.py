@@ -92,6 +92,7 @@ def final_report(cfg: RunConfig, trainer: Trainer, *, sections: Sections | None 
         if trainer.ema is not None:
             models.insert(0, ("ema", trainer.ema.model))  # first, so the model's report can point to it
         reports: dict[str, dict[str, Any]] = {}
+        write_schedule(out, trainer)  # before the reports: the run's report.html shows it
         for which, net in models:
             attacks = build_attacks(s["final_attacks"], task, defaults)
             if attack_wrapper is not None:
@@ -112,7 +113,6 @@ def final_report(cfg: RunConfig, trainer: Trainer, *, sections: Sections | None 
             reports[which] = ev.report
             acc.print(f"{which}: {summary_text(ev.report)}")
         report = reports["student"]
-        write_schedule(out, trainer)
         acc.print(f"report: {out / 'report.json'}")
     acc.wait_for_everyone()
     return report

@@ -73,8 +73,9 @@ def large_budget(task: Task, threat: ThreatModel) -> ThreatModel | None:
 def budget_sweep(task: Task, model: nn.Module, loader, threat: ThreatModel | None = None,
                  factors: Sequence[float] = DEFAULT_FACTORS, steps: int = 10, include_large: bool = True,
                  seed: int = 0, accelerator: Any = None, progress: bool = False,
-                 split_processes: bool = False) -> tuple[BudgetSweep, EvalResult]:
-    """Robust accuracy under PGD (``steps`` steps, random start) at each budget of the grid."""
+                 split_processes: bool = False, label: str | None = None) -> tuple[BudgetSweep, EvalResult]:
+    """Robust accuracy under PGD (``steps`` steps, random start) at each budget of the grid; ``label``
+    names the model on the progress bar."""
     threat = threat if threat is not None else task.threat_model()
     grid = budget_grid(threat, factors)
     attacks: dict[str, PGD] = {f"budget_x{p.factor:g}": PGD(task, p.threat, steps=steps) for p in grid}
@@ -85,7 +86,8 @@ def budget_sweep(task: Task, model: nn.Module, loader, threat: ThreatModel | Non
         attacks[LARGE] = PGD(task, large, steps=large_budget_steps(steps))
     torch.manual_seed(seed)
     result = evaluate_predictions(task, model, loader, attacks, accelerator, progress,
-                                  seed=seed if split_processes else None, split_processes=split_processes)
+                                  seed=seed if split_processes else None, split_processes=split_processes,
+                                  label=label)
     axis, _ = axis_of(threat)
     sweep = BudgetSweep(axis=axis, default_x=threat.axis_value(),
                         attack={**PGD(task, threat, steps=steps).describe(), "eps": None},

@@ -35,7 +35,7 @@ def training_curves_figure(history: Sequence[Mapping[str, Any]], title: str = ""
         rows = [h for h in evaluated if f"{prefix}clean_accuracy" in h]
         if not rows:
             continue
-        who = "EMA" if prefix else "model"
+        who = "EMA" if prefix else "student"
         epochs = [h["epoch"] for h in rows]
         ax_acc.plot(epochs, [h[f"{prefix}clean_accuracy"] for h in rows], style, marker="o", label=f"{who} clean")
         for name in rows[-1].get(f"{prefix}robust_accuracy", {}):
@@ -53,6 +53,97 @@ def training_curves_figure(history: Sequence[Mapping[str, Any]], title: str = ""
     if title:
         fig.suptitle(title)
     return fig
+
+
+# The keys of a metrics.jsonl row that are not a method's own per-epoch values (its schedule).
+_RUN_KEYS = {"epoch", "step", "lr", "train_loss", "epoch_seconds", "num_examples", "clean_accuracy",
+             "robust_accuracy", "worst_case_accuracy", "run_id"}
+
+
+def schedule_keys(history: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The numbers a method logs per epoch (ADR's ``adr_tau``, ``adr_lambda``, ...): what it anneals."""
+    keys: dict[str, None] = {}
+    for h in history:
+        for k, v in h.items():
+            if (k not in _RUN_KEYS and not k.startswith("ema_") and isinstance(v, (int, float))
+                    and not isinstance(v, bool)):
+                keys[k] = None
+    return list(keys)
+
+
+def training_run_figure(history: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
+    """The run at a glance, from its metrics.jsonl: training loss, learning rate, clean and robust
+    accuracy of the student and of the EMA copy (per-epoch evaluation), and what the method anneals.
+    A one-epoch run is marked as such (its numbers written next to the single point), not drawn as a
+    lone dot that looks like a curve."""
+    history = [h for h in history if "epoch" in h]
+    keys = schedule_keys(history)
+    panels = ["loss", "lr", "clean", "robust"] + (["schedule"] if keys else [])
+    ncols = 3 if len(panels) > 4 else 2
+    fig = Figure(figsize=(4.6 * ncols, 3.4 * 2), layout="tight")
+    grid = fig.subplots(2, ncols, squeeze=False).ravel()
+    axes = dict(zip(panels, grid))
+    for ax in grid[len(panels):]:
+        ax.set_visible(False)
+    one = len(history) == 1
+    epochs = [h["epoch"] for h in history]
+
+    values_of: dict[int, list[str]] = {}  # one epoch: the panel's numbers, written out instead of a lone dot
+
+    def series(ax: Any, values: Sequence[Any], label: str | None = None, style: str = "-", **kw: Any) -> None:
+        pts = [(e, v) for e, v in zip(epochs, values) if v is not None]
+        if not pts:
+            return
+        if one:
+            values_of.setdefault(id(ax), []).append(f"{label + ': ' if label else ''}{pts[0][1]:.4g}")
+            return
+        ax.plot(*zip(*pts), style, marker="o", ms=4, label=label, **kw)
+
+    series(axes["loss"], [h.get("train_loss") for h in history], color="#444")
+    axes["loss"].set(title="training loss (student)", ylabel="loss")
+    series(axes["lr"], [h.get("lr") for h in history], color="#8172B2")
+    axes["lr"].set(title="learning rate (end of epoch)", ylabel="LR")
+    names = list(dict.fromkeys(n for h in history for p in ("", "ema_") for n in (h.get(f"{p}robust_accuracy") or {})))
+    for who, prefix, style in (("student", "", "-"), ("EMA", "ema_", "--")):  # same colour, EMA dashed
+        series(axes["clean"], [h.get(f"{prefix}clean_accuracy") for h in history], who, style, color="C2")
+        for i, name in enumerate(names):
+            series(axes["robust"], [(h.get(f"{prefix}robust_accuracy") or {}).get(name) for h in history],
+                   f"{who} {_short(name, 24)}", style, color=f"C{(3 + i) % 10}")
+    axes["clean"].set(title="clean accuracy (held-out subset)", ylabel="accuracy", ylim=(0, 1))
+    axes["robust"].set(title="robust accuracy (held-out subset)", ylabel="accuracy", ylim=(0, 1))
+    if not history:
+        return fig
+    for key in keys:
+        series(axes["schedule"], [h.get(key) for h in history], key)
+    if keys:
+        axes["schedule"].set(title="what the method anneals (end of epoch)")
+    for name, ax in axes.items():
+        if one:  # a single epoch: its numbers, plainly, and why there is no curve
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_ylim(0, 1)
+            lines = values_of.get(id(ax))
+            ax.text(0.5, 0.58, "\n".join(lines) if lines else "not evaluated", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=10 if lines and len(lines) < 4 else 8)
+            ax.text(0.5, 0.1, f"epoch {epochs[0]} only: a curve needs two epochs", transform=ax.transAxes,
+                    ha="center", fontsize=8, color="#777", style="italic")
+            continue
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if name in ("clean", "robust", "schedule") and ax.lines and any(line.get_label()[:1] != "_"
+                                                                        for line in ax.lines):
+            ax.legend(fontsize=7)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "not evaluated per epoch (--eval-every 0)", transform=ax.transAxes, ha="center",
+                    fontsize=8, color="#777")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_training_run(history: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    return save_figure(training_run_figure(history, title), path, dpi=100)
 
 
 def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -83,7 +174,7 @@ def robust_overfitting_figure(history: Sequence[Mapping[str, Any]], analysis: Ma
     gaps = analysis.get("robust_overfitting", {})
     for prefix, style in (("", "-"), ("ema_", "--")):
         rows = [h for h in history if f"{prefix}robust_accuracy" in h]
-        who = "EMA " if prefix else ""
+        who = "EMA " if prefix else "student "
         if rows and f"{prefix}clean_accuracy" in rows[0]:
             ax.plot([h["epoch"] for h in rows], [h[f"{prefix}clean_accuracy"] for h in rows], style, color="green",
                     alpha=0.6, label=f"{who}clean")
@@ -99,7 +190,7 @@ def robust_overfitting_figure(history: Sequence[Mapping[str, Any]], analysis: Ma
                             xytext=(5, 5), textcoords="offset points")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel="accuracy (held-out subset)", ylim=(0, 1),
-           title="training: best vs final robust accuracy")
+           title="training: best vs final robust accuracy\n(student: solid, EMA: dashed)")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7)
@@ -107,6 +198,13 @@ def robust_overfitting_figure(history: Sequence[Mapping[str, Any]], analysis: Ma
 
 
 # -- evaluation report -----------------------------------------------------------------------------
+def model_label(report: Mapping[str, Any]) -> str:
+    """``small_cnn (EMA)``, ``small_cnn (student)`` or the pretrained model's name: which weights a plot shows."""
+    model = report["model"]
+    which = {"ema": "EMA", "student": "student"}.get(str(model.get("which")), None)
+    return f"{model['name']} ({which})" if which else str(model["name"])
+
+
 def _reliability_panel(ax: Any, dist: Mapping[str, Any], title: str) -> None:
     rel = dist["reliability"]
     edges = rel["edges"]
@@ -143,7 +241,7 @@ def reliability_figure(report: Mapping[str, Any]) -> Figure:
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (dist, title) in zip(axes[0], panels):
         _reliability_panel(ax, dist, title)
-    fig.suptitle(f"{report['task']['name']} / {report['model']['name']}: reliability", fontsize=10)
+    fig.suptitle(f"{report['task']['name']} / {model_label(report)}: reliability", fontsize=10)
     return fig
 
 
@@ -177,7 +275,8 @@ def budget_curve_figure(report: Mapping[str, Any]) -> Figure:
     if curve["axis"].startswith("SNR"):
         ax.invert_xaxis()
     ax.set(xlabel=curve["axis"], ylabel="accuracy", ylim=(-0.02, 1.02),
-           title=f"accuracy vs budget ({report['task']['name']}, {report['task']['num_examples']} examples)")
+           title=f"{model_label(report)}: accuracy vs budget\n({report['task']['name']}, "
+                 f"{report['task']['num_examples']} examples)")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7)

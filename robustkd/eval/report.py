@@ -13,12 +13,15 @@ from typing import Any
 
 from ..checkpoint import atomic_write_text
 from .compare import Row, compare, format_comparison
-from .plots import plot_budget_curve, plot_reliability, plot_training
+from .plots import model_label, plot_budget_curve, plot_reliability, plot_training, plot_training_run
 from .render import render_html
 from .schema import (HTML_FILE, PLOT_FILES, REPORT_FILE, SCHEMA, SCHEMA_VERSION, ReportSchemaError, build_report,
                      load_history, read_report, training_analysis, validate_report)
 
-__all__ = ["HTML_FILE", "PLOT_FILES", "REPORT_FILE", "SCHEMA", "SCHEMA_VERSION", "ReportSchemaError", "Row",
+TRAINING_PLOT = "training.png"
+SCHEDULE_PLOT = "schedule.png"
+
+__all__ = ["model_label", "HTML_FILE", "PLOT_FILES", "REPORT_FILE", "SCHEMA", "SCHEMA_VERSION", "ReportSchemaError", "Row",
            "build_report", "compare", "format_comparison", "load_history", "read_report", "render_html",
            "training_analysis", "validate_report", "write_report"]
 
@@ -31,9 +34,14 @@ def write_report(report: dict[str, Any], output_dir: str | Path,
     files = {"reliability": plot_reliability(report, out / PLOT_FILES["reliability"]),
              "budget_curve": plot_budget_curve(report, out / PLOT_FILES["budget_curve"])}
     if history:
+        files["training"] = plot_training_run(history, out / TRAINING_PLOT,
+                                              title=f"{report['task']['name']} / {report['model']['name']}: the "
+                                                    f"training run, {len(history)} epoch{'s' * (len(history) != 1)}")
         files["training_curve"] = plot_training(history, report.get("training") or {},
                                                 out / PLOT_FILES["training_curve"])
     report["plots"] = {k: p.name for k, p in files.items()}
+    if (out / SCHEDULE_PLOT).exists():  # a recipe's schedule.png (what the method anneals, per step)
+        report["plots"]["schedule"] = SCHEDULE_PLOT
     validate_report(report)
     atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2))
     files["report"] = out / REPORT_FILE

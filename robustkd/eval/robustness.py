@@ -83,9 +83,25 @@ class EvalResult:
         return out
 
 
+def attack_label(spec: str, attack: Any = None) -> str:
+    """A short name for progress bars: ``pgd20`` -> ``PGD-20``, ``autoattack:...`` -> ``AutoAttack``."""
+    import re
+
+    head = spec.split(":", 1)[0].lower()
+    if m := re.fullmatch(r"pgd(\d+)", head):
+        return f"PGD-{m.group(1)}"
+    if head == "pgd":
+        steps = getattr(attack, "steps", None)
+        return f"PGD-{steps}" if steps else "PGD"
+    if head.startswith("budget_x"):
+        return f"PGD at {head[8:]}x budget"
+    names = {"autoattack": "AutoAttack", "fgsm": "FGSM", "large": "PGD at the whole-domain budget"}
+    return names.get(head, spec if len(spec) <= 24 else spec[:21] + "...")
+
+
 def evaluate_predictions(task: Task, model: nn.Module, loader, attacks: dict[str, Attack],
                          accelerator: Any = None, progress: bool = False, *, seed: int | None = None,
-                         split_processes: bool = False) -> EvalResult:
+                         split_processes: bool = False, label: str | None = None) -> EvalResult:
     """Run the model clean and under each attack; per-example probabilities in loader order.
 
     ``accelerator``: the loader is already sharded by Accelerate; outputs are gathered with
@@ -94,6 +110,8 @@ def evaluate_predictions(task: Task, model: nn.Module, loader, attacks: dict[str
     results are gathered on every process in loader order. ``seed``: the random state is set to
     ``seed + batch index`` before each batch's attacks, so a batch's random starts do not depend on
     which process runs it or on the batches before it: results are identical to one process.
+       ``label`` names the model on the progress bar (``PGD-20 · EMA``); the bar counts one step per attack
+    per batch, so a slow attack (AutoAttack) shows its name while it runs.
     """
     from tqdm.auto import tqdm
 
@@ -102,12 +120,28 @@ def evaluate_predictions(task: Task, model: nn.Module, loader, attacks: dict[str
     n_proc, rank = (num_processes(), process_index()) if split_processes else (1, 0)
     show = progress and (accelerator is None or accelerator.is_local_main_process) and rank == 0
     floors: list[Any] = []  # set when the model turns out to give no input gradient
+    suffix = f" \u00b7 {label}" if label else ""
+    try:
+        total = len(loader)
+    except TypeError:
+        total = None
+    bar = tqdm(total=None if total is None else -(-total // n_proc) * (1 + len(attacks)), leave=False,
+               disable=not show, desc=f"clean{suffix}", unit="step")
+
+    def step(name: str | None) -> None:  # before each attack: its name; after the batch's last, the next batch
+        bar.update(1)
+        if name is not None:
+            bar.set_description_str(f"{attack_label(name, attacks[name])}{suffix}", refresh=True)
+        else:
+            bar.set_description_str(f"clean{suffix}", refresh=False)
+
     try:
         with victim_mode(model, "eval"):  # each attack sets (and restores) its own mode on top
-            rows = [_evaluate_batch(task, model, i, batch, attacks, accelerator, seed, floors)
-                    for i, batch in enumerate(tqdm(loader, desc="evaluating", leave=False, disable=not show))
-                    if i % n_proc == rank]
+            rows = [_evaluate_batch(task, model, i, batch, attacks, accelerator, seed, floors,
+                                    on_step=step if show else None)
+                    for i, batch in enumerate(loader) if i % n_proc == rank]
     finally:
+        bar.close()
         for handle in floors:
             handle.remove()
     if n_proc > 1:
@@ -121,8 +155,8 @@ def evaluate_predictions(task: Task, model: nn.Module, loader, attacks: dict[str
 
 
 def _evaluate_batch(task: Task, model: nn.Module, index: int, batch: Any, attacks: dict[str, Attack],
-                    accelerator: Any, seed: int | None,
-                    floors: list[Any] | None = None) -> tuple[int, Tensor, Tensor, dict[str, Tensor]]:
+                    accelerator: Any, seed: int | None, floors: list[Any] | None = None,
+                    on_step: Any = None) -> tuple[int, Tensor, Tensor, dict[str, Tensor]]:
     """One batch: labels, clean and per-attack probabilities (gathered across an accelerator's processes).
     A model with no input gradient gets :func:`gradient_floor` (its handle appended to ``floors``) instead
     of crashing the attack."""
@@ -134,7 +168,12 @@ def _evaluate_batch(task: Task, model: nn.Module, index: int, batch: Any, attack
     with torch.no_grad():
         clean = task.logits(model, batch).float().softmax(1)
     advs: dict[str, Tensor] = {}
-    for name, attack in attacks.items():
+    names = list(attacks)
+    if on_step is not None:
+        on_step(names[0] if names else None)  # the clean pass is done
+    for k, (name, attack) in enumerate(attacks.items()):
+        if on_step is not None and k:
+            on_step(name)
         try:
             result = attack(model, batch, y)
         except RuntimeError as exc:  # no input gradient: attack with a zero gradient; sanity checks flag it
@@ -146,6 +185,8 @@ def _evaluate_batch(task: Task, model: nn.Module, index: int, batch: Any, attack
             result = attack(model, batch, y)
         with torch.no_grad():
             advs[name] = task.logits(model, *result).float().softmax(1)
+    if on_step is not None and names:
+        on_step(None)  # the last attack is done
     if accelerator is not None:
         y, clean = accelerator.gather_for_metrics(y), accelerator.gather_for_metrics(clean)
         advs = {k: accelerator.gather_for_metrics(v) for k, v in advs.items()}
@@ -185,7 +226,7 @@ def resolve_attacks(specs: list[str] | tuple[str, ...], task: Task, **defaults: 
 
 
 def evaluate(task: Task, model: nn.Module, loader=None, attacks: dict[str, Attack] | list[str] | None = None,
-             accelerator: Any = None, progress: bool = False) -> dict[str, Any]:
+             accelerator: Any = None, progress: bool = False, label: str | None = None) -> dict[str, Any]:
     """Clean accuracy, robust accuracy per attack and their worst case, as fractions in [0, 1].
     Without ``loader``: the task's whole test split. The full suite with calibration, sanity checks
     and a report is :func:`robustkd.eval.run_evaluation`."""
@@ -195,4 +236,4 @@ def evaluate(task: Task, model: nn.Module, loader=None, attacks: dict[str, Attac
         attacks = list(task.default_eval_attacks)
     if not isinstance(attacks, dict):
         attacks = build_attacks(attacks, task)
-    return evaluate_predictions(task, model, loader, attacks, accelerator, progress).summary()
+    return evaluate_predictions(task, model, loader, attacks, accelerator, progress, label=label).summary()

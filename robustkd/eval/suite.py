@@ -142,11 +142,13 @@ def run_evaluation(task: Task, model: nn.Module, attacks: str | Sequence[str] | 
     before = snapshot(model)
     torch.manual_seed(seed)
     # split over the processes of `accelerate launch` / torchrun (one process: all batches), per-batch seeds
-    result = evaluate_predictions(task, model, loader, attacks, progress=progress, seed=seed, split_processes=True)
+    label = {"ema": "EMA", "student": "student"}.get(str((model_meta or {}).get("which")), (model_meta or {}).get("name"))
+    result = evaluate_predictions(task, model, loader, attacks, progress=progress, seed=seed, split_processes=True,
+                                  label=label)
     metrics = compute_metrics(result, n_bins)
     summary = result.summary()
     sweep, _ = budget_sweep(task, model, loader, factors=curve_factors, steps=curve_steps, seed=seed,
-                            progress=progress, split_processes=True)
+                            progress=progress, split_processes=True, label=label)
     changed = changed_tensors(model, before)
     checks = run_sanity_checks(task, model, first, sweep, attacks, summary.get("robust_accuracy", {}),
                                int(result.labels.numel()), changed)
