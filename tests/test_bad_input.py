@@ -579,7 +579,7 @@ def test_an_attack_refuses_uint8_and_0_255_image_batches_through_the_api():
     model = task.build_model("small_cnn", width=8).eval()
     x, y = task.dataset("test").images, task.dataset("test").labels  # uint8 storage
     attack = create_attack("pgd", task, steps=1)
-    with pytest.raises(AttackInputError, match=r"got torch.uint8 images .* take float images in \[0, 1\]: pass "
+    with pytest.raises(AttackInputError, match=r"got torch.uint8 inputs .* take float inputs in \[0, 1\]: pass "
                                                r"batch\['inputs'\].float\(\) / 255"):
         attack(model, {"inputs": x, "labels": y})
     with pytest.raises(AttackInputError, match=r"spanning \[.*, 254\] .* in \[0, 1\] .*: they look like 0-255 pixel "

@@ -138,12 +138,10 @@ class Attack(ABC):
         if not isinstance(x, Tensor) or domain is None:
             return
         lo, hi = domain
-        image = getattr(self.task, "modality", None) == "image"
-        what = "images" if image else "inputs"
         if not x.is_floating_point():
             fix = "batch['inputs'].float() / 255" if x.dtype == torch.uint8 else "float tensors"
-            raise AttackInputError(f"{type(self).__name__} got {x.dtype} {what} but attacks on {self.task.name!r} take "
-                                   f"float {what} in [{lo:g}, {hi:g}]: pass {fix} (robustkd's data loaders do)")
+            raise AttackInputError(f"{type(self).__name__} got {x.dtype} inputs but attacks on {self.task.name!r} take "
+                                   f"float inputs in [{lo:g}, {hi:g}]: pass {fix} (robustkd's data loaders do)")
         if x.device.type != "cpu" and getattr(self, "_inputs_checked", False):
             return
         self._inputs_checked = True
@@ -151,10 +149,10 @@ class Attack(ABC):
             return
         low, high = (float(v) for v in torch.aminmax(x.detach()))
         if low < lo - 1e-6 or high > hi + 1e-6:
-            hint = ("they look like 0-255 pixel values: divide them by 255" if image and low >= 0 and high <= 255
-                    else f"scale them into [{lo:g}, {hi:g}] (models normalise inside)")
-            raise AttackInputError(f"{type(self).__name__} got {what} spanning [{low:.4g}, {high:.4g}] but attacks on "
-                                   f"{self.task.name!r} take {what} in [{lo:g}, {hi:g}] (budgets such as 8/255 are "
+            hint = ("they look like 0-255 pixel values: divide them by 255" if (lo, hi) == (0, 1) and low >= 0
+                    and high <= 255 else f"scale them into [{lo:g}, {hi:g}] (models normalise inside)")
+            raise AttackInputError(f"{type(self).__name__} got inputs spanning [{low:.4g}, {high:.4g}] but attacks on "
+                                   f"{self.task.name!r} take inputs in [{lo:g}, {hi:g}] (budgets such as 8/255 are "
                                    f"shares of that range): {hint}")
 
     @abstractmethod
