@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .console import EXIT_INTERRUPTED, EXIT_SANITY_FAILED, EXIT_USER_ERROR, HelpFormatter, configure_logging
 
@@ -165,7 +165,8 @@ def load_pretrained_model(task, spec: str, model_dir: str | None, threat_model: 
                           normalize: bool | None = None, no_normalize: bool = False):
     """``task.load_pretrained(spec)`` with only the options the user gave, or a clear error when the task
     does not know the spec or the spec takes none of them."""
-    options = {k: v for k, v in (("model_dir", model_dir), ("threat_model", threat_model)) if v is not None}
+    options: dict[str, Any] = {k: v for k, v in (("model_dir", model_dir), ("threat_model", threat_model))
+                               if v is not None}
     if normalize is not None or no_normalize:
         options["normalize"] = False if no_normalize else normalize
     try:
@@ -253,9 +254,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .eval.compare import compare, describe, format_comparison, matching_view
     from .eval.schema import read_report
 
-    a, b = read_report(args.a), read_report(args.b)
-    a, note_a = matching_view(args.a, a, b)
-    b, note_b = matching_view(args.b, b, a)
+    first, second = read_report(args.a), read_report(args.b)
+    a, note_a = matching_view(args.a, first, second)
+    b, note_b = matching_view(args.b, second, first)
     print(f"A = {args.a}: {describe(a)}\nB = {args.b}: {describe(b)}")
     for note in (note_a, note_b):
         if note:
@@ -535,6 +536,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_network_error(exc: BaseException) -> bool:
+    """A failed connection of requests/urllib3/httpx/huggingface_hub (no network, no DNS, a timeout)."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        if e is None:
+            continue
+        module = type(e).__module__.split(".")[0]
+        name = type(e).__name__
+        if module in ("requests", "urllib3", "httpx", "huggingface_hub", "httpcore") and any(
+                k in name for k in ("Connect", "Timeout", "Offline", "NameResolution", "MaxRetry")):
+            return True
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``robustkd`` console script; returns the exit status."""
     from .registry import RegistryError
@@ -555,6 +569,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not str(exc).startswith("bad options for attack"):
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:  # noqa: BLE001 - only network failures are turned into one line; others re-raise
+        if not _is_network_error(exc):
+            raise
+        print(f"error: robustkd {args.command} could not reach the network ({type(exc).__name__}). Offline, "
+              "set HF_HUB_OFFLINE=1 (robustkd push then writes a ready-to-push folder and says how to push it "
+              "later) and pass local paths", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

@@ -22,11 +22,24 @@ def configure_logging(level: int = logging.INFO) -> None:
     the recipes); a library user configures ``logging`` as they like."""
     root = logging.getLogger("robustkd")
     if not any(getattr(h, "_robustkd", False) for h in root.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(_Formatter("%(message)s"))
         handler._robustkd = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged (not the stream of the moment it was made:
+    a test's captured stream, since closed)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: D102 - StreamHandler.__init__ assigns it
+        pass
 
 
 class _Formatter(logging.Formatter):

@@ -386,7 +386,7 @@ def test_robustkd_eval_on_cifar_and_compare(cifar_run, cifar_dir, tmp_path, caps
     assert report["model"]["name"] == "small_cnn" and report["model"]["which"] == "student"
     assert report["attacks"]["pgd10"]["eps"] == pytest.approx(8 / 255)
     assert report["training"]["robust_overfitting"]["pgd3"]["best_epoch"] == 1
-    assert set(report["plots"]) == {"reliability", "budget_curve", "training_curve"}
+    assert set(report["plots"]) == {"reliability", "budget_curve", "training", "training_curve"}
     assert (tmp_path / "a" / "training_curve.png").exists() and "clean" in out.out
 
     assert cli_main(["eval", "--attacks", "fgsm", "--output-dir", str(tmp_path / "b"), "--seed", "1", *common]) in (0, 3)
@@ -509,7 +509,7 @@ def test_recipe_sections_are_validated_rendered_and_compared(tmp_path):
     assert report["mtard_balance"]["clean_weight"] == 0.25 and report["run"]["method"] == "mtard"
     files = write_report(report, tmp_path / "b")
     page = files["html"].read_text()
-    assert "<h2>mtard_balance</h2>" in page and "clean_weight" in page and "0.2500" in page
+    assert "<summary>mtard_balance (2 fields)</summary>" in page and "clean_weight" in page and "0.2500" in page
     assert read_report(tmp_path / "b")["mtard_balance"] == sections["mtard_balance"]
 
     with pytest.raises(ReportSchemaError, match=r"would replace the report's own fields"):
@@ -560,3 +560,89 @@ def test_compare_refuses_old_reports_and_unfinished_runs_clearly(tmp_path, capsy
     err = capsys.readouterr().err
     assert "run directory without report.json" in err and "robustkd eval --checkpoint" in err
     assert ev.passed
+
+
+# -- a training run's report, unfinished runs, like-with-like comparisons (issue 25) ----------------
+@pytest.fixture(scope="module")
+def adr_run(cifar_dir, tmp_path_factory) -> Path:
+    """small_cnn trained by ADR (an EMA copy) for two epochs on 128 CIFAR-10 images."""
+    from robustkd.config import Recipe, parse
+    from robustkd.recipe import run_recipe
+
+    out = tmp_path_factory.mktemp("adr_run")
+    run_recipe(parse(Recipe("test", defaults={"model": "small_cnn", "method": "adr"}),
+                     ["--data-dir", cifar_dir, "--epochs", "2", "--max-train-samples", "128", "--max-eval-samples",
+                      "16", "--batch-size", "64", "--attack-steps", "1", "--final-attacks", "pgd2", "--eval-attacks",
+                      "pgd2", "--output-dir", str(out), "--cpu", "--no-progress", "--curve-steps", "1",
+                      "--model-kwargs", '{"width": 8}']))
+    return out
+
+
+def test_a_training_runs_page_reads_as_a_run_report(adr_run):
+    report = read_report(adr_run)
+    assert {"training", "training_curve", "schedule"} <= set(report["plots"])
+    page = (adr_run / "report.html").read_text()
+    assert page.index("Training run:") < page.index("student and EMA") < page.index("<h2>Training</h2>") \
+        < page.index("Evaluation of the small_cnn (student)") < page.index("<h2>Settings</h2>")
+    ema = read_report(adr_run / "ema")
+    head = page[page.index("<table class=\"headline\">"):page.index("</table>")]
+    assert "<th class=\"this\">student</th><th>EMA</th>" in head
+    assert f"{report['metrics']['clean']['accuracy']:.4f}" in head and f"{ema['metrics']['clean']['accuracy']:.4f}" in head
+    for name in ("training.png", "schedule.png", "training_curve.png", "reliability.png", "budget_curve.png"):
+        assert f"<figcaption>{name}</figcaption>" in page
+    assert "<summary>run (" in page  # the raw settings are folded at the bottom
+    ema_page = (adr_run / "ema" / "report.html").read_text()
+    assert "<th>student</th><th class=\"this\">EMA</th>" in ema_page and "Evaluation of the small_cnn (EMA)" in ema_page
+
+
+def test_an_unfinished_run_is_evaluated_from_its_last_checkpoint(adr_run, tmp_path, capsys):
+    import shutil
+
+    args = ["--attacks", "pgd2", "--max-eval-samples", "16", "--curve-factors", "0,1", "--curve-steps", "1",
+            "--cpu", "--no-progress"]
+    assert cli_main(["eval", "--checkpoint", str(adr_run), "--output-dir", str(tmp_path / "final"), *args]) in (0, 3)
+    assert "evaluating the run's EMA copy" in capsys.readouterr().err
+    stopped = tmp_path / "stopped"  # a run stopped after its last epoch's checkpoint: no final weights
+    shutil.copytree(adr_run / "checkpoints", stopped / "checkpoints")
+    shutil.copy(adr_run / "metrics.jsonl", stopped / "metrics.jsonl")
+    assert cli_main(["eval", "--checkpoint", str(stopped), "--output-dir", str(tmp_path / "a"), *args]) in (0, 3)
+    err = capsys.readouterr().err
+    assert "has no final weights" in err and "epoch 2 of 2" in err and "EMA copy" in err
+    a, final = read_report(tmp_path / "a"), read_report(tmp_path / "final")
+    assert a["model"]["which"] == "ema" and a["model"]["checkpoint"].endswith("checkpoints/epoch-2")
+    assert a["metrics"]["clean"]["accuracy"] == final["metrics"]["clean"]["accuracy"]  # the same weights
+    assert a["metrics"]["adversarial"]["pgd2"]["accuracy"] == final["metrics"]["adversarial"]["pgd2"]["accuracy"]
+    assert a["training"]["epochs"] == 2  # the history saved with the checkpoint
+    assert cli_main(["eval", "--checkpoint", str(stopped / "checkpoints" / "epoch-2"), "--which", "student",
+                     "--output-dir", str(tmp_path / "b"), *args]) in (0, 3)
+    assert read_report(tmp_path / "b")["model"]["which"] == "student"
+    assert cli_main(["eval", "--checkpoint", str(stopped), "--model-dir", "x", "--output-dir", str(tmp_path / "c"),
+                     *args]) == 2
+    assert "--model-dir goes with --model" in capsys.readouterr().err
+
+
+def test_compare_a_run_with_its_evaluation_compares_like_with_like(adr_run, tmp_path, capsys):
+    assert cli_main(["eval", "--checkpoint", str(adr_run), "--output-dir", str(tmp_path / "e"), "--attacks", "pgd2",
+                     "--max-eval-samples", "16", "--curve-factors", "0,1", "--curve-steps", "1", "--cpu",
+                     "--no-progress"]) in (0, 3)
+    capsys.readouterr()
+    assert cli_main(["compare", str(adr_run), str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert f"A = {adr_run}: small_cnn (EMA copy)" in out and "B = " in out and "compared like with like" in out
+    head = out.split("metric ")[0]
+    assert "only A records" in head and len(head.splitlines()) < 15  # not ~60 lines of settings
+    table = out.split("metric ", 1)[1]
+    assert "clean accuracy" in table and "run.settings" not in table  # settings are not metrics
+    row = next(line for line in table.splitlines() if line.startswith("pgd2 accuracy"))
+    assert row.split()[-1] in ("+0.0000", "-0.0000")  # the run's EMA report vs the eval of the EMA: same numbers
+
+
+def test_progress_bars_name_the_attack_and_the_model(cifar_task, capsys):
+    from robustkd.eval.robustness import attack_label, evaluate
+
+    assert attack_label("pgd20") == "PGD-20" and attack_label("autoattack:version=custom") == "AutoAttack"
+    model = cifar_task.build_model("small_cnn", width=8)
+    loader = cifar_task.dataloader("test", 8, shuffle=False, max_samples=16)
+    evaluate(cifar_task, model, loader, ["pgd2"], progress=True, label="EMA")
+    err = capsys.readouterr().err
+    assert "PGD-2 \u00b7 EMA" in err and "clean \u00b7 EMA" in err

@@ -47,4 +47,8 @@ def write_report(report: dict[str, Any], output_dir: str | Path,
     files["report"] = out / REPORT_FILE
     atomic_write_text(out / HTML_FILE, render_html(report, out))
     files["html"] = out / HTML_FILE
+    companion = (report.get("ema") or {}).get("report") if isinstance(report.get("ema"), dict) else None
+    if companion and (out / companion).exists():  # the EMA copy's page was written first: now it can show both
+        ema_dir = (out / companion).parent
+        atomic_write_text(ema_dir / HTML_FILE, render_html(read_report(ema_dir), ema_dir))
     return files
