@@ -560,8 +560,6 @@ def test_a_same_named_tokenizer_with_other_ids_is_refused(shared, tmp_path):
 
 
 # -- the training loader, attacks given bad batches ------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="needs the trainer to call robustkd.guards.check_train_batches "
-                   "(reported to the lead); remove this mark once it does")
 def test_fewer_examples_than_a_batch_under_drop_last_names_the_cause(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     argv = [*TINY, "--output-dir", str(out), "--max-train-samples", "16", "--drop-last", "true"]
@@ -609,8 +607,6 @@ def test_a_full_disk_while_writing_the_final_weights_is_one_line_keeping_the_che
     assert not list(out.glob("*.tmp")) and not (out / "model.safetensors").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="needs Trainer.save_checkpoint to catch robustkd.checkpoint.WRITE_ERRORS "
-                   "(safetensors' SafetensorError) and raise failed_write(...) (reported to the lead)")
 def test_a_full_disk_while_writing_a_checkpoint_through_safetensors_keeps_the_previous(tmp_path):
     from robustkd.checkpoint import WriteFailedError
 
