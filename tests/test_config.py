@@ -183,19 +183,39 @@ def test_evaluation_attacks_default_to_the_training_threat_model():
     assert own.eps == pytest.approx(4 / 255) and own.norm == "linf"
 
 
-@pytest.mark.parametrize("name", ["pgd_at", "trades", "adr", "adr_trades"])
-def test_the_methods_table_agrees_with_the_methods_own_constructors(name):
-    """robustkd/presets/methods.yaml and the classes' defaults are one story, not two."""
+@pytest.mark.parametrize("name", ["standard", "pgd_at", "trades", "adr", "adr_trades", "mtard"])
+def test_a_run_with_no_method_options_runs_the_methods_own_defaults(name, tmp_path):
+    """What a recipe builds for --method NAME with nothing else set is what the Python constructor
+    builds with no options: the same attack (objective, start, mode), settings and EMA."""
+    from robustkd.checkpoint import save_model_dir
     from robustkd.distill.methods import create_method
-    from robustkd.presets import method_defaults
+    from robustkd.teachers import load_teacher
 
     task = TASKS.get("synthetic")()
-    own = method_defaults(name)["attack"]
-    plain = create_method(name, task)
-    assert plain.attack_mode == own["mode"]
-    assert (plain.attack.random_start, plain.attack.loss_name) == (own["random_start"], own["loss"])
-    if "init_std" in own:
-        assert plain.attack.init_std == own["init_std"]
+    settings = {"method": name, "eps": "8/255", "norm": "linf"}
+    teachers = {}
+    if name == "mtard":
+        save_model_dir(tmp_path / "clean", task.build_model("small_cnn", width=4), None,
+                       {"task": task.name, "num_classes": task.num_classes, "model": "small_cnn",
+                        "model_kwargs": {"width": 4}})
+        settings.update(clean_teacher=str(tmp_path / "clean"), robust_teacher="ema")
+        teachers = {"clean_teacher": load_teacher(tmp_path / "clean", task, name="clean"), "robust_teacher": "ema"}
+    built = build_method(settings, task, threat=task.threat_model())
+    plain = create_method(name, task, **teachers)
+    assert type(built) is type(plain) and built.describe() == plain.describe()
+    assert built.needs_ema == plain.needs_ema == (name in ("adr", "adr_trades", "mtard"))
+    if plain.attack is None:
+        assert built.attack is None
+    else:
+        assert built.attack.init_std == plain.attack.init_std and built.attack_mode == plain.attack_mode
+    # and the table the recipes, RobustTrainer and the docs read says the same
+    from robustkd.presets import method_defaults
+
+    own = method_defaults(name)
+    assert own["teachers"] == (name == "mtard") and own["source"]
+    assert (own["attack"] is None) == (plain.attack is None)
+    if plain.attack is not None:
+        assert own["attack"]["mode"] == plain.attack_mode and own["attack"]["loss"] == plain.attack.loss_name
 
 
 def test_a_run_is_evaluated_in_the_threat_model_it_trains_in(tmp_path):

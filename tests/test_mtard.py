@@ -78,6 +78,56 @@ def _batch(task, n=4):
     return torch.utils.data.default_collate([data[i] for i in range(n)])
 
 
+# -- host-float views of the balance state (each a device sync: for hand computation only) ----------
+def _temps(eb: EntropyBalance) -> tuple[float, float]:
+    t_adv, t_nat = eb.t.tolist()
+    return t_adv, t_nat
+
+
+def _set_temps(eb: EntropyBalance, t_adv: float, t_nat: float) -> None:
+    eb.t = torch.tensor([t_adv, t_nat], dtype=eb.t.dtype, device=eb.t.device)
+
+
+def _entropy_step(eb: EntropyBalance, e_adv: float, e_nat: float, milestones_passed: int = 0) -> tuple[float, float]:
+    eb.step(torch.tensor([e_adv, e_nat], dtype=torch.float64, device=eb.t.device), milestones_passed)
+    return _temps(eb)
+
+
+def _solve(eb: EntropyBalance, adv: torch.Tensor, nat: torch.Tensor) -> tuple[float, float]:
+    t_adv, t_nat = eb.solve(adv, nat).tolist()
+    return t_adv, t_nat
+
+
+def _weights(lb: LossBalance) -> tuple[float, float]:
+    w_adv, w_nat = lb.w.tolist()
+    return w_adv, w_nat
+
+
+def _initial_losses(lb: LossBalance) -> tuple[float, float] | None:
+    return tuple(lb.l0.tolist()) if bool(lb.l0_set) else None
+
+
+def _losses(lb: LossBalance, l_adv: float, l_nat: float) -> torch.Tensor:
+    return torch.tensor([l_adv, l_nat], dtype=torch.float64, device=lb.w.device)
+
+
+def _propose(lb: LossBalance, l_adv: float, l_nat: float, milestones_passed: int = 0) -> tuple[float, float]:
+    w_adv, w_nat = lb.propose_t(_losses(lb, l_adv, l_nat), milestones_passed).tolist()
+    return w_adv, w_nat
+
+
+def _commit(lb: LossBalance, l_adv: float, l_nat: float, milestones_passed: int = 0) -> tuple[float, float]:
+    lb.commit_t(_losses(lb, l_adv, l_nat), milestones_passed)
+    return _weights(lb)
+
+
+def _plain(state):
+    """A state dict with tensors as lists (JSON-able, comparable with ==)."""
+    if isinstance(state, dict):
+        return {k: _plain(v) for k, v in state.items()}
+    return state.tolist() if isinstance(state, torch.Tensor) else state
+
+
 def _step(method: MTARD, student: nn.Module, batch, progress=None):
     """One MTARD step as the trainer runs it (without the optimizer)."""
     progress = progress or Progress()
@@ -105,7 +155,7 @@ def test_kl_losses_match_hand_computation(scale):
     method = MTARD(task, PGD(task, steps=1), clean_teacher=_frozen(FixedLogits(clean)),
                    robust_teacher=_frozen(FixedLogits(robust)), entropy_balance="off", loss_balance=False,
                    kl_scale=scale)
-    method.entropy.t_adv, method.entropy.t_nat = 2.0, 1.5
+    _set_temps(method.entropy, 2.0, 1.5)
     student = FixedLogits(stud, trainable=True)
     loss, logs = _step(method, student, _batch(task, 2))
 
@@ -137,25 +187,30 @@ def test_loss_balance_follows_hand_computed_sequence():
                 (0.4901861916866029, 0.5098138083133972), (0.4904607262073864, 0.5095392737926137)]
     losses = [(2.0, 1.0), (1.5, 0.9), (1.0, 0.8), (0.5, 0.7), (0.6, 0.2)]
     for i, ((la, ln), (wa, wn)) in enumerate(zip(losses, expected)):
-        proposed = lb.propose(la, ln, milestones_passed=int(i == 4))
-        got = lb.commit(la, ln, milestones_passed=int(i == 4))
+        proposed = _propose(lb, la, ln, milestones_passed=int(i == 4))
+        got = _commit(lb, la, ln, milestones_passed=int(i == 4))
         assert proposed == got
         assert got[0] == pytest.approx(wa, abs=1e-12) and got[1] == pytest.approx(wn, abs=1e-12)
-    assert (lb.init_adv, lb.init_nat) == (2.0, 1.0)
+    assert _initial_losses(lb) == (2.0, 1.0)
+    assert int(lb.steps) == 5 and lb.w.dtype == lb.l0.dtype == torch.float64
 
 
 def test_loss_balance_beta_clip_and_off():
     lb = LossBalance(eta=1.0, beta=2.0)
-    lb.commit(1.0, 1.0)
+    _commit(lb, 1.0, 1.0)
     # r = (2, 1) -> r^2 = (4, 1) -> target (.8, .2); eta 1 jumps onto the target
-    assert lb.commit(2.0, 1.0) == pytest.approx((0.8, 0.2))
+    assert _commit(lb, 2.0, 1.0) == pytest.approx((0.8, 0.2))
     off = LossBalance(enabled=False)
     for la, ln in [(3.0, 1.0), (1.0, 5.0)]:
-        assert off.commit(la, ln) == (0.5, 0.5)
+        assert _commit(off, la, ln) == (0.5, 0.5)
     with pytest.raises(ValueError, match="eta"):
         LossBalance(eta=-1)
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        LossBalance().propose(float("nan"), 1.0)
+    # a non-finite loss leaves the weights and L0 as they are and is counted (no host sync to raise)
+    nan = LossBalance()
+    assert _commit(nan, float("nan"), 1.0) == (0.5, 0.5) and _initial_losses(nan) is None
+    assert int(nan.nonfinite_count) == 1
+    _commit(nan, 2.0, 1.0)
+    assert _initial_losses(nan) == (2.0, 1.0) and int(nan.nonfinite_count) == 1
 
 
 def test_method_weights_follow_loss_balance_in_training_steps():
@@ -170,13 +225,13 @@ def test_method_weights_follow_loss_balance_in_training_steps():
     for _ in range(4):
         loss, logs = _step(method, student, _batch(task, 8))
         la, ln = float(logs["loss_adv"]), float(logs["loss_nat"])
-        wa, wn = mirror.commit(la, ln)
+        wa, wn = _commit(mirror, la, ln)
         assert float(loss.detach()) == pytest.approx(wa * la + wn * ln, rel=1e-6)
-        assert method.balance.weights == pytest.approx((wa, wn), abs=1e-12)
+        assert _weights(method.balance) == pytest.approx((wa, wn), abs=1e-12)
         loss.backward()
         opt.step()
         opt.zero_grad()
-    assert method.balance.weights != (0.5, 0.5)
+    assert _weights(method.balance) != (0.5, 0.5)
 
 
 # -- Entropy-Based Balance ----------------------------------------------------------------------
@@ -193,7 +248,7 @@ def test_exact_mode_equalises_mean_entropies(confident_is):
     adv, nat = (confident, soft) if confident_is == "adv" else (soft, confident)
     eb = EntropyBalance("exact")
     assert abs(entropy(adv).mean() - entropy(nat).mean()) > 0.5  # deliberately mismatched
-    t_adv, t_nat = eb.solve(adv, nat)
+    t_adv, t_nat = _solve(eb, adv, nat)
     assert abs(float(entropy(adv, t_adv).mean() - entropy(nat, t_nat).mean())) < 1e-3
     hot = t_adv if confident_is == "adv" else t_nat
     cold = t_nat if confident_is == "adv" else t_adv
@@ -203,7 +258,7 @@ def test_exact_mode_equalises_mean_entropies(confident_is):
 def test_exact_mode_stops_at_the_upper_bound():
     confident, soft = _mismatched_logits()
     eb = EntropyBalance("exact", t_max=1.5)
-    t_adv, t_nat = eb.solve(confident, soft)
+    t_adv, t_nat = _solve(eb, confident, soft)
     assert (t_adv, t_nat) == (1.5, 1.0)
     assert entropy(confident, 1.5).mean() < entropy(soft).mean()
 
@@ -223,26 +278,25 @@ def test_exact_mode_inside_mtard_balances_each_batch():
     h_adv = -(prepared.extras["p_adv"] * prepared.extras["p_adv"].log()).sum(1).mean()
     h_nat = -(prepared.extras["p_nat"] * prepared.extras["p_nat"].log()).sum(1).mean()
     assert abs(float(h_adv - h_nat)) < 1e-3
-    assert 1.0 < method.entropy.t_nat < 10.0 and method.entropy.t_adv == 1.0
+    t_adv, t_nat = _temps(method.entropy)
+    assert 1.0 < t_nat < 10.0 and t_adv == 1.0
 
 
 def test_reference_mode_sign_steps_clamped_and_decayed():
     eb = EntropyBalance("reference", lr=0.001)
     # E = mean p log p (negative); the clean teacher is more confident (E_nat closer to 0)
-    eb.step(e_adv=-0.20, e_nat=-0.05)
-    assert (eb.t_adv, eb.t_nat) == pytest.approx((1.0, 1.001))  # t_adv clamped at 1, t_nat up one step
-    eb.step(e_adv=-0.20, e_nat=-0.05, milestones_passed=1)
-    assert eb.t_nat == pytest.approx(1.0011)  # step decayed x0.1 after one LR milestone
-    eb.step(e_adv=-0.05, e_nat=-0.20)  # now the robust teacher is the confident one
-    assert (eb.t_adv, eb.t_nat) == pytest.approx((1.001, 1.0001))
-    eb.step(e_adv=-0.1, e_nat=-0.1)  # balanced: no move
-    assert (eb.t_adv, eb.t_nat) == pytest.approx((1.001, 1.0001))
+    # t_adv clamped at 1, t_nat up one step
+    assert _entropy_step(eb, e_adv=-0.20, e_nat=-0.05) == pytest.approx((1.0, 1.001))
+    # step decayed x0.1 after one LR milestone
+    assert _entropy_step(eb, e_adv=-0.20, e_nat=-0.05, milestones_passed=1)[1] == pytest.approx(1.0011)
+    # now the robust teacher is the confident one
+    assert _entropy_step(eb, e_adv=-0.05, e_nat=-0.20) == pytest.approx((1.001, 1.0001))
+    assert _entropy_step(eb, e_adv=-0.1, e_nat=-0.1) == pytest.approx((1.001, 1.0001))  # balanced: no move
+    assert int(eb.steps) == 4 and eb.t.dtype == torch.float64
     top = EntropyBalance("reference", lr=0.001, init=(1.0, 9.9995))
-    top.step(e_adv=-0.2, e_nat=-0.01)
-    assert top.t_nat == 10.0
+    assert _entropy_step(top, e_adv=-0.2, e_nat=-0.01)[1] == 10.0
     off = EntropyBalance("off")
-    off.step(-0.2, -0.01)
-    assert off.temperatures == (1.0, 1.0)
+    assert _entropy_step(off, -0.2, -0.01) == (1.0, 1.0) and int(off.steps) == 0
 
 
 def test_reference_mode_in_mtard_raises_the_confident_teachers_temperature():
@@ -256,8 +310,9 @@ def test_reference_mode_in_mtard_raises_the_confident_teachers_temperature():
     student = nn.Linear(4, 3)
     for k in range(1, 4):
         _step(method, student, _batch(task, 8))
-        assert method.entropy.t_nat == pytest.approx(1 + 0.001 * k)
-        assert method.entropy.t_adv == 1.0
+        t_adv, t_nat = _temps(method.entropy)
+        assert t_nat == pytest.approx(1 + 0.001 * k)
+        assert t_adv == 1.0
     logs = method.log_values(Progress())
     assert logs["mtard_t_nat"] == pytest.approx(1.003) and logs["mtard_entropy_adv"] > logs["mtard_entropy_nat"]
 
@@ -272,15 +327,65 @@ def test_state_dict_round_trip_and_mismatch():
         _step(method, student, _batch(task, 8))
     state = method.state_dict()
     fresh = MTARD(task, **kw)
-    fresh.load_state_dict(json.loads(json.dumps(state)))
-    assert fresh.state_dict() == state
-    assert state["loss_balance"]["init_adv"] is not None and state["entropy"]["steps"] == 3
+    fresh.load_state_dict(state)
+    assert _plain(fresh.state_dict()) == _plain(state)
+    assert bool(state["loss_balance"]["l0_set"]) and state["entropy"]["steps"] == 3
+    _step(method, student, _batch(task, 8))
+    assert state["entropy"]["steps"] == 3  # a copy: later steps leave it as it is
     with pytest.raises(ValueError, match="entropy-balance"):
         MTARD(task, entropy_balance="exact", **kw).load_state_dict(state)
     with pytest.raises(ValueError, match="loss-balance"):
         MTARD(task, loss_balance=False, **kw).load_state_dict(state)
     with pytest.raises(ValueError, match="kl-scale"):
         MTARD(task, kl_scale="batchmean", **kw).load_state_dict(state)
+
+
+def test_a_checkpoint_from_before_the_buffers_still_loads():
+    """State dicts written when the balance state was host floats load into the buffers."""
+    task = VecTask(eps=0.1)
+    kw = dict(clean_teacher=_frozen(nn.Linear(4, 3)), robust_teacher=_frozen(nn.Linear(4, 3)))
+    old = {"entropy": {"mode": "reference", "t_adv": 1.0, "t_nat": 1.003, "steps": 3},
+           "loss_balance": {"enabled": True, "w_adv": 0.49, "w_nat": 0.51, "init_adv": 2.0, "init_nat": 1.5,
+                            "steps": 3},
+           "kl_scale": "reference", "robust_teacher": "frozen"}
+    method = MTARD(task, **kw)
+    method.load_state_dict(old)
+    assert _temps(method.entropy) == (1.0, 1.003) and _weights(method.balance) == (0.49, 0.51)
+    assert _initial_losses(method.balance) == (2.0, 1.5) and int(method.balance.steps) == 3
+    assert method.entropy.t.dtype == method.balance.w.dtype == torch.float64
+    _step(method, nn.Linear(4, 3), _batch(task, 8))  # and training goes on from there
+    state = method.state_dict()
+    assert state["entropy"]["steps"] == 4 and state["loss_balance"]["_extra_state"] == {"enabled": True}
+    fresh = MTARD(task, **kw)
+    fresh.load_state_dict({**old, "loss_balance": {**old["loss_balance"], "init_adv": None, "init_nat": None}})
+    assert _initial_losses(fresh.balance) is None  # saved before the first update
+    with pytest.raises(ValueError, match="entropy-balance reference"):
+        MTARD(task, entropy_balance="exact", **kw).load_state_dict(old)
+    refused = MTARD(task, loss_balance=False, **kw)
+    with pytest.raises(ValueError, match="loss-balance"):
+        refused.load_state_dict(old)
+    assert _temps(refused.entropy) == (1.0, 1.0)  # refused before anything changed
+
+
+def test_balance_state_is_buffers_that_setup_moves_to_the_students_device():
+    task = VecTask(eps=0.1)
+    method = MTARD(task, clean_teacher=_frozen(nn.Linear(4, 3)), robust_teacher=_frozen(nn.Linear(4, 3)))
+    assert isinstance(method.entropy, nn.Module) and isinstance(method.balance, nn.Module)
+    assert set(dict(method.entropy.named_buffers())) == {"t", "steps"}
+    assert set(dict(method.balance.named_buffers())) == {"w", "l0", "l0_set", "nonfinite_count", "steps"}
+    method.setup(nn.Linear(4, 3, device="meta"), None)  # the trainer's student, on its device
+    for module in (method.entropy, method.balance):
+        assert {b.device.type for b in module.buffers()} == {"meta"}
+    assert method.entropy.t.dtype == method.balance.w.dtype == torch.float64  # the dtype stays
+    # a batch on another device than the state is refused in one line, naming the fix
+    with pytest.raises(RuntimeError, match=r"balance state is on meta .* method\.setup\(model, ema\)"):
+        _step(method, nn.Linear(4, 3), _batch(task, 8))
+    # by hand: MTARD.to moves every buffer and keeps each one's dtype
+    other = MTARD(task, clean_teacher=_frozen(nn.Linear(4, 3)), robust_teacher=_frozen(nn.Linear(4, 3)))
+    assert other.to("meta") is other
+    assert {k: (v.device.type, v.dtype) for k, v in other.balance.state_dict().items() if k != "_extra_state"} == {
+        "w": ("meta", torch.float64), "l0": ("meta", torch.float64), "l0_set": ("meta", torch.bool),
+        "nonfinite_count": ("meta", torch.float64), "steps": ("meta", torch.int64)}
 
 
 def test_trainer_resume_restores_temperatures_and_weights(tmp_path):
@@ -298,13 +403,13 @@ def test_trainer_resume_restores_temperatures_and_weights(tmp_path):
 
     trainer, method = make(1, False)
     trainer.fit()
-    saved = method.state_dict()
+    saved = _plain(method.state_dict())
     assert saved["loss_balance"]["steps"] == 4 and saved["entropy"]["steps"] == 4
-    assert saved["loss_balance"]["w_adv"] != 0.5
+    assert saved["loss_balance"]["w"][0] != 0.5
     trainer2, method2 = make(2, True)
-    assert method2.state_dict() != saved
+    assert _plain(method2.state_dict()) != saved
     assert trainer2.resume()
-    assert method2.state_dict() == saved
+    assert _plain(method2.state_dict()) == saved
     trainer2.config.resume = False
     history = trainer2.fit()
     assert method2.state_dict()["loss_balance"]["steps"] == 8
@@ -316,7 +421,7 @@ import json, os, sys
 import torch
 from torch import nn
 sys.path.insert(0, {tests!r})
-from test_mtard import VecTask, _frozen
+from test_mtard import VecTask, _frozen, _plain
 from robustkd.attacks.pgd import PGD
 from robustkd.distill.mtard import MTARD
 from robustkd.trainer import TrainConfig, Trainer
@@ -339,7 +444,7 @@ for mode in ("reference", "exact"):
     trainer.fit()
     rank = trainer.accelerator.process_index
     with open(os.path.join(sys.argv[1], f"{{mode}}-rank{{rank}}.json"), "w") as f:
-        json.dump({{"state": method.state_dict(), "local_losses": local,
+        json.dump({{"state": _plain(method.state_dict()), "local_losses": local,
                    "world": trainer.accelerator.num_processes}}, f)
 '''
 
@@ -360,7 +465,7 @@ def test_two_processes_keep_identical_temperatures_and_weights(tmp_path):
         assert r0["local_losses"] != r1["local_losses"]  # the ranks saw different data...
         assert r0["state"] == r1["state"]  # ...yet hold the same temperatures, weights and initial losses
         assert r0["state"]["loss_balance"]["steps"] == 4
-        assert r0["state"]["entropy"]["t_adv"] != 1.0 or r0["state"]["entropy"]["t_nat"] != 1.0
+        assert r0["state"]["entropy"]["t"] != [1.0, 1.0]
 
 
 # -- bad input ------------------------------------------------------------------------------------

@@ -9,21 +9,24 @@ temperature); ``off`` keeps the temperatures fixed.
 *Normalization Loss Balance* moves the loss weights toward each loss's share of relative
 progress ``r_k = L_k / L_k^0`` so the student learns from both teachers at a similar speed.
 
-Both keep their state in small tensors on the training device and update it with tensor
-operations, so a training step never waits for the device (no host synchronisation per step;
-the values reach the host only when logged or checkpointed). :class:`~robustkd.distill.mtard.MTARD`
-updates them from statistics summed over all processes, so every rank holds the same values.
-The float methods (``step``, ``propose``, ``commit``, ``solve``) are the same rules for host
-values (hand computation, tests); ``*_t`` methods are their device forms.
+Both are :class:`torch.nn.Module` s whose state lives in registered buffers (float64, as the
+reference's Python floats; float32 on MPS, which has no float64: see :func:`state_dtype`), so
+``.to(device)`` moves it and ``state_dict()`` / ``load_state_dict()`` save and restore it; the
+settings that must match on resume (the entropy mode, whether loss balance is on) travel as the
+module's extra state and a mismatch is refused. They update the state with tensor operations, so
+a training step never waits for the device (no host synchronisation per step; the values reach
+the host only when logged or checkpointed). :class:`~robustkd.distill.mtard.MTARD` moves them to
+the student's device in ``setup`` and updates them from statistics summed over all processes, so
+every rank holds the same values. A state dict written before the state became buffers (host
+floats: ``t_adv``/``t_nat``, ``w_adv``/``w_nat``/``init_adv``/``init_nat``) still loads.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..distributed import reduce_
 
@@ -55,30 +58,19 @@ def reference_entropy_stat(probs: Tensor) -> Tensor:
     return (probs * torch.log(probs + REFERENCE_LOG_EPS)).mean(-1)
 
 
-def _state_dtype(device: torch.device) -> torch.dtype:
-    """float64 (as the reference's Python floats) wherever the device has it."""
-    return torch.float32 if device.type == "mps" else torch.float64
+def state_dtype(device: torch.device | str) -> torch.dtype:
+    """The balance state's dtype on ``device``: float64 (as the reference's Python floats) wherever the
+    device has it, float32 on MPS."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
-def _pair(a: float | Tensor, b: float | Tensor, like: Tensor) -> Tensor:
-    """``[a, b]`` as a (2,) tensor with ``like``'s device and dtype, without a host round trip."""
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return torch.stack([torch.as_tensor(a).to(like), torch.as_tensor(b).to(like)])
-    return torch.tensor([float(a), float(b)], dtype=like.dtype, device=like.device)
+def _check_device(state: Tensor, device: torch.device, what: str) -> None:
+    if state.device != device:
+        raise RuntimeError(f"MTARD's balance state is on {state.device} but the {what} are on {device}: move it "
+                           "with method.setup(model, ema) (the trainer calls it) or method.to(device)")
 
 
-class _DeviceState:
-    """A named (2,) state tensor that follows the tensors it is used with to their device."""
-
-    def _follow(self, name: str, device: torch.device) -> Tensor:
-        t = getattr(self, name)
-        if t.device != device:
-            t = t.to(device=device, dtype=_state_dtype(device))
-            setattr(self, name, t)
-        return t
-
-
-class EntropyBalance(_DeviceState):
+class EntropyBalance(nn.Module):
     """Per-teacher temperatures for the robust (``adv``) and clean (``nat``) teacher.
 
     ``reference``: ``t_adv <- t_adv - lr * sign(E_adv / E_nat - 1)`` and
@@ -89,11 +81,17 @@ class EntropyBalance(_DeviceState):
     ``exact``: the higher-entropy teacher stays at ``t_min`` and the other teacher's temperature
     is solved by bisection so that both mean entropies are equal on the current batch (the fixed
     point the reference dynamics move toward); it stops at ``t_max`` when even that is not enough.
+
+    Buffers: ``t`` = ``(t_adv, t_nat)`` and ``steps`` (updates so far); extra state: the mode.
     """
+
+    t: Tensor
+    steps: Tensor
 
     def __init__(self, mode: EntropyMode = "reference", *, t_min: float = 1.0, t_max: float = 10.0,
                  lr: float = 0.001, decay: float = 0.1, init: tuple[float, float] = (1.0, 1.0),
                  bisection_steps: int = 40):
+        super().__init__()
         if mode not in ENTROPY_MODES:
             raise ValueError(f"unknown entropy balance {mode!r}: use one of {', '.join(ENTROPY_MODES)}")
         if not 0 < t_min <= t_max:
@@ -107,65 +105,31 @@ class EntropyBalance(_DeviceState):
         self.mode: EntropyMode = mode
         self.t_min, self.t_max, self.lr, self.decay = float(t_min), float(t_max), float(lr), float(decay)
         self.bisection_steps = int(bisection_steps)
-        self.t = torch.tensor([float(init[0]), float(init[1])], dtype=torch.float64)  # (t_adv, t_nat)
-        self.steps = 0
-
-    def tensors(self, device: torch.device) -> Tensor:
-        """The temperatures ``(t_adv, t_nat)`` as a (2,) tensor on ``device`` (no host sync)."""
-        return self._follow("t", device)
-
-    @property
-    def t_adv(self) -> float:
-        return float(self.t[0])
-
-    @t_adv.setter
-    def t_adv(self, value: float) -> None:
-        self.t = self.t.clone()
-        self.t[0] = float(value)
-
-    @property
-    def t_nat(self) -> float:
-        return float(self.t[1])
-
-    @t_nat.setter
-    def t_nat(self, value: float) -> None:
-        self.t = self.t.clone()
-        self.t[1] = float(value)
-
-    @property
-    def temperatures(self) -> tuple[float, float]:
-        """As host floats (a device sync: for logging and tests, not the training step)."""
-        t_adv, t_nat = self.t.tolist()
-        return t_adv, t_nat
+        self.register_buffer("t", torch.tensor([float(init[0]), float(init[1])], dtype=torch.float64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
 
     def step_size(self, milestones_passed: int) -> float:
         """The sign-step size after ``milestones_passed`` LR decays."""
         return self.lr * self.decay ** milestones_passed
 
-    def step(self, e_adv: float | Tensor, e_nat: float | Tensor, milestones_passed: int = 0) -> None:
-        """One reference-mode update from the batch statistics ``E_adv``, ``E_nat`` (see class doc);
-        tensors stay on their device (no host sync)."""
+    def step(self, e: Tensor, milestones_passed: int = 0) -> Tensor:
+        """One reference-mode update from the batch statistics ``e = (E_adv, E_nat)`` (see the class
+        doc), on the state's device (no host sync); returns the temperatures. Other modes: no change."""
         if self.mode != "reference":
-            return
-        device = e_adv.device if isinstance(e_adv, Tensor) else self.t.device
-        t = self.tensors(device)
-        e = _pair(e_adv, e_nat, t)
+            return self.t
+        _check_device(self.t, e.device, "entropy statistics")
+        e = e.to(self.t.dtype)
         s = torch.sign(e[1] - e[0])  # = sign(E_adv / E_nat - 1) for negative E
         lr = self.step_size(milestones_passed)
-        direction = torch.tensor([-1.0, 1.0], dtype=t.dtype, device=device)
-        self.t = (t + lr * s * direction).clamp(self.t_min, self.t_max)
-        self.steps += 1
+        direction = torch.tensor([-1.0, 1.0], dtype=self.t.dtype, device=self.t.device)
+        self.t = (self.t + lr * s * direction).clamp(self.t_min, self.t_max)
+        self.steps = self.steps + 1
+        return self.t
 
     def solve(self, adv_logits: Tensor, nat_logits: Tensor,
-              reduce: Callable[[Tensor], Tensor] = all_reduce_sum) -> tuple[float, float]:
-        """Exact mode: set the temperatures that equalise the teachers' mean entropies on this
-        batch and return them as host floats (:meth:`solve_t` is the same without the sync)."""
-        self.solve_t(adv_logits, nat_logits, reduce)
-        return self.temperatures
-
-    def solve_t(self, adv_logits: Tensor, nat_logits: Tensor,
-                reduce: Callable[[Tensor], Tensor] = all_reduce_sum) -> Tensor:
-        """:meth:`solve` on the device: the (2,) temperatures, with no host synchronisation.
+              reduce: Callable[[Tensor], Tensor] = all_reduce_sum) -> Tensor:
+        """Exact mode: set the temperatures that equalise the teachers' mean entropies on this batch
+        and return them (the (2,) state, no host synchronisation).
 
         ``reduce`` sums a tensor over processes, so the mean entropies (and hence the solved
         temperatures) are those of the global batch, identical on every rank.
@@ -173,6 +137,7 @@ class EntropyBalance(_DeviceState):
         if adv_logits.shape != nat_logits.shape:
             raise ValueError(f"the teachers' logits differ in shape: robust {tuple(adv_logits.shape)} vs clean "
                              f"{tuple(nat_logits.shape)}")
+        _check_device(self.t, adv_logits.device, "teachers' logits")
         z = torch.stack([adv_logits.detach().float(), nat_logits.detach().float()])  # (2, B, C)
         n = torch.tensor([float(z.shape[1])], device=z.device)
         count = reduce(n.clone())
@@ -192,27 +157,41 @@ class EntropyBalance(_DeviceState):
         # A teacher already at or above the target stays at t_min; one that cannot reach it stops at t_max.
         t = torch.where(h_min >= target, torch.full_like(t, self.t_min), t)
         t = torch.where(h_max < target, torch.full_like(t, self.t_max), t)
-        self.t = t.to(_state_dtype(t.device))
-        self.steps += 1
+        self.t = t.to(self.t.dtype)
+        self.steps = self.steps + 1
         return self.t
 
-    def state_dict(self) -> dict[str, Any]:
-        t_adv, t_nat = self.temperatures
-        return {"mode": self.mode, "t_adv": t_adv, "t_nat": t_nat, "steps": self.steps}
+    # -- state: buffers plus the mode ---------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"mode": self.mode}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("mode") != self.mode:
-            raise ValueError(f"the checkpoint's entropy balance is {state.get('mode')!r} but this run uses "
-                             f"{self.mode!r}: resume with --entropy-balance {state.get('mode')} or use a new "
-                             "--output-dir")
-        self.t = torch.tensor([float(state["t_adv"]), float(state["t_nat"])], dtype=self.t.dtype, device=self.t.device)
-        self.steps = int(state["steps"])
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._check_mode(state.get("mode"))
+
+    def _check_mode(self, mode: Any) -> None:
+        if mode != self.mode:
+            raise ValueError(f"the checkpoint's entropy balance is {mode!r} but this run uses {self.mode!r}: resume "
+                             f"with --entropy-balance {mode} or use a new --output-dir")
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load a state dict of this module, or one written before the state became buffers
+        (``{"mode", "t_adv", "t_nat", "steps"}``); a different mode is refused before anything changes."""
+        if "t_adv" in state_dict:  # the earlier host-float form
+            state_dict = {"t": torch.tensor([float(state_dict["t_adv"]), float(state_dict["t_nat"])],
+                                            dtype=torch.float64),
+                          "steps": torch.tensor(int(state_dict["steps"])),
+                          "_extra_state": {"mode": state_dict.get("mode")}}
+        self._check_mode((state_dict.get("_extra_state") or {}).get("mode"))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode, "t_min": self.t_min, "t_max": self.t_max, "lr": self.lr, "decay": self.decay}
 
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
 
-class LossBalance(_DeviceState):
+
+class LossBalance(nn.Module):
     """MTARD's Normalization Loss Balance over the robust (``adv``) and clean (``nat``) losses.
 
     The first update stores ``L_k^0``; then ``r_k = L_k / L_k^0``, ``target_k = r_k^beta /
@@ -221,15 +200,23 @@ class LossBalance(_DeviceState):
     initial weights. Negative relative losses (possible only with the reference KL's 1e-5
     smoothing) count as 0 so a fractional ``beta`` stays defined.
 
-    Non-finite losses: the host form (``propose``/``commit`` with floats) raises
-    :class:`FloatingPointError`; the device form (``propose_t``/``commit_t``, used in training)
-    cannot raise without a host sync, so it leaves the weights (and ``L^0``) unchanged for that
-    update and counts it in ``nonfinite`` (logged by MTARD as ``mtard_balance_nonfinite``; the
-    step's loss is non-finite too, which the trainer reports).
+    Non-finite losses cannot raise without a host sync, so an update with one leaves the weights
+    (and ``L^0``) unchanged and counts it in ``nonfinite_count`` (logged by MTARD as
+    ``mtard_balance_nonfinite``; the step's loss is non-finite too, which the trainer reports).
+
+    Buffers: ``w`` = ``(w_adv, w_nat)``, ``l0`` = ``(L_adv^0, L_nat^0)`` (valid once ``l0_set``),
+    ``l0_set``, ``nonfinite_count`` and ``steps``; extra state: ``enabled``.
     """
+
+    w: Tensor
+    l0: Tensor
+    l0_set: Tensor
+    nonfinite_count: Tensor
+    steps: Tensor
 
     def __init__(self, enabled: bool = True, *, eta: float = 0.025, beta: float = 1.0, decay: float = 0.1,
                  init: tuple[float, float] = (0.5, 0.5)):
+        super().__init__()
         if eta < 0 or beta <= 0 or not 0 < decay <= 1:
             raise ValueError(f"loss balance needs eta >= 0, beta > 0 and 0 < decay <= 1 "
                              f"(got eta={eta}, beta={beta}, decay={decay})")
@@ -238,54 +225,20 @@ class LossBalance(_DeviceState):
         self.enabled = bool(enabled)
         self.eta, self.beta, self.decay = float(eta), float(beta), float(decay)
         total = float(sum(init))
-        self.w = torch.tensor([init[0] / total, init[1] / total], dtype=torch.float64)  # (w_adv, w_nat)
-        self.l0 = torch.zeros(2, dtype=torch.float64)  # (L_adv^0, L_nat^0), valid once l0_set
-        self.l0_set = torch.zeros((), dtype=torch.bool)  # on the device: set by the first finite update
-        self.nonfinite_count = torch.zeros((), dtype=torch.float64)
-        self.steps = 0
-
-    # -- host views (each a device sync: logging, checkpoints, tests) ------------------------
-    @property
-    def weights(self) -> tuple[float, float]:
-        w_adv, w_nat = self.w.tolist()
-        return w_adv, w_nat
-
-    @property
-    def w_adv(self) -> float:
-        return self.weights[0]
-
-    @property
-    def w_nat(self) -> float:
-        return self.weights[1]
-
-    @property
-    def init_adv(self) -> float | None:
-        return float(self.l0[0]) if bool(self.l0_set) else None
-
-    @property
-    def init_nat(self) -> float | None:
-        return float(self.l0[1]) if bool(self.l0_set) else None
-
-    @property
-    def nonfinite(self) -> int:
-        return int(self.nonfinite_count)
-
-    # -- the rule on the device -----------------------------------------------------------------
-    def tensors(self, device: torch.device) -> Tensor:
-        """The weights ``(w_adv, w_nat)`` as a (2,) tensor on ``device`` (no host sync)."""
-        self._follow("l0", device)
-        self._follow("nonfinite_count", device)
-        if self.l0_set.device != device:
-            self.l0_set = self.l0_set.to(device)
-        return self._follow("w", device)
+        self.register_buffer("w", torch.tensor([init[0] / total, init[1] / total], dtype=torch.float64))
+        self.register_buffer("l0", torch.zeros(2, dtype=torch.float64))
+        self.register_buffer("l0_set", torch.zeros((), dtype=torch.bool))  # set by the first finite update
+        self.register_buffer("nonfinite_count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
 
     def propose_t(self, losses: Tensor, milestones_passed: int = 0) -> Tensor:
-        """The (2,) weights after an update with ``losses = (L_adv, L_nat)`` (a device tensor),
-        without changing the state (so a loss evaluated twice in one step, as AWP does, cannot
-        update twice)."""
-        w = self.tensors(losses.device)
+        """The (2,) weights after an update with ``losses = (L_adv, L_nat)`` (a tensor on the state's
+        device), without changing the state (so a loss evaluated twice in one step, as AWP does,
+        cannot update twice)."""
+        w = self.w
         if not self.enabled:
             return w
+        _check_device(w, losses.device, "losses")
         losses = losses.to(w.dtype)
         l0 = torch.where(self.l0_set, self.l0, losses)
         r = (losses.clamp(min=0.0) / l0.clamp(min=1e-12)) ** self.beta
@@ -309,44 +262,41 @@ class LossBalance(_DeviceState):
             self.l0 = torch.where(first, losses, self.l0)
             self.l0_set = self.l0_set | finite
             self.w = new
-        self.steps += 1
+        self.steps = self.steps + 1
         return new
 
-    # -- the rule on host floats ------------------------------------------------------------------
-    def _host_losses(self, l_adv: float, l_nat: float) -> Tensor:
-        if self.enabled and not (math.isfinite(l_adv) and math.isfinite(l_nat)):
-            raise FloatingPointError(f"non-finite MTARD losses (robust {l_adv}, clean {l_nat}): lower the learning "
-                                     "rate or check the teachers' outputs")
-        return torch.tensor([float(l_adv), float(l_nat)], dtype=torch.float64, device=self.w.device)
+    # -- state: buffers plus enabled ------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"enabled": self.enabled}
 
-    def propose(self, l_adv: float, l_nat: float, milestones_passed: int = 0) -> tuple[float, float]:
-        """:meth:`propose_t` for host floats; returns host floats."""
-        w_adv, w_nat = self.propose_t(self._host_losses(l_adv, l_nat), milestones_passed).tolist()
-        return w_adv, w_nat
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._check_enabled(state.get("enabled"))
 
-    def commit(self, l_adv: float, l_nat: float, milestones_passed: int = 0) -> tuple[float, float]:
-        """:meth:`commit_t` for host floats; returns host floats."""
-        self.commit_t(self._host_losses(l_adv, l_nat), milestones_passed)
-        return self.weights
+    def _check_enabled(self, enabled: Any) -> None:
+        if bool(enabled) != self.enabled:
+            raise ValueError(f"the checkpoint's loss balance is {'on' if enabled else 'off'} but this run has it "
+                             f"{'on' if self.enabled else 'off'}: resume with the same --loss-balance or use a new "
+                             "--output-dir")
 
-    def state_dict(self) -> dict[str, Any]:
-        w_adv, w_nat = self.weights
-        return {"enabled": self.enabled, "w_adv": w_adv, "w_nat": w_nat, "init_adv": self.init_adv,
-                "init_nat": self.init_nat, "steps": self.steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if bool(state.get("enabled")) != self.enabled:
-            raise ValueError(f"the checkpoint's loss balance is {'on' if state.get('enabled') else 'off'} but this run "
-                             f"has it {'on' if self.enabled else 'off'}: resume with the same --loss-balance or use "
-                             "a new --output-dir")
-        device = self.w.device
-        self.w = torch.tensor([float(state["w_adv"]), float(state["w_nat"])], dtype=self.w.dtype, device=device)
-        has_init = state["init_adv"] is not None
-        self.l0_set = torch.tensor(has_init, device=device)
-        if has_init:
-            self.l0 = torch.tensor([float(state["init_adv"]), float(state["init_nat"])], dtype=self.w.dtype,
-                                   device=device)
-        self.steps = int(state["steps"])
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load a state dict of this module, or one written before the state became buffers
+        (``{"enabled", "w_adv", "w_nat", "init_adv", "init_nat", "steps"}``: it kept no count of
+        non-finite updates, which restarts at 0); a different ``enabled`` is refused before anything
+        changes."""
+        if "w_adv" in state_dict:  # the earlier host-float form
+            has_init = state_dict["init_adv"] is not None
+            l0 = [float(state_dict["init_adv"]), float(state_dict["init_nat"])] if has_init else [0.0, 0.0]
+            state_dict = {"w": torch.tensor([float(state_dict["w_adv"]), float(state_dict["w_nat"])],
+                                            dtype=torch.float64),
+                          "l0": torch.tensor(l0, dtype=torch.float64), "l0_set": torch.tensor(has_init),
+                          "nonfinite_count": torch.zeros((), dtype=torch.float64),
+                          "steps": torch.tensor(int(state_dict["steps"])),
+                          "_extra_state": {"enabled": state_dict.get("enabled")}}
+        self._check_enabled((state_dict.get("_extra_state") or {}).get("enabled"))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def describe(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "eta": self.eta, "beta": self.beta, "decay": self.decay}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.describe().items())

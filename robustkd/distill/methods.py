@@ -8,12 +8,21 @@ The loop is always::
     method.after_step(model, progress)
 
 A method sees inputs only through the task, so every method works for every task.
+
+Each method class declares its own defaults next to its code, in class attributes that are the one
+source of them (the constructors build from them; :func:`robustkd.presets.method_defaults`, and so
+the recipes' ``build_method``, reads them): ``training_attack`` (the PGD objective and random start
+of its own training attack, :class:`TrainingAttack`, or ``None`` for training on clean inputs),
+``attack_mode`` (the model's mode while that attack runs), ``needs_ema`` (the trainer keeps an EMA
+teacher for it), ``needs_teachers`` (it takes ``--clean-teacher`` / ``--robust-teacher``) and
+``reference`` (where the defaults come from). Keyword settings (``forward=``, ``beta=``, ...) have
+their defaults in the constructor's signature only.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -50,14 +59,38 @@ class Prepared:
 ATTACK_MODES = ("train", "eval")
 
 
+@dataclass(frozen=True)
+class TrainingAttack:
+    """A method's own training attack: PGD maximising ``loss`` from ``random_start`` (``init_std``: the
+    scale of the ``normal`` / ``trades`` starts), with PGD's other defaults (10 steps, the task's
+    step size). Declared per method class as ``training_attack``; the recipes' ``--attack-*`` flags
+    override each field."""
+
+    loss: str = "ce"
+    random_start: str = "uniform"
+    init_std: float = 0.001
+
+    def build(self, task: Task) -> PGD:
+        """The attack in the task's threat model."""
+        return PGD(task, random_start=self.random_start, init_std=self.init_std, loss=self.loss)
+
+    def settings(self, mode: str) -> dict[str, Any]:
+        """As the recipes' attack settings (:func:`robustkd.presets.method_defaults`), with the attack's ``mode``."""
+        return {"loss": self.loss, "random_start": self.random_start, "init_std": self.init_std, "mode": mode}
+
+
 class Method(ABC):
     """Base class. ``attack_mode`` is the mode the victim is in while the attack runs (ADR's
     reference attacks in train mode, so the attack's forward passes update batch-norm statistics;
-    MTARD's in eval mode); the constructor's ``attack_mode=`` overrides the method's default."""
+    MTARD's in eval mode); the constructor's ``attack_mode=`` overrides the method's default.
+    The class attributes below are the method's declared defaults (see the module doc)."""
 
     name = "method"
     needs_ema = False
+    needs_teachers: ClassVar[bool] = False
     attack_mode = "train"
+    training_attack: ClassVar[TrainingAttack | None] = TrainingAttack()
+    reference: ClassVar[str] = "robustkd's default for a method that declares no training attack of its own"
 
     def __init__(self, task: Task, attack: Attack | None = None, *, attack_mode: str | None = None):
         self.task = task
@@ -103,15 +136,23 @@ class Method(ABC):
                 "attack_mode": self.attack_mode}
 
 
-def _default_pgd(task: Task, attack: Attack | None) -> Attack:
-    return attack if attack is not None else PGD(task)
+def _own_attack(method: type[Method], task: Task, attack: Attack | None) -> Attack:
+    """``attack``, or the method's declared training attack."""
+    if attack is not None:
+        return attack
+    if method.training_attack is None:
+        raise TypeError(f"{method.__name__} declares no training attack")
+    return method.training_attack.build(task)
 
 
-def _default_trades_attack(task: Task, attack: Attack | None) -> Attack:
-    """TRADES' KL attack as ADR's reference runs it (src/util/trades_attack.py): start
-    ``x + 0.001 * U[0, 1)``, 10 steps."""
+#: TRADES' KL attack as ADR's reference runs it (src/util/trades_attack.py): start ``x + 0.001 * U[0, 1)``.
+TRADES_ATTACK = TrainingAttack(loss="kl", random_start="trades", init_std=0.001)
+
+
+def _trades_attack(task: Task, attack: Attack | None) -> Attack:
+    """``attack`` (refused unless it maximises the KL), or TRADES' declared one."""
     if attack is None:
-        return PGD(task, loss="kl", random_start="trades", init_std=0.001)
+        return TRADES_ATTACK.build(task)
     if isinstance(attack, PGD) and attack.loss_name != "kl":
         raise ValueError("TRADES needs an attack that maximises the KL: build it with PGD(..., loss='kl')")
     return attack
@@ -139,6 +180,8 @@ class Standard(Method):
     """Natural training: cross-entropy on clean inputs (for clean teachers and baselines)."""
 
     name = "standard"
+    training_attack = None
+    reference = "natural training: no attack"
 
     def __init__(self, task: Task, attack: Attack | None = None, *, attack_mode: str | None = None):
         super().__init__(task, None, attack_mode=attack_mode)
@@ -153,9 +196,12 @@ class PGDAT(Method):
     """PGD adversarial training (Madry et al.): CE on PGD examples that maximise the same CE."""
 
     name = "pgd_at"
+    training_attack = TrainingAttack(loss="ce", random_start="uniform")
+    reference = ("Madry et al. 2018; as ADR's reference runs it: src/util/pgd_attack.py:20-24 (uniform start), "
+                 "src/advTrainer.py:211,238 (train mode)")
 
     def __init__(self, task: Task, attack: Attack | None = None, *, attack_mode: str | None = None):
-        super().__init__(task, _default_pgd(task, attack), attack_mode=attack_mode)
+        super().__init__(task, _own_attack(type(self), task, attack), attack_mode=attack_mode)
 
     def loss(self, model, batch, prepared, progress):
         loss = soft_cross_entropy(self.task.logits(model, *prepared.adv), prepared.targets)
@@ -172,13 +218,18 @@ class TRADES(Method):
 
     name = "trades"
     attack_mode = "train"
+    training_attack = TRADES_ATTACK
+    reference = ("as ADR's reference runs TRADES (its TRADES configs): src/util/trades_attack.py:28 (x + 0.001 * "
+                 "U[0, 1)), src/advTrainer.py:211,238 (train mode), :317 (one concatenated forward); TRADES' own "
+                 "code (github.com/yaodongyu/TRADES) attacks in eval mode from x + 0.001 * N(0, 1): --attack-mode "
+                 "eval --attack-random-start normal --method-kwargs '{\"forward\": \"separate\"}'")
 
     def __init__(self, task: Task, attack: Attack | None = None, beta: float = 6.0, *,
                  forward: str = "concat", attack_mode: str | None = None):
         if forward not in ("concat", "separate"):
             raise ValueError(f"TRADES forward must be 'concat' (one pass over clean + adversarial, the reference) "
                              f"or 'separate', got {forward!r}")
-        super().__init__(task, _default_trades_attack(task, attack), attack_mode=attack_mode)
+        super().__init__(task, _trades_attack(task, attack), attack_mode=attack_mode)
         self.beta = beta
         self.forward = forward
 
@@ -226,6 +277,9 @@ class ADR(Method):
 
     name = "adr"
     needs_ema = True
+    attack_mode = "train"
+    training_attack = TrainingAttack(loss="ce", random_start="uniform")
+    reference = "ADR reference src/util/pgd_attack.py:20-24, src/advTrainer.py:211,238"
 
     def __init__(self, task: Task, attack: Attack | None = None, *, base: str = "pgd_at",
                  tau: tuple[float, float] | None = None, lam: tuple[float, float] | None = None,
@@ -238,7 +292,7 @@ class ADR(Method):
         self.base = base
         self.trades = TRADES(task, attack, beta, forward=trades_forward, attack_mode=attack_mode) \
             if base == "trades" else None
-        super().__init__(task, self.trades.attack if self.trades else _default_pgd(task, attack),
+        super().__init__(task, self.trades.attack if self.trades else _own_attack(ADR, task, attack),
                          attack_mode=attack_mode)
         if rectifier is None:
             default = ADRRectifier()
@@ -296,9 +350,24 @@ def _schedule(value: tuple[float, float] | list[float] | None, name: str, defaul
 
 
 @register_method("adr_trades")
-def adr_trades(task: Task, attack: Attack | None = None, **kwargs: Any) -> ADR:
-    """ADR over TRADES: rectified soft labels in the natural term, beta * KL robustness term."""
-    return ADR(task, attack, base="trades", **kwargs)
+class ADRTrades(ADR):
+    """ADR over TRADES: rectified soft labels in the natural term, beta * KL robustness term.
+
+    ``ADR(task, attack, base="trades", ...)``; takes ADR's keyword settings but ``base``."""
+
+    name = "adr_trades"
+    training_attack = TRADES_ATTACK
+    reference = ("ADR reference src/util/trades_attack.py:28 (x + 0.001 * U[0, 1)), src/advTrainer.py:211,238 (train "
+                 "mode), :288, :303, :317 (one forward of the concatenated clean and adversarial batch)")
+
+    def __init__(self, task: Task, attack: Attack | None = None, **kwargs: Any):
+        if "base" in kwargs:
+            raise TypeError("adr_trades is ADR with base='trades': drop base= (or use ADR(..., base=...))")
+        super().__init__(task, attack, base="trades", **kwargs)
+
+
+#: The earlier name of :class:`ADRTrades` (a factory function then).
+adr_trades = ADRTrades
 
 
 def create_method(name: str, task: Task, attack: Attack | None = None, **kwargs: Any) -> Method:

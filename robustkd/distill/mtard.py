@@ -13,8 +13,9 @@ Balance (:mod:`robustkd.distill.balance`). The robust teacher may be the student
 
 Everything goes through the task, so MTARD works for any task. The balancing statistics are
 summed over processes before use, so temperatures and weights are identical on every rank; they
-stay on the device (temperatures, weights and the epoch's log sums are device tensors), so a
-training step has no host synchronisation: values reach the host in ``log_values`` and ``state_dict``.
+stay on the device (temperatures and weights are buffers of the balance modules, which ``setup``
+moves to the student's device; the epoch's log sums are device tensors), so a training step has no
+host synchronisation: values reach the host in ``log_values`` (and when a checkpoint is written).
 """
 from __future__ import annotations
 
@@ -24,14 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks.base import Attack
-from ..attacks.pgd import PGD
 from ..registry import register_method
 from ..task import Batch, Task
 from ..teachers import EMATeacher, FrozenTeacher, Teacher
 from .balance import ENTROPY_MODES, EntropyBalance, EntropyMode, LossBalance, all_reduce_sum, entropy, \
-    reference_entropy_stat
+    reference_entropy_stat, state_dtype
 from .losses import distill_kl
-from .methods import Method, Prepared, Progress
+from .methods import Method, Prepared, Progress, TrainingAttack
 
 KLScale = Literal["batchmean", "reference"]
 
@@ -55,6 +55,16 @@ def _as_teacher(teacher: Teacher | nn.Module, role: str) -> Teacher:
     return teacher if isinstance(teacher, Teacher) else FrozenTeacher(teacher, name=role)
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of the student's weights (where its logits, and so MTARD's statistics, are)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    raise ValueError(f"the student ({type(model).__name__}) has no parameters or buffers, so MTARD cannot tell "
+                     "which device its balance state belongs on")
+
+
 @register_method("mtard")
 class MTARD(Method):
     """Multi-teacher adversarial distillation with entropy and loss balance.
@@ -70,19 +80,24 @@ class MTARD(Method):
             num_classes times larger against the same weight decay).
         attack: default PGD-10 on CE from ``x + 0.001 * N(0, 1)`` in eval mode (mtard_loss.py:38-49);
             its step size is the task's default (2.5 * eps / 10 = 2/255 at eps 8/255, the reference's).
+
+    The temperatures and weights are buffers of ``self.entropy`` / ``self.balance``
+    (:class:`~robustkd.distill.balance.EntropyBalance`, :class:`~robustkd.distill.balance.LossBalance`);
+    :meth:`setup` moves them to the student's device (:meth:`to` does it by hand).
     """
 
     name = "mtard"
     attack_mode = "eval"
+    needs_teachers = True
+    training_attack = TrainingAttack(loss="ce", random_start="normal", init_std=0.001)
+    reference = "MTARD reference mtard/mtard_loss.py:38-40 (student.eval(), x + 0.001 * N(0, 1))"
 
     def __init__(self, task: Task, attack: Attack | None = None, *, clean_teacher: Teacher | nn.Module,
                  robust_teacher: Teacher | nn.Module | Literal["ema"],
                  entropy_balance: EntropyMode = "reference", loss_balance: bool = True,
                  kl_scale: KLScale = "reference", t_min: float = 1.0, t_max: float = 10.0, temp_lr: float = 0.001,
                  eta: float = 0.025, beta: float = 1.0, decay: float = 0.1, attack_mode: str | None = None):
-        if attack is None:
-            attack = PGD(task, steps=10, random_start="normal", init_std=0.001, loss="ce")
-        super().__init__(task, attack, attack_mode=attack_mode)
+        super().__init__(task, self.training_attack.build(task) if attack is None else attack, attack_mode=attack_mode)
         if kl_scale not in ("batchmean", "reference"):
             raise ValueError(f"unknown KL scale {kl_scale!r}: use 'batchmean' or 'reference'")
         if entropy_balance not in ENTROPY_MODES:
@@ -116,6 +131,15 @@ class MTARD(Method):
         for role, teacher in (("clean", self.clean), ("robust", self.robust)):
             if teacher is not None and teacher.model.training:
                 raise ValueError(f"the {role} teacher is in train mode: call .eval() on it before training")
+        self.to(_device_of(model))
+
+    def to(self, device: torch.device | str) -> "MTARD":
+        """Move the balance state (temperatures, weights, initial losses, counters) to ``device``, in
+        float64 (float32 on MPS); returns ``self``. :meth:`setup` calls it with the student's device."""
+        device = torch.device(device)
+        for module in (self.entropy, self.balance):
+            module.to(device=device, dtype=state_dtype(device))
+        return self
 
     def _robust(self) -> Teacher:
         if self.robust is not None:
@@ -139,8 +163,12 @@ class MTARD(Method):
         self._check_logits(z_adv, "robust")
         self._check_logits(z_nat, "clean")
         if self.entropy.mode == "exact":
-            self.entropy.solve_t(z_adv, z_nat)
-        t = self.entropy.tensors(z_adv.device)
+            self.entropy.solve(z_adv, z_nat)
+        t = self.entropy.t
+        if t.device != z_adv.device:
+            raise RuntimeError(f"MTARD's balance state is on {t.device} but the teachers' logits are on "
+                               f"{z_adv.device}: call method.setup(model, ema) (the trainer does) or "
+                               "method.to(device) before training")
         t_adv, t_nat = t[0], t[1]
         p_adv = torch.softmax(z_adv / t_adv, dim=1)
         p_nat = torch.softmax(z_nat / t_nat, dim=1)
@@ -182,7 +210,7 @@ class MTARD(Method):
         milestones = slots[-1]["milestones"]
         self.balance.commit_t(mean[_L_ADV:_L_NAT + 1], milestones)
         if self.entropy.mode == "reference":
-            self.entropy.step(mean[_E_ADV], mean[_E_NAT], milestones)
+            self.entropy.step(mean[_E_ADV:_E_NAT + 1], milestones)
         row = torch.cat([mean[[_L_ADV, _L_NAT, _H_ADV, _H_NAT]].double(), mean.new_ones(1, dtype=torch.float64)])
         self._sums = row if self._sums is None else self._sums + row
 
@@ -190,10 +218,10 @@ class MTARD(Method):
     def log_values(self, progress: Progress) -> dict[str, float]:
         """Temperatures and weights now, and the teachers' mean entropies and the two losses
         averaged over the steps since the previous call (the trainer calls it once per epoch)."""
-        (t_adv, t_nat), (w_adv, w_nat) = self.entropy.temperatures, self.balance.weights
+        (t_adv, t_nat), (w_adv, w_nat) = self.entropy.t.tolist(), self.balance.w.tolist()
         out = {"mtard_t_adv": t_adv, "mtard_t_nat": t_nat, "mtard_w_adv": w_adv, "mtard_w_nat": w_nat}
         if self.balance.enabled:
-            out["mtard_balance_nonfinite"] = self.balance.nonfinite
+            out["mtard_balance_nonfinite"] = int(self.balance.nonfinite_count)
         if self._sums is not None:
             l_adv, l_nat, h_adv, h_nat, n = self._sums.tolist()  # the one sync, at logging time
             out.update({"mtard_loss_adv": l_adv / n, "mtard_loss_nat": l_nat / n,
@@ -202,13 +230,22 @@ class MTARD(Method):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"entropy": self.entropy.state_dict(), "loss_balance": self.balance.state_dict(),
+        """The balance modules' state dicts (their buffers and settings) and the KL scale; a copy, so a
+        later step or load leaves it as it is."""
+        def copied(module: torch.nn.Module) -> dict[str, Any]:
+            return {k: v.clone() if isinstance(v, Tensor) else v for k, v in module.state_dict().items()}
+
+        return {"entropy": copied(self.entropy), "loss_balance": copied(self.balance),
                 "kl_scale": self.kl_scale, "robust_teacher": "ema" if self.robust is None else "frozen"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output, or a checkpoint's written before the balance state became
+        buffers (host floats); a different KL scale, entropy mode or loss balance is refused before
+        anything changes."""
         if state.get("kl_scale") != self.kl_scale:
             raise ValueError(f"the checkpoint was trained with --kl-scale {state.get('kl_scale')} but this run uses "
                              f"{self.kl_scale}: resume with the same scale or use a new --output-dir")
+        self.balance._check_enabled(_setting(state["loss_balance"], "enabled"))
         self.entropy.load_state_dict(state["entropy"])
         self.balance.load_state_dict(state["loss_balance"])
 
@@ -218,3 +255,8 @@ class MTARD(Method):
                 "clean_teacher": getattr(self.clean, "name", type(self.clean.model).__name__),
                 "entropy_balance": self.entropy.describe(), "loss_balance": self.balance.describe(),
                 "kl_scale": self.kl_scale}
+
+
+def _setting(state: dict[str, Any], key: str) -> Any:
+    """A balance module's setting from its state dict (extra state) or from the earlier host-float form."""
+    return state[key] if key in state else (state.get("_extra_state") or {}).get(key)

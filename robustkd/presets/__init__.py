@@ -10,8 +10,9 @@ configuration (:mod:`robustkd.config`), and names its source file (and the line 
     p.source, p.settings["nesterov"], p.settings["attack_mode"]
 
 The data live in ``adr.yaml`` and ``mtard.yaml`` beside this file (``recommended.yaml``: robustkd's own
-recommendations, each naming the study behind it); ``methods.yaml`` holds each
-method's own training-attack defaults (used when a run picks a method without a preset of it).
+recommendations, each naming the study behind it). A method's own defaults (used when a run picks a
+method without a preset of it) are declared on its class (:mod:`robustkd.distill.methods`) and read
+by :func:`method_defaults`.
 ``robustkd presets`` lists them; ``--preset NAME`` on a recipe starts from one.
 """
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import Any
 
 _HERE = Path(__file__).resolve().parent
 PRESET_FILES = ("adr.yaml", "mtard.yaml", "recommended.yaml")
-METHODS_FILE = "methods.yaml"
 
 #: How a preset's ``attack`` block maps onto the flat configuration fields.
 ATTACK_FIELDS = {"eps": "eps", "norm": "norm", "steps": "attack_steps", "step_size": "attack_step_size",
@@ -121,21 +121,28 @@ def get_preset(name: str) -> Preset:
     raise PresetError(f"unknown preset {name!r}: {hint}")
 
 
-@lru_cache(maxsize=1)
-def _methods() -> dict[str, dict[str, Any]]:
-    return _load_yaml(_HERE / METHODS_FILE)
-
-
 def method_defaults(method: str) -> dict[str, Any]:
-    """A method's own training-attack defaults (``attack``: loss, random_start, init_std, mode; or None
-    for a method that trains on clean inputs) and keyword defaults, with their reference source."""
-    table = _methods()
-    if method not in table:
-        return {"attack": {"loss": "ce", "random_start": "uniform", "mode": "train"}, "method_kwargs": {},
-                "source": "robustkd default for a method without an entry in robustkd/presets/methods.yaml"}
-    entry = copy.deepcopy(table[method])
-    entry.setdefault("method_kwargs", {})
-    return entry
+    """The registered method's own defaults, as its class declares them (:mod:`robustkd.distill.methods`):
+
+    - ``attack``: its training attack's ``loss``, ``random_start``, ``init_std`` and ``mode`` (the
+      class's ``training_attack`` and ``attack_mode``), or None for a method that trains on clean inputs;
+    - ``method_kwargs``: keyword settings to pass beyond the constructor's own, always ``{}`` (the
+      constructor's keyword defaults are the defaults);
+    - ``teachers``: whether it takes ``--clean-teacher`` / ``--robust-teacher`` (``needs_teachers``);
+    - ``ema``: whether it keeps an EMA teacher (``needs_ema``; MTARD also when its robust teacher is 'ema');
+    - ``source``: where the defaults come from (``reference``).
+
+    A registered factory that is not a :class:`~robustkd.distill.methods.Method` class takes the base
+    class's declaration. An unknown name is refused with the registered ones listed.
+    """
+    from ..distill.methods import Method
+    from ..registry import METHODS
+
+    factory = METHODS.get(method)
+    cls = factory if isinstance(factory, type) and issubclass(factory, Method) else Method
+    attack = cls.training_attack
+    return {"attack": None if attack is None else attack.settings(cls.attack_mode), "method_kwargs": {},
+            "teachers": bool(cls.needs_teachers), "ema": bool(cls.needs_ema), "source": cls.reference}
 
 
 __all__ = ["Preset", "PresetError", "get_preset", "list_presets", "method_defaults", "ATTACK_FIELDS"]
