@@ -169,3 +169,19 @@ def test_the_plugin_walkthrough_runs_as_written(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
     assert "2 passed" in done.stdout
+
+
+def test_a_recipe_prints_its_status_lines(tmp_path, cifar_dir):
+    """What the README says a run prints: one line per epoch, and where --resume resumed from."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, str(REPO / "recipes" / "cifar_adr.py"), "--data-dir", cifar_dir, *TINY,
+            "--output-dir", str(tmp_path / "run")]
+    first = subprocess.run([*base, "--epochs", "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert re.search(r"^epoch 1 \| loss \d.* \| clean \d", first.stderr, flags=re.M), first.stderr[-2000:]
+    again = subprocess.run([*base, "--epochs", "2", "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'epoch-1'} (epoch 1" in again.stderr
+    assert re.search(r"^epoch 2 \| loss", again.stderr, flags=re.M) and not re.search(r"^epoch 1 \|", again.stderr,
+                                                                                          flags=re.M)
