@@ -362,6 +362,7 @@ def test_push_offline_writes_a_hub_folder_that_loads_back(cifar_task, cifar_dir,
 
 # -- multi-process evaluation -------------------------------------------------------------------
 @pytest.mark.timeout(500)
+@pytest.mark.distributed
 def test_two_process_evaluation_equals_one_process(cifar_task, cifar_dir, tmp_path):
     run = _tiny_run(tmp_path, cifar_task)
     args = ["eval", "--checkpoint", str(run), "--attacks", "pgd:steps=2,autoattack:version=custom,attacks=apgd-ce,"
