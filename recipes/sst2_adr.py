@@ -57,7 +57,7 @@ def textattack_section(s: dict[str, Any]):
         idx = task.sample_indices("test", cap, s["seed"])
         idx = list(range(len(data))) if idx is None else idx
         texts, labels = [data.texts[i] for i in idx], [data.labels[i] for i in idx]
-        result = textattack_evaluate(task, model, texts, labels, s["textattack_recipe"],
+        result = textattack_evaluate(task, model, texts, labels, s["textattack_recipe"], seed=s["seed"],
                                      query_budget=s["textattack_query_budget"],
                                      batch_size=s["eval_batch_size"])
         sample = ("the evaluation points" if len(idx) == len(data) or len(idx) == s["max_eval_samples"]

@@ -13,7 +13,7 @@ both work). A run's settings are resolved in layers, later ones winning:
 
 Settings that belong to the preset's method (``method_kwargs``, the attack's objective, start and
 mode) and to its model (``model_kwargs``) are taken from the preset only while the run keeps that
-method / model; otherwise the method's own defaults apply (``robustkd/presets/methods.yaml``).
+method / model; otherwise the method's own defaults apply (declared on each method class, read by ``robustkd.presets.method_defaults``).
 When ``--epochs`` changes a preset's length and ``--milestones`` is not given, the preset's LR
 milestones scale with it. ``--print-config`` prints the result and exits; every run writes it to
 ``config.yaml`` in its output directory, with the preset and the overrides named.
@@ -565,7 +565,7 @@ def build_method(s: dict[str, Any] | argparse.Namespace, task: Any, *, threat: A
     The attack is PGD in the run's threat model (``threat``, default ``task.threat_model(eps, norm)``)
     with ``attack_steps`` and ``attack_step_size`` (relative to each input's radius with
     ``relative_step``); its objective, start and mode are the settings' when given (a preset gives
-    them) and otherwise the method's own (``robustkd/presets/methods.yaml``). Teachers named by
+    them) and otherwise the method's own (its class's ``training_attack`` / ``attack_mode``, via ``method_defaults``). Teachers named by
     ``clean_teacher`` / ``robust_teacher`` are loaded with :func:`robustkd.teachers.load_teacher`.
     Settings left out take their defaults: ``build_method({"method": "pgd_at", "attack_steps": 2},
     task, threat=task.threat_model())`` is the method in the task's own threat model.

@@ -118,12 +118,11 @@ REFERENCE_DATASET = {"cifar10": "cifar10", "cifar100": "cifar100", "tinyimagenet
 # -- comparing states ----------------------------------------------------------------------------
 def bare(model: nn.Module) -> nn.Module:
     """The network without robustkd's normalisation layer (its state dict has the reference's keys)."""
-    from robustkd_tasks.image_models import Normalize
-
     from .teachers import unwrap
 
     model = unwrap(model)
-    if isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], Normalize):
+    # the image plug-in's normalisation layer: a first module holding the mean and std buffers
+    if isinstance(model, nn.Sequential) and len(model) == 2 and {"mean", "std"} <= dict(model[0].named_buffers()).keys():
         return model[1]
     return model
 
@@ -396,8 +395,10 @@ def _quiet() -> Iterator[None]:
 
 
 def run_mtard_case(case: Case, opts: Options, notes: list[str]) -> list[dict[str, Any]]:
-    from robustkd_tasks.image_models import resnet18
+    from .registry import MODELS, TASKS
 
+    TASKS.get("cifar10")  # loads the image plug-in, which registers its models
+    resnet18 = MODELS.get("resnet18")
     from .teachers import FrozenTeacher as Teacher
 
     if opts.mtard is None:

@@ -73,7 +73,7 @@ class RobustConfig:
     options ``steps``, ``step_size`` or ``rel_step_size``, ``random_start``, ``loss``, ``init_std`` and
     the budget ``eps``/``norm``/``snr_db``; default: the task's ``default_train_attack``); ``attack_steps``
     its steps unless the spec names them. Its objective, start and mode are the method's own unless
-    given (``robustkd/presets/methods.yaml``), as in a recipe. ``method_kwargs`` go to the method;
+    given (declared on the method's class, see ``robustkd.presets.method_defaults``), as in a recipe. ``method_kwargs`` go to the method;
     ``clean_teacher`` / ``robust_teacher`` are MTARD's teachers as a recipe takes them (a model
     directory, a recipe output directory, ``"ema"`` for the robust one).
 

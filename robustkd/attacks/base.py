@@ -142,7 +142,7 @@ class Attack(ABC):
             fix = "batch['inputs'].float() / 255" if x.dtype == torch.uint8 else "float tensors"
             raise AttackInputError(f"{type(self).__name__} got {x.dtype} inputs but attacks on {self.task.name!r} take "
                                    f"float inputs in [{lo:g}, {hi:g}]: pass {fix} (robustkd's data loaders do)")
-        if x.device.type != "cpu" and getattr(self, "_inputs_checked", False):
+        if getattr(self, "_inputs_checked", False):  # the first batch only: each check is a host read
             return
         self._inputs_checked = True
         if x.numel() == 0:
