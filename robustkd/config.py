@@ -188,8 +188,10 @@ def declared_fields(recipe: Recipe) -> dict[str, Any]:
 def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     from transformers import HfArgumentParser
 
+    from .console import HelpFormatter
+
     parser = HfArgumentParser(recipe.dataclasses, description=recipe.description,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              formatter_class=HelpFormatter,  # each default shown once
                               allow_abbrev=False)  # --epoch is a typo, never taken for --epochs
     shown = {**RECIPE_DEFAULTS, **recipe.defaults}  # --help shows the values a run starts from
     if recipe.default_preset:

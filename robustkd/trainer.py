@@ -570,7 +570,7 @@ class Trainer:
         """Clean and robust accuracy of the student and, when kept, the EMA model."""
         models = {"": unwrap(self.model), **({prefix_ema: self.ema.model} if self.ema is not None else {})}
         out = evaluate_models(self.task, models, self.eval_loader, self.eval_attacks if attacks is None else attacks,
-                              self.accelerator)
+                              self.accelerator, progress=self.config.progress and self.accelerator.is_local_main_process)
         self.model.train()
         return out
 
@@ -662,12 +662,15 @@ class Trainer:
 
 
 def evaluate_models(task: Task, models: dict[str, nn.Module], loader: Any, attacks: dict[str, Attack],
-                    accelerator: Any = None) -> dict[str, Any]:
+                    accelerator: Any = None, progress: bool = False) -> dict[str, Any]:
     """Clean and robust accuracy of each model (the student, its EMA copy, ...) under ``attacks`` on
-    ``loader``: one dict, each model's keys prefixed with its name (``""`` for the student, ``"ema_"``)."""
+    ``loader``: one dict, each model's keys prefixed with its name (``""`` for the student, ``"ema_"``);
+    with ``progress`` a bar per model names the attack and the model."""
     out: dict[str, Any] = {}
     for prefix, model in models.items():
-        out.update({f"{prefix}{k}": v for k, v in evaluate(task, model, loader, attacks, accelerator=accelerator).items()})
+        label = {"": "student", "ema_": "EMA"}.get(prefix, prefix.rstrip("_"))
+        out.update({f"{prefix}{k}": v for k, v in evaluate(task, model, loader, attacks, accelerator=accelerator,
+                                                           progress=progress, label=label).items()})
     return out
 
 

@@ -861,3 +861,40 @@ def test_each_planted_gradient_masking_model_is_flagged_and_never_crashes(kind, 
     if flagged_by in ("input_gradient", "probability_outputs"):
         assert "Fix:" in written[flagged_by]["detail"]
     assert not getattr(model, "_robustkd_gradient_floor", False)  # the evaluation leaves the model as it was
+
+
+# -- config values and flags that cannot apply (round 3) ----------------------------------------
+@pytest.mark.parametrize("yaml_text, needle", [
+    ("nesterov: 'false'\n", "nesterov takes true or false (unquoted)"),
+    ("epochs: 2.5\n", "epochs takes a whole number"),
+    ("lr: fast\n", "lr takes a number"),
+    ("optimizer: adam\n", "optimizer must be one of sgd, adamw"),
+])
+def test_config_file_values_of_the_wrong_type_are_one_line(tmp_path, capsys, monkeypatch, yaml_text, needle):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text)
+    code, err = run_script(str(REPO / "recipes" / "cifar_adr.py"),
+                           ["--config", str(cfg), "--output-dir", str(tmp_path / "out")], capsys, monkeypatch)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--epoch", "3"], "unrecognized arguments: --epoch"),  # no argparse abbreviations
+    (["--method", "pgd_at", "--clean-teacher", "autoattack-example:resnet18"], "trains without teachers"),
+    (["--norm", "l2"], "give the budget too"),
+])
+def test_flags_that_cannot_apply_are_refused_not_ignored(tmp_path, capsys, monkeypatch, argv, needle):
+    code, err = run_script(str(REPO / "recipes" / "cifar_adr.py"), [*argv, "--output-dir", str(tmp_path / "out")],
+                           capsys, monkeypatch)
+    assert code == 2 and needle in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_awp_on_a_preset_without_awp_applies_the_papers_gamma():
+    from robustkd.config import Recipe, resolve
+
+    recipe = Recipe("t", default_preset="adr/cifar10/resnet18_pgd_sgd_adr")
+    s = resolve(recipe, ["--awp"]).settings
+    assert s["awp"] and s["awp_gamma"] == 5e-3
