@@ -263,12 +263,13 @@ def test_textattack_in_the_sst2_report_runs_on_the_report_s_points_in_batched_qu
 
 
 @pytest.mark.skipif(CUDA, reason="checks the refusal on a machine without a GPU")
-def test_gpu_throughput_bench_refuses_clearly_without_a_gpu():
+def test_gpu_throughput_bench_refuses_clearly_without_a_gpu(cifar_dir, tmp_path):
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_throughput.py"
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(script), "--parts", "autoattack", "--refs", str(tmp_path),
+                           "--data-dir", cifar_dir], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "needs a CUDA device" in proc.stderr and proc.stderr.count("\n") == 1 and not proc.stdout
