@@ -116,6 +116,14 @@ REFERENCE_DATASET = {"cifar10": "cifar10", "cifar100": "cifar100", "tinyimagenet
 
 
 # -- comparing states ----------------------------------------------------------------------------
+def _robustkd_step(trainer: Any, batch: dict, seed: int) -> None:
+    """robustkd's training step on ``batch`` from ``seed``, then the same seed again for the reference's step."""
+    torch.manual_seed(seed)
+    trainer.model.train()
+    trainer.train_step(batch)
+    torch.manual_seed(seed)
+
+
 def bare(model: nn.Module) -> nn.Module:
     """The network without robustkd's normalisation layer (its state dict has the reference's keys)."""
     from .teachers import unwrap
@@ -374,10 +382,7 @@ def run_adr_case(case: Case, opts: Options, notes: list[str]) -> list[dict[str, 
                 if th > 0 else None
             rows = []
             for k, batch in enumerate(batches):
-                torch.manual_seed(opts.seed + k)
-                trainer.model.train()
-                trainer.train_step(batch)
-                torch.manual_seed(opts.seed + k)
+                _robustkd_step(trainer, batch, opts.seed + k)
                 with _quiet():
                     ref_trainer._train_one_epoch([(batch["inputs"], batch["labels"])], ref, optimizer, scheduler, k)
                 row = {"case": case.name, "step": k + 1, **compare_states(trainer.model, ref)}
@@ -434,10 +439,7 @@ def run_mtard_case(case: Case, opts: Options, notes: list[str]) -> list[dict[str
                 code = compile(ast.Module(body=body, type_ignores=[]), str(script), "exec")
                 rows = []
                 for k, batch in enumerate(batches):
-                    torch.manual_seed(opts.seed + k)
-                    trainer.model.train()
-                    trainer.train_step(batch)
-                    torch.manual_seed(opts.seed + k)
+                    _robustkd_step(trainer, batch, opts.seed + k)
                     ns.update(step=k, train_batch_data=batch["inputs"].clone(),
                               train_batch_labels=batch["labels"].clone(), index=None)
                     with _quiet():

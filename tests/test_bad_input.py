@@ -509,7 +509,7 @@ def test_text_data_faults_are_one_line(case, tmp_path, shared):
 
 
 def test_a_float_wav_far_too_loud_is_refused_naming_the_file_and_the_option_works(tmp_path, capsys, monkeypatch):
-    sf = pytest.importorskip("soundfile")
+    import soundfile as sf
     import numpy as np
 
     data = tmp_path / "wavs"

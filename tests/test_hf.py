@@ -143,8 +143,6 @@ def test_a_model_without_a_registered_task_is_refused_clearly():
 
 # -- a script written from the Trainer docs, with RobustTrainer in Trainer's place --------------------
 SST2 = SHARED / "data" / "sst2" / "data"
-needs_sst2 = pytest.mark.skipif(not (MINILM.exists() and SST2.exists()),
-                                reason="needs the MiniLM tokenizer and SST-2 in ROBUSTKD_SHARED")
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +202,6 @@ def _trainer(sst2, tmp_path, robust=None, model=None, **kw):
                          data_collator=sst2["collator"], robust=robust or _robust(), **extra)
 
 
-@needs_sst2
 def test_dict_eval_datasets_and_robust_metrics_in_the_one_dict_callbacks_see(sst2, tmp_path):
     """Items 1-2: eval_dataset as a dict evaluates each set (robust metrics too, eval_<name>_...); robust
     metrics are in the metrics dict on_evaluate receives and in the one logged row per evaluation, so
@@ -241,7 +238,6 @@ def test_dict_eval_datasets_and_robust_metrics_in_the_one_dict_callbacks_see(sst
     assert trainer.evaluate(sst2["other"], metric_key_prefix="x")["x_robust_num_examples"] == 6
 
 
-@needs_sst2
 def test_load_best_model_at_end_restores_the_best_checkpoints_ema(sst2, tmp_path):
     """Item 3: save_model() after load_best_model_at_end writes the best checkpoint's model *and* its EMA
     (the metric is constant, so the first checkpoint stays the best and differs from the last)."""
@@ -265,7 +261,6 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_ema(sst2, tmp_path
     assert note["from_checkpoint"] == best and note["num_updates"] == 1
 
 
-@needs_sst2
 def test_trainer_options_a_robust_loss_cannot_honour_are_refused(sst2, tmp_path):
     """Item 4 (and issue 24 item 7): one clear line each, before any training."""
     with pytest.raises(ValueError, match="compute_loss_func"):
@@ -315,7 +310,6 @@ def test_gradient_accumulation_equals_a_larger_batch_for_a_model_whose_forward_t
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
-@needs_sst2
 def test_plain_trainer_checkpoint_continues_with_a_fresh_ema(sst2, tmp_path):
     """Item 5: a plain Trainer checkpoint is refused with the fix named; fresh_ema=True continues it with an
     EMA started from its weights."""
@@ -343,7 +337,6 @@ def test_plain_trainer_checkpoint_continues_with_a_fresh_ema(sst2, tmp_path):
     assert all(torch.equal(starts[k], v) for k, v in trained.items())
 
 
-@needs_sst2
 def test_schedule_keys_are_the_documented_ones_and_robust_evaluation_has_its_own_budget(sst2, tmp_path):
     """Item 5: the logged schedule keys are docs/text.md's; eval_samples picks a seeded sample (the same
     every time) and eval_every runs the robust metrics at every N-th evaluation of training only."""

@@ -46,7 +46,6 @@ def test_large_budget_check_uses_its_own_steps_and_the_report_records_the_points
 
 
 @pytest.mark.textattack
-@pytest.mark.skipif(not (MINILM.exists() and SST2.exists()), reason="needs MiniLM and SST-2 in ROBUSTKD_SHARED")
 def test_textattack_evaluate_is_seeded_as_textattacks_own_attacker():
     """Item 8: textattack_evaluate(seed=S) gives TextAttack's Attacker(AttackArgs(random_seed=S)) results on
     the same model and sentences, whatever the random state before the call, and records S."""
