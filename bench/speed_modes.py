@@ -55,9 +55,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
+    from robustkd_tasks.image import augment_images
+
     from robustkd import TrainConfig, Trainer, create_method, create_task
     from robustkd.attacks.pgd import PGD
-    from robustkd_tasks.image import augment_images
 
     task = create_task("cifar10", data_dir=args.data_dir, augment=False)
     batch = next(iter(task.dataloader("train", args.batch_size, seed=0)))

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .console import EXIT_INTERRUPTED, EXIT_SANITY_FAILED, EXIT_USER_ERROR, HelpFormatter, configure_logging
 

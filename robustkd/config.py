@@ -27,9 +27,10 @@ import copy
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 CONFIG_FILE = "config.yaml"
 logger = logging.getLogger(__name__)

@@ -5,7 +5,8 @@ Both are Accelerate's utilities (``accelerate.utils.reduce``, ``accelerate.utils
 """
 from __future__ import annotations
 
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
 import torch.distributed as dist

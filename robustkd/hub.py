@@ -68,7 +68,7 @@ class RobustKDRun(ModelHubMixin, library_name="robustkd",
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
                          force_download: bool, proxies: dict | None, resume_download: bool | None,
-                         local_files_only: bool, token: str | bool | None, **kwargs: Any) -> "RobustKDRun":
+                         local_files_only: bool, token: str | bool | None, **kwargs: Any) -> RobustKDRun:
         path = Path(model_id).expanduser()
         if not path.is_dir():
             from huggingface_hub import snapshot_download

@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata as importlib_metadata
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 class RegistryError(LookupError):
@@ -21,7 +22,7 @@ class RegistryError(LookupError):
 class DuplicateNameError(RegistryError):
     """Two sources register the same name; ``name`` and ``registry`` say where (the message names both)."""
 
-    def __init__(self, message: str, name: str, registry: "Registry"):
+    def __init__(self, message: str, name: str, registry: Registry):
         super().__init__(message)
         self.name, self.registry = name, registry
 
@@ -152,7 +153,7 @@ class Registry:
         return iter(self.names())
 
     @contextlib.contextmanager
-    def temporary(self) -> Iterator["Registry"]:
+    def temporary(self) -> Iterator[Registry]:
         """Restore the registry afterwards (for tests that register throw-away entries)."""
         saved = dict(self._entries)
         try:

@@ -34,11 +34,12 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -647,7 +648,7 @@ def aggregate(study: Study) -> dict[str, Any]:
                 entry = {"row": label, "view": view, "variant": cell.variant.name, "grid": cell.grid,
                          "seed": cell.seed, "dir": str(cell.dir), "finished": report is not None}
                 if report is not None:
-                    entry["report_format"] = ("schema v%s" % report["schema_version"] if "schema_version" in report
+                    entry["report_format"] = (f"schema v{report['schema_version']}" if "schema_version" in report
                                               else "recipe (unversioned)")
                     entry["metrics"] = cell_metrics(report, view, study.pgd_metric, cell.dir,
                                                     list(study.attack_columns))

@@ -37,7 +37,7 @@ class Teacher:
         with torch.no_grad():
             return task.logits(self.model, batch, delta)
 
-    def to(self, device: torch.device | str) -> "Teacher":
+    def to(self, device: torch.device | str) -> Teacher:
         self.model.to(device)
         return self
 

@@ -110,7 +110,7 @@ class ThreatModel:
         """Madry et al.'s rule of thumb: 2.5 * radius / steps."""
         return 2.5 * self.radius(x) / max(steps, 1)
 
-    def with_eps(self, eps: float) -> "ThreatModel":
+    def with_eps(self, eps: float) -> ThreatModel:
         """The same threat model with another budget (for accuracy-vs-budget curves)."""
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
@@ -131,11 +131,11 @@ class ThreatModel:
         """This budget's value on :meth:`axis` (``None``: the axis has no point for it)."""
         return self.eps * self.axis()[1]
 
-    def scaled(self, factor: float) -> "ThreatModel":
+    def scaled(self, factor: float) -> ThreatModel:
         """The same threat model at ``factor`` times its budget (factor 0: no perturbation)."""
         return self.with_eps(self.eps * factor)
 
-    def whole_domain(self) -> "ThreatModel | None":
+    def whole_domain(self) -> ThreatModel | None:
         """A budget that reaches (almost) any input of the domain, or ``None`` without a bounded domain."""
         if self.domain is None:
             return None
@@ -163,7 +163,7 @@ class SNRBall(ThreatModel):
         super().__init__(10 ** (-snr_db / 20), "l2", domain=domain, relative=True)
         self.snr_db = float(snr_db)
 
-    def with_snr(self, snr_db: float) -> "SNRBall":
+    def with_snr(self, snr_db: float) -> SNRBall:
         return SNRBall(snr_db, self.domain)
 
     def axis(self) -> tuple[str, float]:

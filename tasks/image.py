@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import io
 import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,6 @@ from robustkd.task import Batch, ContinuousTask, DataNotFoundError, Task, pick_c
 from robustkd.threat import ThreatModel
 
 from . import image_models
-from .image_models import Normalize
 
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))

@@ -12,21 +12,20 @@ signal's, clamped to [-1, 1]); ``threat_model(eps=..., norm="linf")`` gives an a
 """
 from __future__ import annotations
 
-from abc import abstractmethod
-
 import functools
 import hashlib
 import re
+from abc import abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-
-from robustkd.extras import require
 from torch.utils.data import Dataset
 
+from robustkd.extras import require
 from robustkd.registry import MODELS, register_task
 from robustkd.task import Batch, ContinuousTask, DataNotFoundError, Task
 from robustkd.threat import SNRBall, ThreatModel

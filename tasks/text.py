@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -175,7 +176,7 @@ class TextClassification(Task):
             self.set_tokenizer(tokenizer)
 
     @classmethod
-    def for_model(cls, model: nn.Module, tokenizer: Any, **kwargs: Any) -> "TextClassification":
+    def for_model(cls, model: nn.Module, tokenizer: Any, **kwargs: Any) -> TextClassification:
         """A data-less task around a model and its tokenizer (for :mod:`robustkd.hf`)."""
         num = getattr(getattr(unwrap(model), "config", None), "num_labels", None)
         if num is None:

@@ -509,8 +509,8 @@ def test_text_data_faults_are_one_line(case, tmp_path, shared):
 
 
 def test_a_float_wav_far_too_loud_is_refused_naming_the_file_and_the_option_works(tmp_path, capsys, monkeypatch):
-    import soundfile as sf
     import numpy as np
+    import soundfile as sf
 
     data = tmp_path / "wavs"
     tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(4000) / 8000)).astype(np.float32)

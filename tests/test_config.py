@@ -132,10 +132,10 @@ def test_mixed_precision_is_left_to_accelerate(monkeypatch, tmp_path):
     cfg = resolve(ADR_RECIPE, ["--model", "small_cnn"])
     assert cfg.settings["mixed_precision"] is None and train_config(cfg.settings).mixed_precision is None
     # `accelerate launch --mixed_precision bf16` sets this variable; a None setting lets Accelerate read it
+    from accelerate.state import AcceleratorState
+
     from robustkd.distill.methods import create_method
     from robustkd.trainer import TrainConfig, Trainer
-
-    from accelerate.state import AcceleratorState
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     task = TASKS.get("synthetic")()

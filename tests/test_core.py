@@ -126,7 +126,7 @@ def test_awp_perturbs_each_weight_by_gamma_times_its_norm_and_restores_it():
     loss_before = F.cross_entropy(model(x), y).item()
     awp.perturb(model, v)
     weights = [p for p in model.parameters() if p.dim() > 1]
-    for w, dv, w0 in zip(weights, v, [o for o in original if o.dim() > 1]):
+    for _w, dv, w0 in zip(weights, v, [o for o in original if o.dim() > 1]):
         assert dv.norm().item() == pytest.approx(0.01 * w0.norm().item(), rel=1e-4)
     assert F.cross_entropy(model(x), y).item() > loss_before  # ascent direction
     awp.restore(model, v)
@@ -182,7 +182,7 @@ def test_pgd_stays_in_the_ball_and_domain_and_beats_random_noise(cifar_task, tra
     torch.manual_seed(0)
     x, y = eval_batch["inputs"], eval_batch["labels"]
     eps = 4 / 255
-    for spec, norm, eps_ in (("pgd:steps=10", "linf", eps), ("pgd_l2:steps=10", "l2", 0.25)):
+    for spec, _norm, eps_ in (("pgd:steps=10", "linf", eps), ("pgd_l2:steps=10", "l2", 0.25)):
         attack = create_attack(spec, cifar_task, eps=eps_)
         adv = attack(trained, eval_batch)
         assert (attack.threat.size(adv.delta) <= eps_ + 1e-6).all()

@@ -16,14 +16,19 @@ from robustkd import create_task
 from robustkd.attacks.base import Attack
 from robustkd.checkpoint import save_model_dir
 from robustkd.cli import main as cli_main
-from robustkd.eval.suite import split_attack_specs
 from robustkd.eval import run_evaluation
 from robustkd.eval.curves import budget_grid
-from robustkd.eval.metrics import (compute_metrics, consistency, expected_calibration_error, reliability_bins,
-                                   worst_case_probs)
+from robustkd.eval.metrics import (
+    compute_metrics,
+    consistency,
+    expected_calibration_error,
+    reliability_bins,
+    worst_case_probs,
+)
 from robustkd.eval.report import ReportSchemaError, compare, format_comparison, read_report, validate_report
 from robustkd.eval.robustness import EvalResult
 from robustkd.eval.sanity import check_eval_mode
+from robustkd.eval.suite import split_attack_specs
 from robustkd.registry import RegistryError
 from robustkd.task import Adversarial, ContinuousTask
 from robustkd.threat import SNRBall, ThreatModel
@@ -497,8 +502,8 @@ def test_python_api_entry_points():
 
 # -- sections, rendering, compare of run directories ----------------------------------------------
 def test_recipe_sections_are_validated_rendered_and_compared(tmp_path):
-    from robustkd.eval.report import build_report, write_report
     from robustkd.attacks.base import create_attack
+    from robustkd.eval.report import build_report, write_report
 
     ev = _evaluate(QuadrantNet(), ("pgd5",), output_dir=tmp_path / "a", model_meta={"name": "quadrant"})
     task = Quadrants()

@@ -59,7 +59,7 @@ def test_warmup_cosine_lr_at_a_few_iterations(tiny_task, tmp_path):
                            lr_warmup_epochs=2.5, lr_warmup_init=1e-6, lr_min=0.0)
     assert trainer.total_steps == 20
     seen = []
-    for k in range(22):
+    for _ in range(22):
         seen.append(trainer.optimizer.param_groups[0]["lr"])
         trainer.optimizer.step()
         trainer.scheduler.step()

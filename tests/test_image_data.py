@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from robustkd_tasks.image import collate_augment, load_images
 
 from robustkd import create_task
 from robustkd.task import DataNotFoundError
-from robustkd_tasks.image import collate_augment, load_images
 
 
 def _write_cifar_batches(root, n=4):

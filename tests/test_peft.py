@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 import peft  # the peft extra (part of dev): missing, the test fails, never skips
+import torch
 
 SHARED = Path(os.environ.get("ROBUSTKD_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 MINILM = SHARED / "models" / "all-MiniLM-L6-v2"

@@ -466,6 +466,5 @@ def test_builtin_plugins_install_as_robustkd_tasks_with_every_package_listed():
     assert "robustkd_tasks" in packages and (REPO / "tasks" / "__init__.py").exists()
     points = project["project"]["entry-points"]["robustkd.tasks"]
     assert all(v.startswith("robustkd_tasks.") for v in points.values()), points
-    import robustkd_tasks.image
 
     assert TASKS.entry("cifar10").source == "built-in" and TASKS.get("cifar10").__module__ == "robustkd_tasks.image"

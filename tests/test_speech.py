@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from robustkd_tasks.speech import AudioDataError, WavFolder, fix_length, read_wav
 
 from robustkd import create_task
 from robustkd.attacks import PGD, attacks_for, create_attack
@@ -16,7 +17,6 @@ from robustkd.attacks.speech import SNRMeter
 from robustkd.registry import MODELS, RegistryError
 from robustkd.task import DataNotFoundError
 from robustkd.threat import SNRBall, ThreatModel, snr_db
-from robustkd_tasks.speech import AudioDataError, WavFolder, fix_length, read_wav
 
 REPO = Path(__file__).resolve().parents[1]
 SNR_TOL_DB = 1e-4  # float32 rounding of the L2 projection; the bound itself is exact
@@ -266,7 +266,7 @@ def test_models_are_differentiable_to_the_waveform(name, tmp_path):
         model = wav2vec2(4, 16000, weights=str(weights), arch=_tiny_wav2vec2_weights(weights))
     else:
         model = {"mel_cnn": mel_cnn, "m5": m5}[name](4, 16000, width=8)
-    assert getattr(MODELS.get(name), "_robustkd_modality") == "audio"
+    assert MODELS.get(name)._robustkd_modality == "audio"
     model.eval()
     logits = model(x)
     assert logits.shape == (3, 4)

@@ -10,14 +10,14 @@ import traceback
 import pytest
 import torch
 import torch.nn.functional as F
+from robustkd_tasks.image import augment_images
+from test_text import tiny as tiny  # noqa: F401 - fixture: a tiny BERT and SST-2-shaped data
 
 from robustkd import create_method, create_task
 from robustkd.attacks.pgd import PGD
 from robustkd.distill.mtard import MTARD
 from robustkd.teachers import FrozenTeacher
 from robustkd.trainer import TrainConfig, Trainer
-from robustkd_tasks.image import augment_images
-from test_text import tiny  # noqa: F401 - fixture: a tiny BERT and SST-2-shaped data
 
 CUDA = torch.cuda.is_available()
 

@@ -170,7 +170,6 @@ def test_distillation_methods_run_on_text_unchanged(task_model, tmp_path, method
 
 
 def _hf_dataset(task, split):
-    import datasets
 
     raw = task.raw(split)
     return raw.map(lambda b: task.tokenizer(b["sentence"], truncation=True, max_length=32), batched=True)

@@ -18,8 +18,9 @@ output directory). :func:`run_autoattack` passes the official state file through
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -36,7 +36,8 @@ import contextlib
 import inspect
 import re
 from abc import ABC, abstractmethod
-from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -159,7 +160,7 @@ class Attack(ABC):
     def perturb(self, model: nn.Module, batch: Batch, targets: Tensor | None = None) -> Adversarial:
         """Perturb ``batch`` against ``model``; ``targets`` default to the batch's labels."""
 
-    def set_mode(self, mode: str | None) -> "Attack":
+    def set_mode(self, mode: str | None) -> Attack:
         """Run the victim in ``mode`` ("train" | "eval"; ``None``: leave the caller's mode)."""
         if mode is not None and mode not in MODES:
             raise ValueError(f"unknown attack mode {mode!r}: use 'train' or 'eval'")

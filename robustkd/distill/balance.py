@@ -22,7 +22,8 @@ floats: ``t_adv``/``t_nat``, ``w_adv``/``w_nat``/``init_adv``/``init_nat``) stil
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F

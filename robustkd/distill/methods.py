@@ -120,6 +120,7 @@ class Method(ABC):
 
     def after_step(self, model: nn.Module, progress: Progress) -> None:
         """After each optimizer step (the EMA teacher is updated by the trainer before this)."""
+        return None
 
     def log_values(self, progress: Progress) -> dict[str, float]:
         """Adaptive values worth logging per epoch (schedules, temperatures, weights)."""
@@ -129,7 +130,7 @@ class Method(ABC):
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "attack": self.attack.describe() if self.attack else None,

@@ -28,8 +28,16 @@ from ..attacks.base import Attack
 from ..registry import register_method
 from ..task import Batch, Task
 from ..teachers import EMATeacher, FrozenTeacher, Teacher
-from .balance import ENTROPY_MODES, EntropyBalance, EntropyMode, LossBalance, all_reduce_sum, entropy, \
-    reference_entropy_stat, state_dtype
+from .balance import (
+    ENTROPY_MODES,
+    EntropyBalance,
+    EntropyMode,
+    LossBalance,
+    all_reduce_sum,
+    entropy,
+    reference_entropy_stat,
+    state_dtype,
+)
 from .losses import distill_kl
 from .methods import Method, Prepared, Progress, TrainingAttack
 
@@ -133,7 +141,7 @@ class MTARD(Method):
                 raise ValueError(f"the {role} teacher is in train mode: call .eval() on it before training")
         self.to(_device_of(model))
 
-    def to(self, device: torch.device | str) -> "MTARD":
+    def to(self, device: torch.device | str) -> MTARD:
         """Move the balance state (temperatures, weights, initial losses, counters) to ``device``, in
         float64 (float32 on MPS); returns ``self``. :meth:`setup` calls it with the student's device."""
         device = torch.device(device)

@@ -4,13 +4,13 @@ so any run or evaluation directory works, and an old unversioned report is refus
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .render import flatten
 from .schema import report_sections
-
 
 # Sections that describe how a number was made (a run's configuration, threat models, the method, the
 # evaluation points), not what was measured: their numbers are settings, not metrics.

@@ -7,8 +7,9 @@ importing this module never switches matplotlib's backend and never touches a us
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -322,7 +323,6 @@ def _many_colors(ax, n: int) -> None:
     """Past matplotlib's 10 default colours, tab20's 20 (then marker shapes), so no two rows look alike."""
     if n > 10:
         from cycler import cycler
-
         from matplotlib import colormaps
 
         colors = [colormaps["tab20"](i) for i in range(20)]

@@ -15,8 +15,19 @@ from ..checkpoint import atomic_write_text
 from .compare import Row, compare, format_comparison
 from .plots import model_label, plot_budget_curve, plot_reliability, plot_training, plot_training_run
 from .render import render_html
-from .schema import (HTML_FILE, PLOT_FILES, REPORT_FILE, SCHEMA, SCHEMA_VERSION, ReportSchemaError, build_report,
-                     load_history, read_report, training_analysis, validate_report)
+from .schema import (
+    HTML_FILE,
+    PLOT_FILES,
+    REPORT_FILE,
+    SCHEMA,
+    SCHEMA_VERSION,
+    ReportSchemaError,
+    build_report,
+    load_history,
+    read_report,
+    training_analysis,
+    validate_report,
+)
 
 TRAINING_PLOT = "training.png"
 SCHEDULE_PLOT = "schedule.png"

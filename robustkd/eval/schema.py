@@ -13,8 +13,9 @@ import json
 import math
 import platform
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 SCHEMA_VERSION = 1
 REPORT_FILE = "report.json"

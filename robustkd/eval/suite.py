@@ -8,9 +8,10 @@ sanity checks, with an optional report on disk. ``robustkd eval`` is a thin shel
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn

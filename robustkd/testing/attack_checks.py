@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +13,21 @@ from torch import Tensor, nn
 
 from ..task import Adversarial, Batch, Task
 from ..threat import ThreatModel
-from .kit import (Check, ConformanceReport, _ball_fraction, _batch_clone, _check_logits, _describe, _device_of, _fail,
-                  _in_ball, _mode_kept, _same_batch, _to)
+from .kit import (
+    Check,
+    ConformanceReport,
+    _ball_fraction,
+    _batch_clone,
+    _check_logits,
+    _describe,
+    _device_of,
+    _fail,
+    _in_ball,
+    _mode_kept,
+    _same_batch,
+    _to,
+)
+
 
 # -- attacks ---------------------------------------------------------------------------------
 def _attack_check_fns(get_attack: Callable[[], Any], task: Task, model: nn.Module, batch: Batch,

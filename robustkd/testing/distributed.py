@@ -11,14 +11,15 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import Tensor, nn
 
 from ..task import Task
 from .kit import _fail
+
 
 # -- two processes -----------------------------------------------------------------------------
 def _digest(tensors: Iterable[Tensor]) -> str:

@@ -6,9 +6,10 @@ import contextlib
 import copy
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from accelerate.utils import send_to_device
@@ -23,7 +24,7 @@ _TOL = 1e-5
 class ConformanceError(AssertionError):
     """A plug-in breaks the contract; the message names each failing check and why."""
 
-    def __init__(self, report: "ConformanceReport"):
+    def __init__(self, report: ConformanceReport):
         self.report = report
         failed = report.failures()
         lines = [f"{report.subject} fails {len(failed)} of {len(report.results)} conformance check(s):"]
@@ -66,7 +67,7 @@ class ConformanceReport:
                 return r
         raise KeyError(f"no check named {name!r}; checks: {[r.name for r in self.results]}")
 
-    def raise_for_failures(self) -> "ConformanceReport":
+    def raise_for_failures(self) -> ConformanceReport:
         if not self.passed:
             raise ConformanceError(self)
         return self

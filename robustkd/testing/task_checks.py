@@ -3,7 +3,8 @@ teachers, default attacks, a training step, deterministic loaders, and -- on req
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +13,21 @@ from torch import Tensor, nn
 from ..task import Batch, Task
 from ..threat import ThreatModel
 from .distributed import _run_two_processes
-from .kit import (_TOL, Check, ConformanceReport, _check_logits, _describe, _device_of, _fail, _in_ball, _mode_kept,
-                  _same_batch, _Skip, _to)
+from .kit import (
+    _TOL,
+    Check,
+    ConformanceReport,
+    _check_logits,
+    _describe,
+    _device_of,
+    _fail,
+    _in_ball,
+    _mode_kept,
+    _same_batch,
+    _Skip,
+    _to,
+)
+
 
 # -- tasks -----------------------------------------------------------------------------------
 class _TaskContext:

@@ -1,6 +1,7 @@
 """The plug-in's own tests: robustkd's conformance kit, as any plug-in would run it."""
-from robustkd.testing import check_attack, check_task
 from robustkd_tabular import RandomSearch, tabular_blobs
+
+from robustkd.testing import check_attack, check_task
 
 
 def test_task_conforms():
