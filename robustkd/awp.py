@@ -56,8 +56,8 @@ class AWP:
     def active(self, epoch: int) -> bool:
         return epoch >= self.warmup_epochs
 
-    def _params(self, model: nn.Module) -> list[nn.Parameter]:
-        params = [p for p in model.parameters() if p.requires_grad]
+    def _params(self, model: nn.Module) -> list[Tensor]:
+        params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
         return params if self.style == "adr" else [p for p in params if p.dim() > 1]
 
     @staticmethod
@@ -98,7 +98,7 @@ class AWP:
         the unperturbed pass left them); ``wu2020`` subtracts ``v``."""
         params = self._params(model)
         if self.style == "adr":
-            if self._saved_params is None:
+            if self._saved_params is None or self._saved_buffers is None:
                 raise RuntimeError("AWP.restore called without AWP.perturb")
             torch._foreach_copy_(params, self._saved_params)
             for b, s in zip(self._float_buffers(model), self._saved_buffers):

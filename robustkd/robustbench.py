@@ -17,16 +17,27 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from torch import nn
 
 DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet"}
 THREAT_MODELS = ("Linf", "L2", "corruptions")
+
+
+class LeaderboardProtocol(TypedDict, total=False):
+    """A RobustBench leaderboard's budget ``eps`` and number of test points ``n_ex`` (every entry of
+    :data:`PROTOCOL` has both; ``total=False`` lets a lookup default to ``{}``)."""
+
+    eps: float
+    n_ex: int
+
+
 # The leaderboard protocol (RobustBench README / robustbench.eval.benchmark defaults): AutoAttack
 # "standard" on the first n_ex test points, at these budgets.
-PROTOCOL = {("cifar10", "Linf"): {"eps": 8 / 255, "n_ex": 10000}, ("cifar10", "L2"): {"eps": 0.5, "n_ex": 10000},
-            ("cifar100", "Linf"): {"eps": 8 / 255, "n_ex": 10000}, ("imagenet", "Linf"): {"eps": 4 / 255, "n_ex": 5000}}
+PROTOCOL: dict[tuple[str, str], LeaderboardProtocol] = {
+    ("cifar10", "Linf"): {"eps": 8 / 255, "n_ex": 10000}, ("cifar10", "L2"): {"eps": 0.5, "n_ex": 10000},
+    ("cifar100", "Linf"): {"eps": 8 / 255, "n_ex": 10000}, ("imagenet", "Linf"): {"eps": 4 / 255, "n_ex": 5000}}
 EXTRA_HINT = "pip install 'robustkd[robustbench]'"
 
 
@@ -137,7 +148,7 @@ _OFFICIAL_KNOBS = ("steps", "n_restarts", "n_queries", "n_target_classes")
 
 
 def autoattack_v1_class(*, version: str | None = None, attacks: Sequence[str] | None = None, seed: int | None = None,
-                        **knobs: int) -> type:
+                        **knobs: int) -> type[Any]:
     """``AutoAttack`` with the argument names of the fra31/auto-attack driver RobustBench 1.1.1 calls
     (``AutoAttack(model, norm, eps, version, device, log_path, attacks_to_run, seed, verbose)``,
     ``run_standard_evaluation(x, y, bs, return_labels, state_path)`` returning the adversarial inputs),
@@ -156,10 +167,12 @@ def autoattack_v1_class(*, version: str | None = None, attacks: Sequence[str] | 
                          "(a run labelled standard, plus or rand keeps the official settings)")
     if (attacks is not None or knobs) and version is None:
         version = "custom"
-    overrides = {k: v for k, v in (("version", version), ("attacks", attacks), ("seed", seed)) if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in (("version", version), ("attacks", attacks), ("seed", seed)) if v is not None}
     overrides.update(knobs)
 
     class AutoAttackV1(Official):
+        robustkd_overrides: dict[str, Any] = overrides  # what replaces the caller's settings
+
         def __init__(self, model: nn.Module, norm: str = "Linf", eps: float = 0.3, seed: int | None = None,
                      verbose: bool = True, attacks_to_run: Sequence[str] = (), version: str = "standard",
                      is_tf_model: bool = False, device: Any = "cuda", log_path: str | None = None):
@@ -185,7 +198,7 @@ def autoattack_v1_class(*, version: str | None = None, attacks: Sequence[str] | 
             if log_path is not None:  # the old driver's log file: the official logger's records go there too
                 handler = logging.FileHandler(log_path)
                 handler.setFormatter(logging.Formatter("%(message)s"))
-                self._log_handler = handler
+                self._log_handler: logging.FileHandler | None = handler
                 logging.getLogger("auto-attack").addHandler(handler)
                 logging.getLogger("auto-attack").setLevel(logging.DEBUG)
 
@@ -215,7 +228,6 @@ def autoattack_v1_class(*, version: str | None = None, attacks: Sequence[str] | 
                 self._close_log()
 
     AutoAttackV1.__qualname__ = AutoAttackV1.__name__ = "AutoAttack"
-    AutoAttackV1.robustkd_overrides = overrides  # type: ignore[attr-defined]
     return AutoAttackV1
 
 
@@ -343,7 +355,8 @@ def model_info(report: dict[str, Any], *, name: str = "", link: str = "", author
         raise ValueError(f"the evaluation's sanity checks failed ({', '.join(failed)}): its robust accuracy cannot be "
                          "trusted; fix the evaluation (see report.html), or export it marked with --allow-failed-sanity")
     note, notes = points_footnote(report, protocol["n_ex"])
-    parts = [footnote or note] if (footnote or note) else []
+    given = footnote or note
+    parts = [given] if given else []
     if failed:
         parts.append(f"robustkd's sanity checks failed: {', '.join(failed)}.")
         notes.append(f"exported with failed sanity checks ({', '.join(failed)}), marked in the footnote")

@@ -6,8 +6,9 @@ same classes serve images, text and speech.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +75,7 @@ class EMATeacher(Teacher):
         buffers (or a copy of the buffers), averaged over processes so every rank has the same teacher."""
         source = unwrap(student)
         decay = self.current_decay()
-        ema_params = list(self.model.parameters())
+        ema_params: list[Tensor] = list(self.model.parameters())
         params = [p.detach().to(e.dtype) for p, e in zip(source.parameters(), ema_params)]
         # decay * ema + (1 - decay) * theta in this order, as timm's ModelEmaV2 (ADR's reference) rounds it
         torch._foreach_mul_(ema_params, decay)
@@ -109,8 +110,8 @@ class FrozenTeacher(Teacher):
 
 # -- loading frozen teachers ------------------------------------------------------------------
 def _probe_batch(task: Task) -> Batch:
-    data = task.dataset("test")
-    return task.collate_fn("test")([data[i] for i in range(min(2, len(data)))])
+    data = task.dataset("test")  # map-style, so sized (the task contract)
+    return task.collate_fn("test")([data[i] for i in range(min(2, len(cast(Sized, data))))])
 
 
 def load_teacher(spec: str | Path, task: Task, *, which: str = "auto", probe: Batch | None = None,
@@ -141,10 +142,11 @@ def load_teacher(spec: str | Path, task: Task, *, which: str = "auto", probe: Ba
         if path.exists() and (base / META_FILE).exists():
             model = load_model(path, task, which)  # type: ignore[arg-type]
         else:
-            model = task.load_pretrained(spec, **options)
-            if model is None:
+            pretrained = task.load_pretrained(spec, **options)
+            if pretrained is None:
                 raise FileNotFoundError(f"teacher {spec!r} is neither a robustkd output directory ({META_FILE} "
                                         f"missing) nor a model the task {task.name!r} loads")
+            model = pretrained
     except (FileNotFoundError, ValueError):
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt or foreign weights: say which file, not a stack trace

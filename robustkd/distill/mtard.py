@@ -65,10 +65,10 @@ def _as_teacher(teacher: Teacher | nn.Module, role: str) -> Teacher:
 
 def _device_of(model: nn.Module) -> torch.device:
     """The device of the student's weights (where its logits, and so MTARD's statistics, are)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
     raise ValueError(f"the student ({type(model).__name__}) has no parameters or buffers, so MTARD cannot tell "
                      "which device its balance state belongs on")
 
@@ -165,6 +165,9 @@ class MTARD(Method):
     def prepare(self, victim: nn.Module, batch: Batch, progress: Progress) -> Prepared:
         """Attack the student, query both teachers, soften their outputs with the temperatures."""
         labels = self.task.labels(batch)
+        if self.attack is None:
+            raise RuntimeError("MTARD needs a training attack: construct it with attack=None for its own (PGD-10) "
+                               "or pass one")
         adv = self.attack(victim, batch, labels)
         z_adv = self._robust().logits(self.task, *adv).float()
         z_nat = self.clean.logits(self.task, batch).float()
@@ -193,6 +196,8 @@ class MTARD(Method):
         if not self._pending:
             raise RuntimeError("MTARD.loss called without MTARD.prepare for this batch")
         slot = self._pending[-1]
+        if prepared.adv is None:
+            raise RuntimeError("MTARD.loss needs the adversarial batch MTARD.prepare made: pass its Prepared")
         s_adv = self.task.logits(model, *prepared.adv)
         s_nat = self.task.logits(model, batch)
         l_adv = distill_kl(s_adv.float(), prepared.extras["p_adv"], self.kl_scale)

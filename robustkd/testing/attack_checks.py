@@ -123,7 +123,8 @@ def _attack_check_fns(get_attack: Callable[[], Any], task: Task, model: nn.Modul
         if not all(torch.equal(a, p) for a, p in zip(params, model.parameters())):
             _fail("the attack changed the model's parameters")
         for g0, p in zip(grads, model.parameters()):
-            if (g0 is None) != (p.grad is None) or (g0 is not None and not torch.equal(g0, p.grad)):
+            g = p.grad
+            if (g0 is None) != (g is None) or (g0 is not None and g is not None and not torch.equal(g0, g)):
                 _fail("the attack left gradients in the model's parameters (use torch.autograd.grad on delta, "
                       "or zero them): they would leak into the training step")
         del buffers  # batch-norm statistics may move in train mode, as they do in PGD-AT
@@ -179,7 +180,7 @@ def _attack_check_fns(get_attack: Callable[[], Any], task: Task, model: nn.Modul
         a, b = run(attack), run(attack)
         if (a.delta is None) != (b.delta is None):
             _fail("two runs under the same seed return different kinds of result")
-        if a.delta is not None and not torch.allclose(a.delta, b.delta, atol=1e-6):
+        if a.delta is not None and b.delta is not None and not torch.allclose(a.delta, b.delta, atol=1e-6):
             _fail(f"two runs after torch.manual_seed({seed}) differ by {float((a.delta - b.delta).abs().max()):.3g}: "
                   f"draw randomness from torch's RNG (or a seed the attack is given)")
         if a.delta is None and _same_batch(a.batch, b.batch) is not None:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..task import Task
-from .kit import _fail
+from .kit import _fail, _split_size
 
 
 # -- two processes -----------------------------------------------------------------------------
@@ -31,7 +31,7 @@ def _digest(tensors: Iterable[Tensor]) -> str:
 
 def _run_two_processes(task: Task, model: nn.Module, batch_size: int, seed: int, timeout: float = 300) -> str:
     """Train ADR (EMA teacher, PGD-2) for one epoch with torchrun on 2 CPU processes and compare ranks."""
-    n_train = min(len(task.dataset("train")), 16 * batch_size)
+    n_train = min(_split_size(task, "train"), 16 * batch_size)
     n_train -= n_train % (2 * batch_size)
     if n_train == 0:
         _fail(f"the train split has fewer than {2 * batch_size} examples: too few for 2 processes")
@@ -86,6 +86,8 @@ def _worker(payload_path: str, out_dir: str) -> None:
     method = build_method({"method": "adr", "attack_steps": 2}, task, threat=task.threat_model())
     trainer = Trainer(task, model, method, config)
     history = trainer.fit()
+    if trainer.ema is None:
+        raise RuntimeError("ADR trained without its EMA teacher: nothing to compare across ranks")
     acc = trainer.accelerator
     result = {"rank": acc.process_index, "world_size": acc.num_processes, "steps": trainer.state.step,
               "loss": history[-1]["train_loss"],

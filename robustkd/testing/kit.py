@@ -6,10 +6,10 @@ import contextlib
 import copy
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from accelerate.utils import send_to_device
@@ -91,8 +91,17 @@ class _CheckFailed(Exception):
     """Raised inside a check with the reason it fails."""
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     raise _CheckFailed(message)
+
+
+def _split_size(task: Task, split: str, data: Any = None) -> int:
+    """The number of examples of ``split`` (``data``: the split, when it is at hand): a task's splits are
+    map-style datasets, so they have a length."""
+    data = task.dataset(split) if data is None else data
+    if not isinstance(data, Sized):
+        _fail(f"dataset({split!r}) is a {type(data).__name__} without len(): a split must be a map-style dataset")
+    return len(data)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from .kit import (
     _mode_kept,
     _same_batch,
     _Skip,
+    _split_size,
     _to,
 )
 
@@ -110,7 +111,7 @@ def _task_check_fns(ctx: _TaskContext, distributed: bool) -> list[tuple[str, Cal
         sizes = {}
         for split in ("train", "test"):
             data = task.dataset(split)
-            n = len(data)
+            n = _split_size(task, split, data)
             if n == 0:
                 _fail(f"the {split!r} split is empty")
             item = data[0]
@@ -128,7 +129,7 @@ def _task_check_fns(ctx: _TaskContext, distributed: bool) -> list[tuple[str, Cal
         if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
             _fail(f"labels must be a 1-D integer tensor, got {getattr(labels, 'dtype', type(labels))} of shape "
                   f"{tuple(getattr(labels, 'shape', ()))}")
-        expected = min(ctx.batch_size, len(task.dataset("test")))
+        expected = min(ctx.batch_size, _split_size(task, "test"))
         if labels.shape[0] != expected or task.batch_size(batch) != expected:
             _fail(f"a batch of {ctx.batch_size} from dataloader() has {labels.shape[0]} labels and batch_size()="
                   f"{task.batch_size(batch)}; expected {expected}")
@@ -300,7 +301,8 @@ def _task_check_fns(ctx: _TaskContext, distributed: bool) -> list[tuple[str, Cal
             _fail(f"the PGD-AT loss is {loss!r}; expected a finite scalar")
         loss.backward()
         grads = [p.grad for p in student.parameters() if p.requires_grad]
-        if not grads or any(g is None for g in grads) or not all(torch.isfinite(g).all() for g in grads):
+        present = [g for g in grads if g is not None]
+        if not grads or len(present) < len(grads) or not all(torch.isfinite(g).all() for g in present):
             _fail("after one PGD-AT step some trainable parameters have no (or non-finite) gradients")
         opt.step()
         if all(torch.equal(a, p) for a, p in zip(before, student.parameters())):
@@ -322,7 +324,7 @@ def _task_check_fns(ctx: _TaskContext, distributed: bool) -> list[tuple[str, Cal
                 if (key := _same_batch(ba, bb)) is not None:
                     _fail(f"two {split!r} dataloaders with seed={ctx.seed} differ in batch {i} ({key!r}): seed every "
                           f"random choice (shuffling, subsets, augmentation) from the seed / torch's RNG")
-        n = min(len(task.dataset("train")), ctx.max_samples)
+        n = min(_split_size(task, "train"), ctx.max_samples)
         if n >= 4 * bs:
             a, b = first_batches("train", ctx.seed), first_batches("train", ctx.seed + 1)
             if all(_same_batch(x, y) is None for x, y in zip(a, b)):
