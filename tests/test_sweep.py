@@ -76,8 +76,7 @@ def test_sweep_runs_resumes_and_aggregates(study_file, tmp_path, capsys):
         assert row["metrics"][key]["mean"] == pytest.approx(statistics.fmean(values))
         assert row["metrics"][key]["std"] == pytest.approx(statistics.stdev(values))
     clean = [read_cell_report(c) for c in cells]
-    assert row["metrics"]["clean"]["values"] == pytest.approx(
-        [r["metrics"]["clean"]["accuracy"] if "schema_version" in r else r["clean_accuracy"] for r in clean])
+    assert row["metrics"]["clean"]["values"] == pytest.approx([r["metrics"]["clean"]["accuracy"] for r in clean])
     md = (out / "results.md").read_text()
     m = row["metrics"]["clean"]
     assert f"{m['mean']:.3f} ± {m['std']:.3f} (n=2)" in md and "robustkd sweep" in md
@@ -180,8 +179,23 @@ if a.seed == a.fail_seed:
     sys.exit(1)
 if a.teacher and not (Path(a.teacher) / "report.json").is_file():
     sys.exit(3)  # the cell it runs after has not finished
-(out / "report.json").write_text(json.dumps({"clean_accuracy": 0.5 + a.seed / 10 + a.bonus, "robust_accuracy": {
-    "pgd10:snr_db=30": 0.3, "pgd10:snr_db=40": 0.4 + a.seed / 100}}))
+def dist(acc):
+    return {"accuracy": acc, "ece": 0.0, "confidence_correct": None, "confidence_wrong": None,
+            "reliability": {"edges": [], "count": [], "confidence": [], "accuracy": []}}
+def report(clean, adversarial):  # a minimal report of the current schema (docs/evaluation.md)
+    return {"schema_version": 1, "robustkd_version": "test", "created": "", "seed": a.seed,
+            "task": {"name": "fake", "modality": "speech", "num_classes": 2, "split": "test", "num_examples": 1,
+                     "data_dir": None, "threat_model": {}},
+            "model": {"name": "fake", "class": "Fake", "num_parameters": 0},
+            "attacks": {k: {"attack": "pgd"} for k in adversarial},
+            "metrics": {"num_examples": 1, "clean": dist(clean), "adversarial": {
+                k: {**dist(v), "kl_clean_adv": 0.0, "agreement": 1.0} for k, v in adversarial.items()}},
+            "curve": {"axis": "snr_db", "default_x": None, "attack": {}, "clean_accuracy": clean, "points": [],
+                      "large_budget": None},
+            "sanity": {"passed": True, "checks": []}, "training": None, "plots": {},
+            "environment": {"torch": "", "python": "", "device": "cpu"}, "seconds": 0.0}
+(out / "report.json").write_text(json.dumps(report(0.5 + a.seed / 10 + a.bonus, {
+    "pgd10:snr_db=30": 0.3, "pgd10:snr_db=40": 0.4 + a.seed / 100})))
 '''
 
 
@@ -298,3 +312,26 @@ def test_report_without_finished_runs_keeps_the_measured_tables(tmp_path, capsys
         assert err.startswith("error: no run of") and "0 of 2" in err and len(err.strip().splitlines()) == 1
         assert {p.name: p.read_text() for p in results.iterdir()} == kept
         assert doc.read_text() == "<!-- sweep:study -->\nmeasured\n<!-- /sweep:study -->\n"
+
+
+def test_a_cell_with_an_unversioned_report_is_refused_with_what_to_do(tmp_path, capsys):
+    """A report without schema_version (an older robustkd recipe's) is neither re-run over nor tabled: the sweep,
+    its dry run and --report stop with one line naming the file and the way to measure the run again."""
+    recipe = tmp_path / "fake_recipe.py"
+    recipe.write_text(FAKE_RECIPE)
+    out = tmp_path / "o"
+    path = tmp_path / "u.yaml"
+    path.write_text(yaml.safe_dump({"recipe": str(recipe), "seeds": [0, 1], "output_dir": str(out),
+                                    "variants": {"old": {}}}))
+    (out / "old" / "seed0").mkdir(parents=True)
+    old = out / "old" / "seed0" / "report.json"
+    old.write_text(json.dumps({"clean_accuracy": 0.5, "robust_accuracy": {"pgd20": 0.3}}))
+    for args in (["--dry-run"], ["--no-progress"], ["--report"]):
+        assert cli_main(["sweep", str(path), *args]) == 2
+        captured = capsys.readouterr()
+        errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+        err = errors[-1]  # (the sweep first warns that it cannot check a script's flags: not a robustkd Recipe)
+        assert len(errors) == 1 and err.startswith(f"error: {old} is an unversioned report"), captured.err
+        assert f"robustkd eval --checkpoint {old.parent}" in err
+        assert "--seed" not in captured.out  # nothing was run or printed as to run
+    assert not (out / "old" / "seed1").exists() and not (out / "results.json").exists()

@@ -1,6 +1,6 @@
 """``robustkd compare``: two reports side by side, settings that differ first (they make numbers
 incomparable), then every metric with B - A. Reports come from :func:`~robustkd.eval.schema.read_report`,
-so any run or evaluation directory works, and an old unversioned report is refused with what to do."""
+so any run or evaluation directory works, and a report that loader refuses is refused here too."""
 from __future__ import annotations
 
 import json

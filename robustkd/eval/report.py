@@ -22,6 +22,7 @@ from .schema import (
     SCHEMA,
     SCHEMA_VERSION,
     ReportSchemaError,
+    UnversionedReportError,
     build_report,
     load_history,
     read_report,
@@ -33,7 +34,7 @@ TRAINING_PLOT = "training.png"
 SCHEDULE_PLOT = "schedule.png"
 
 __all__ = ["model_label", "HTML_FILE", "PLOT_FILES", "REPORT_FILE", "SCHEMA", "SCHEMA_VERSION", "ReportSchemaError", "Row",
-           "build_report", "compare", "format_comparison", "load_history", "read_report", "render_html",
+           "UnversionedReportError", "build_report", "compare", "format_comparison", "load_history", "read_report", "render_html",
            "training_analysis", "validate_report", "write_report"]
 
 

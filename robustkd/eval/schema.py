@@ -28,6 +28,11 @@ class ReportSchemaError(ValueError):
     """A report that does not follow the documented schema (the message names the field)."""
 
 
+class UnversionedReportError(ReportSchemaError):
+    """A report without ``schema_version`` (an older robustkd recipe wrote it): refused by :func:`read_report`,
+    the message says how to measure the run again."""
+
+
 NUM = (int, float)
 OPT_NUM = (int, float, type(None))
 OPT_STR = (str, type(None))
@@ -182,8 +187,9 @@ def build_report(*, task: Any, model: dict[str, Any], attacks: Mapping[str, Any]
 def read_report(path: str | Path) -> dict[str, Any]:
     """A validated report from ``report.json`` or the run / evaluation directory holding it.
 
-    An unversioned report (written by a recipe of robustkd before reports were unified) and a run
-    directory that has no report yet are refused with a message saying what to do instead."""
+    A report without ``schema_version`` (:class:`UnversionedReportError`; a recipe of robustkd before
+    reports were unified wrote such reports) and a run directory that has no report yet are refused with a
+    message saying what to do instead. This is the one place that tells such reports apart."""
     path = Path(path).expanduser()
     if path.is_dir():
         run_dir, path = path, path / REPORT_FILE
@@ -201,11 +207,11 @@ def read_report(path: str | Path) -> dict[str, Any]:
         report = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ReportSchemaError(f"{path} is not valid JSON (an interrupted write?): {exc}") from exc
-    if isinstance(report, Mapping) and "schema_version" not in report and "clean_accuracy" in report:
-        raise ReportSchemaError(
-            f"{path} is an unversioned report from an older robustkd recipe (no schema_version); re-evaluate the "
-            f"run with `robustkd eval --checkpoint {path.parent} --output-dir EVAL_DIR` and compare EVAL_DIR, "
-            "or re-run the recipe with this robustkd")
+    if isinstance(report, Mapping) and "schema_version" not in report:
+        raise UnversionedReportError(
+            f"{path} is an unversioned report (no schema_version; an older robustkd recipe wrote it), which this "
+            f"robustkd does not read: re-evaluate the run with `robustkd eval --checkpoint {path.parent} "
+            "--output-dir EVAL_DIR` and use EVAL_DIR, or re-run the recipe with this robustkd")
     validate_report(report)
     return report
 
