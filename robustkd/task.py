@@ -6,14 +6,14 @@ inputs only through a task. A batch is a ``dict`` of tensors with at least ``"la
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sized
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .threat import ThreatModel
+from .threat import Norm, ThreatModel
 
 Batch = dict[str, Any]
 
@@ -35,6 +35,14 @@ def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, .
             return c
     raise ValueError(f"no {what} column among {list(candidates)}; the data has columns {columns}: "
                      f"name it with {what}_column=... (recipes: --task-kwargs '{{\"{what}_column\": \"...\"}}')")
+
+
+def check_norm(norm: str) -> Norm:
+    """``norm`` as a threat model's norm (``linf`` or ``l2``); anything else is refused with the choices.
+    Tasks call it where a norm option enters (their constructor, ``threat_model(norm=...)``)."""
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"unknown norm {norm!r}: use 'linf' or 'l2'")
+    return cast(Norm, norm)
 
 
 class Adversarial(NamedTuple):
@@ -100,7 +108,11 @@ class Task(ABC):
         """The examples ``dataloader(split, max_samples=..., seed=...)`` draws (``None``: all of them, in
         order), so that attacks run outside a loader (TextAttack) can use the very same points.
         A smaller ``max_samples`` with the same seed gives a prefix of a larger one's sample."""
-        n = len(self.dataset(split))
+        data = self.dataset(split)
+        if not isinstance(data, Sized):
+            raise TypeError(f"the {split!r} split of the task {self.name!r} is a {type(data).__name__} without len(): "
+                            "Task.dataset must return a map-style dataset (with __len__ and __getitem__)")
+        n = len(data)
         if max_samples is None or max_samples >= n:
             return None
         g = torch.Generator().manual_seed(seed)

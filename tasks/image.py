@@ -1,260 +1,38 @@
-"""Image classification tasks: CIFAR-10, CIFAR-100, TinyImageNet-200, any ImageFolder tree.
+"""Image classification tasks: CIFAR-10, CIFAR-100, TinyImageNet-200, any ImageFolder tree, synthetic
+images, and ``hf_image`` (a transformers image classifier inside :class:`robustkd.hf.RobustTrainer`).
 
-Data comes from a local directory (Hugging Face parquet layout, torchvision's CIFAR folder, or
-an ImageFolder tree with ``train/`` and ``test/`` or ``val/``) or, when online, a hub name.
-Images are decoded once to a uint8 tensor; augmentation (4-pixel pad + random crop,
-horizontal flip) runs on whole batches where the batch is (the trainer calls
-``augment_batch`` on the training device), as batched tensor operations.
+Images are pixels in [0, 1] of shape (3, size, size); the models standardise inside, so attacks act
+on raw pixels. The data (local parquet, torchvision or ImageFolder folders, or a hub name; decoded
+once to uint8; augmentation as batched tensor operations on the training device) is read by
+:mod:`robustkd_tasks.image_data`, pretrained models are loaded by
+:mod:`robustkd_tasks.image_pretrained`, and the architectures live in
+:mod:`robustkd_tasks.image_models`; this module holds the tasks and registers them.
 """
 from __future__ import annotations
 
-import functools
-import io
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from robustkd.registry import MODELS, register_task
-from robustkd.task import Batch, ContinuousTask, DataNotFoundError, Task, pick_column
+from robustkd.task import Batch, ContinuousTask, DataNotFoundError, check_norm
 from robustkd.threat import ThreatModel
 
 from . import image_models
+from .hf_model import HFModelTask
+from .image_data import ImageTensorDataset, augment_images, collate_augment, collate_eval, load_images
+from .image_pretrained import HFImageClassifier, load_hf_image_classifier, load_image_pretrained, load_timm_pretrained
 
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # TinyImageNet's own statistics, as ADR's reference uses them (src/model/create_model.py:16-17)
 TINY_IMAGENET_STATS = ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262))
-
-SPLIT_ALIASES = {"test": ("test", "validation", "valid", "val"), "train": ("train",)}
-
-
-class ImageTensorDataset(Dataset):
-    """uint8 images (N, C, H, W) and int64 labels; items are dicts ``{"inputs", "labels"}``."""
-
-    def __init__(self, images: Tensor, labels: Tensor):
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> Batch:
-        return {"inputs": self.images[i], "labels": self.labels[i]}
-
-
-def _to_float(images: Tensor) -> Tensor:
-    return images.float().div_(255) if images.dtype == torch.uint8 else images
-
-
-def collate_eval(examples: list[Batch]) -> Batch:
-    batch = torch.utils.data.default_collate(examples)
-    batch["inputs"] = _to_float(batch["inputs"])
-    return batch
-
-
-def augment_images(x: Tensor, pad: int = 4, flip: bool = True, generator: torch.Generator | None = None) -> Tensor:
-    """Per image of the batch ``x`` (N, C, H, W): a random H x W crop of the image zero-padded by
-    ``pad`` pixels (offsets uniform in 0..2*pad) and a horizontal flip with probability 1/2
-    (torchvision's ``RandomCrop(padding=pad)`` + ``RandomHorizontalFlip()``), all images at once
-    on ``x``'s device, with no host synchronisation."""
-    n, c, h, w = x.shape
-    dev = x.device
-    if pad:
-        padded = F.pad(x, (pad, pad, pad, pad))
-        offsets = torch.randint(0, 2 * pad + 1, (n, 2), device=dev, generator=generator)
-        rows = offsets[:, 0, None] + torch.arange(h, device=dev)  # (N, H)
-        cols = offsets[:, 1, None] + torch.arange(w, device=dev)  # (N, W)
-        x = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
-                   rows[:, None, :, None], cols[:, None, None, :]]
-    if flip:
-        mask = torch.rand(n, device=dev, generator=generator) < 0.5
-        x = torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
-    return x
-
-
-def collate_augment(examples: list[Batch], pad: int = 4, flip: bool = True) -> Batch:
-    """:func:`collate_eval` then :func:`augment_images`: for loops that augment on the CPU."""
-    batch = collate_eval(examples)
-    batch["inputs"] = augment_images(batch["inputs"], pad, flip)
-    return batch
-
-
-# -- loading --------------------------------------------------------------------------------
-IMAGE_COLUMNS = ("img", "image", "pixel_values")
-LABEL_COLUMNS = ("label", "labels", "fine_label")
-
-
-def _decode_hf(ds: Any, image_column: str | None, label_column: str | None, size: int | None,
-               resize: bool = False, where: str = "the data") -> tuple[Tensor, Tensor]:
-    cols = list(ds.column_names)
-    icol, lcol = pick_column(cols, image_column, IMAGE_COLUMNS, "image"), pick_column(cols, label_column, LABEL_COLUMNS, "label")
-    labels = ds[lcol]
-    bad = next((v for v in labels if not isinstance(v, (int, np.integer)) or isinstance(v, bool)), None)
-    if bad is not None:
-        kinds = sorted({type(v).__name__ for v in labels})
-        raise ValueError(f"the label column {lcol!r} of {where} holds {'/'.join(kinds)} values (e.g. {bad!r}) but image "
-                         "tasks take integer class ids: store the labels as integers or a ClassLabel feature (e.g. "
-                         "ds.class_encode_column(...) in datasets), or name another column with label_column= (recipes: "
-                         "--task-kwargs '{\"label_column\": \"NAME\"}')")
-    images = [_pil_to_array(img, size if resize else None) for img in ds[icol]]
-    _check_sizes(images, size, where)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels, dtype=torch.long)
-
-
-def _check_sizes(images: list[np.ndarray], size: int | None, where: str) -> None:
-    """Refuse images of another size than the task's: resizing them would change the data without a word."""
-    if size is None:
-        return
-    sizes: dict[tuple[int, int], int] = {}
-    for a in images:
-        sizes[(a.shape[1], a.shape[0])] = sizes.get((a.shape[1], a.shape[0]), 0) + 1
-    other = {s: n for s, n in sizes.items() if s != (size, size)}
-    if other:
-        (w, h), n = max(other.items(), key=lambda kv: kv[1])
-        raise ValueError(f"{n} of {len(images)} images in {where} are {w}x{h} but this task takes {size}x{size}: pick "
-                         "the --dataset that matches the data (tinyimagenet is 64x64), or pass resize=True to resize "
-                         f"them to {size}x{size} (recipes: --task-kwargs '{{\"resize\": true}}')")
-
-
-def _pil_to_array(img: Any, size: int | None) -> np.ndarray:
-    from PIL import Image
-
-    if isinstance(img, dict):  # undecoded {"bytes", "path"}
-        img = Image.open(io.BytesIO(img["bytes"])) if img.get("bytes") else Image.open(img["path"])
-    img = img.convert("RGB")
-    if size is not None and img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
-
-
-def _parquet_dir(root: Path) -> Path | None:
-    for candidate in (root, root / "plain_text", root / "data"):
-        if candidate.is_dir() and any(candidate.glob("*.parquet")):
-            return candidate
-    return None
-
-
-def _load_parquet(root: Path, split: str, image_column, label_column, size, resize: bool = False) -> tuple[Tensor, Tensor]:
-    import datasets
-
-    from robustkd.guards import check_parquet_files
-
-    files = sorted(p.name for p in root.glob("*.parquet"))
-    for name in SPLIT_ALIASES.get(split, (split,)):
-        matching = [f for f in files if f.startswith(name + "-") or f.startswith(name + ".") or f == f"{name}.parquet"]
-        if matching:
-            paths = [str(root / f) for f in matching]
-            check_parquet_files(paths, split, root)  # a corrupt file or no rows: one line, not a DatasetGenerationError
-            ds = datasets.load_dataset("parquet", data_files={split: paths}, split=split)
-            return _decode_hf(ds, image_column, label_column, size, resize, f"{root} ({split} split)")
-    raise DataNotFoundError(f"no {split!r} split in {root}: found parquet files {files}. Expected names like "
-                            f"'{split}-00000-of-00001.parquet' (the Hugging Face layout).")
-
-
-def _load_torchvision_cifar(root: Path, split: str, num_classes: int) -> tuple[Tensor, Tensor]:
-    folder = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
-    base = root / folder if (root / folder).is_dir() else root
-    if num_classes == 10:
-        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    else:
-        names = ["train"] if split == "train" else ["test"]
-    xs, ys = [], []
-    for name in names:
-        with open(base / name, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")  # noqa: S301 - torchvision's own format
-        xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
-    return torch.from_numpy(np.concatenate(xs)), torch.tensor(ys, dtype=torch.long)
-
-
-def _load_image_folder(root: Path, split: str, size: int | None, resize: bool = True) -> tuple[Tensor, Tensor, list[str]]:
-    from torchvision.datasets import ImageFolder
-
-    for name in SPLIT_ALIASES.get(split, (split,)):
-        if (root / name).is_dir():
-            _check_folder_classes(root, name)
-            folder = ImageFolder(str(root / name))
-            images = [_pil_to_array(folder.loader(path), size if resize else None) for path, _ in folder.samples]
-            if not images:
-                raise DataNotFoundError(f"{root / name} holds no images")
-            _check_sizes(images, size, str(root / name))
-            x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-            return x, torch.tensor(folder.targets, dtype=torch.long), folder.classes
-    raise DataNotFoundError(f"no {split!r} folder in {root}: an ImageFolder tree needs {root}/train/<class>/*.png "
-                            f"and {root}/test/<class>/*.png (or val/).")
-
-
-def _folder_classes(folder: Path) -> list[str]:
-    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
-def _check_folder_classes(root: Path, split_dir: str) -> None:
-    """Every split of an ImageFolder tree must have the same class folders: ImageFolder numbers the
-    classes of each split on its own, so a class missing from one split shifts that split's labels."""
-    splits = [n for n in ("train", "test", "validation", "valid", "val") if (root / n).is_dir()]
-    ref = "train" if "train" in splits else splits[0]
-    if split_dir == ref:
-        return
-    want, have = _folder_classes(root / ref), _folder_classes(root / split_dir)
-    if want != have:
-        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-        parts = ([f"lacks {missing}"] if missing else []) + ([f"has {extra} that {ref}/ does not"] if extra else [])
-        raise DataNotFoundError(f"the ImageFolder split {root / split_dir} {' and '.join(parts)} (class folders of "
-                                f"{ref}/: {len(want)}): its labels would be numbered differently. Give every split "
-                                "the same class folders.")
-
-
-@functools.lru_cache(maxsize=8)
-def load_images(data_dir: str | None, hub_name: str | None, split: str, num_classes: int,
-                image_size: int, image_column: str | None = None,
-                label_column: str | None = None, resize: bool = False) -> tuple[Tensor, Tensor]:
-    """Decode a split once (cached per process). Raises :class:`DataNotFoundError` with the fix. Images of
-    another size than ``image_size`` are refused unless ``resize`` (then resized, bilinear)."""
-    if data_dir is None:
-        return _load_hub(hub_name, split, image_column, label_column, image_size, resize)
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise DataNotFoundError(f"--data-dir {data_dir!r} does not exist or is not a directory. Point --data-dir at "
-                                "a Hugging Face parquet folder (e.g. ../shared/data/cifar10/plain_text), "
-                                "torchvision's CIFAR folder, or an ImageFolder tree.")
-    if (pq := _parquet_dir(root)) is not None:
-        return _load_parquet(pq, split, image_column, label_column, image_size, resize)
-    if (root / "cifar-10-batches-py").is_dir() or (root / "cifar-100-python").is_dir() or (root / "data_batch_1").exists():
-        return _load_torchvision_cifar(root, split, num_classes)
-    if any((root / s).is_dir() for s in ("train", "test", "val")):
-        x, y, _ = _load_image_folder(root, split, image_size, resize)
-        return x, y
-    raise DataNotFoundError(f"cannot read images from --data-dir {data_dir!r}: it holds no *.parquet files, no "
-                            "torchvision CIFAR batches, and no train/ or test/ ImageFolder tree.")
-
-
-def _load_hub(hub_name: str | None, split: str, image_column, label_column, size, resize: bool = False) -> tuple[Tensor, Tensor]:
-    if hub_name is None:
-        raise DataNotFoundError("this task has no hub data set: pass --data-dir with a local copy.")
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(hub_name)
-    except Exception as exc:  # noqa: BLE001 - offline, missing, or forbidden: all need the same fix
-        raise DataNotFoundError(
-            f"could not load {hub_name!r} from the Hugging Face hub ({type(exc).__name__}: {str(exc)[:200]}). "
-            f"With no network, pass --data-dir with a local copy (Hugging Face parquet layout, torchvision's "
-            f"folder, or an ImageFolder tree). robustkd never substitutes other data."
-        ) from exc
-    for name in SPLIT_ALIASES.get(split, (split,)):
-        if name in ds:
-            from robustkd.guards import check_split_rows
-
-            check_split_rows(ds[name], split, hub_name)
-            return _decode_hf(ds[name], image_column, label_column, size, resize, f"{hub_name} ({name} split)")
-    raise DataNotFoundError(f"{hub_name!r} has splits {list(ds)}, none of them {split!r}")
+DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5}  # the image budgets when only a norm is given
 
 
 # -- the task -------------------------------------------------------------------------------
@@ -273,7 +51,7 @@ class ImageClassification(ContinuousTask):
         self.data_dir = str(data_dir) if data_dir is not None else None
         self.hub_name, self.augment = hub_name, augment
         self.image_column, self.label_column = image_column, label_column
-        self.eps, self.norm = eps, norm
+        self.eps, self.norm = eps, check_norm(norm)
         self._datasets: dict[str, Dataset] = {}
 
     def dataset(self, split: str) -> Dataset:
@@ -356,25 +134,18 @@ class ImageClassification(ContinuousTask):
     def load_pretrained(self, spec: str, **options: Any) -> nn.Module | None:
         """A pretrained image model for this task (the ``Task.load_pretrained`` hook): ``timm:<name>``
         (pretrained timm weights, refused when their head has another class count), a Hugging Face image
-        classifier directory (``config.json``; its own normalisation inside), or one of
-        :mod:`robustkd_tasks.image_pretrained`'s forms (``autoattack-example:resnet18``, ``robustbench:NAME``,
-        ``ARCH:PATH``). ``None`` for anything else."""
-        from .image_pretrained import load_image_pretrained
-
-        path = Path(str(spec)).expanduser()
-        if path.is_dir() and (path / "config.json").exists():
-            return load_hf_image_classifier(path, self)
-        if str(spec).startswith("timm:"):
-            return load_timm_pretrained(str(spec), self)
+        classifier directory (``config.json``; its own normalisation inside), ``autoattack-example:resnet18``,
+        ``robustbench:NAME`` or ``ARCH:PATH`` (:func:`robustkd_tasks.image_pretrained.load_image_pretrained`).
+        ``None`` for anything else."""
         return load_image_pretrained(spec, self, **options)
 
     def threat_model(self, eps: float | None = None, norm: str | None = None, **kwargs: Any) -> ThreatModel:
         if kwargs:
             raise TypeError(f"unknown threat-model options {sorted(kwargs)} for {self.name}: image budgets take "
                             "eps and norm (linf or l2)")
-        norm = norm or self.norm
+        norm = check_norm(norm or self.norm)
         if eps is None:
-            eps = self.eps if norm == self.norm else {"linf": 8 / 255, "l2": 0.5}[norm]
+            eps = self.eps if norm == self.norm else DEFAULT_EPS[norm]
         width = self.input_domain[1] - self.input_domain[0]
         if norm == "linf" and eps > width:
             raise ValueError(f"an L-inf budget of {eps:g} exceeds the image value range [0, 1] (every pixel could take "
@@ -435,72 +206,8 @@ def synthetic(data_dir: str | None = None, **kwargs: Any) -> SyntheticImages:
     return SyntheticImages(**kwargs)
 
 
-# -- pretrained models (the load_pretrained hook) ---------------------------------------------------
-class HFImageClassifier(nn.Module):
-    """A transformers image classifier behind robustkd's image contract: pixels in [0, 1] in, logits out;
-    the checkpoint's own normalisation (its preprocessor config) lives inside, so attacks act on raw
-    pixels like for every other robustkd image model."""
-
-    def __init__(self, model: nn.Module, mean: list[float] | None = None, std: list[float] | None = None):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", None if std is None else torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.mean is not None:
-            x = (x - self.mean) / self.std
-        return self.model(pixel_values=x).logits
-
-
-def load_hf_image_classifier(path: Path, task: ImageClassification) -> HFImageClassifier:
-    """A Hugging Face image-classification directory as a model for ``task``; another class count or input
-    size is refused with the fix."""
-    import json
-
-    from transformers import AutoModelForImageClassification
-
-    config = json.loads((path / "config.json").read_text())
-    labels = config.get("id2label") or {}
-    n = len(labels) if labels else config.get("num_labels")
-    if n is not None and int(n) != task.num_classes:
-        raise ValueError(f"the model {str(path)!r} has {n} classes but the task {task.name!r} has {task.num_classes}: "
-                         "a teacher must be trained on the student's classes (fine-tune it on this task first)")
-    model = AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
-    size = getattr(model.config, "image_size", None)
-    if isinstance(size, int) and size != task.image_size:
-        raise ValueError(f"the model {str(path)!r} takes {size}x{size} images but the task {task.name!r} has "
-                         f"{task.image_size}x{task.image_size}: use a model built for this input size")
-    mean = std = None
-    pre = path / "preprocessor_config.json"
-    if pre.exists():
-        proc = json.loads(pre.read_text())
-        if proc.get("do_normalize", True) and "image_mean" in proc:
-            mean, std = proc["image_mean"], proc["image_std"]
-    return HFImageClassifier(model, mean, std)
-
-
-def load_timm_pretrained(spec: str, task: ImageClassification) -> nn.Module:
-    """``timm:<name>`` with its pretrained weights (from the local cache when offline); a head pretrained
-    for another class count would be random, so it is refused."""
-    try:
-        model = task.build_model(spec, pretrained=True)
-    except Exception as exc:  # noqa: BLE001 - unknown name, offline without cache, wrong head: one fix
-        raise ValueError(f"could not load the pretrained timm model {spec!r} ({type(exc).__name__}: {str(exc)[:300]}). "
-                         "Offline, timm needs the weights in the local Hugging Face cache; otherwise pass a recipe "
-                         "output directory.") from exc
-    net = model[-1] if isinstance(model, nn.Sequential) else model
-    cfg = getattr(net, "pretrained_cfg", {}) or {}
-    if cfg.get("num_classes") not in (None, task.num_classes):
-        raise ValueError(f"the timm model {spec!r} was pretrained with {cfg['num_classes']} classes but the task "
-                         f"{task.name!r} has {task.num_classes}: its classifier head would be random. Fine-tune it on "
-                         f"this task first (e.g. recipes/cifar_adr.py --method standard --model {spec}) and pass that "
-                         "run's output directory.")
-    return model
-
-
 # -- Hugging Face image classifiers inside transformers.Trainer (robustkd.hf) ------------------------
-class HFImageTask(Task):
+class HFImageTask(HFModelTask):
     """A data-less task around a transformers image classifier and its image processor, for
     :class:`robustkd.hf.RobustTrainer`: batches are the processor's ``{"pixel_values", "labels"}``; attacks
     act on raw pixels in [0, 1] (the processor's normalisation is undone, the perturbation added, and the
@@ -508,49 +215,42 @@ class HFImageTask(Task):
 
     modality = "image"
     input_domain = (0.0, 1.0)
+    input_name = "pixel_values"
+    auto_class = "AutoModelForImageClassification"
+    model_kind = "image-classification"
+    threat_options = "eps and norm"
 
     def __init__(self, model: nn.Module, processor: Any = None, *, eps: float | None = None, norm: str | None = None,
                  name: str = "hf_image"):
-        config = getattr(model, "config", None)
-        if getattr(config, "num_labels", None) is None:
-            raise ValueError("the model has no config.num_labels: pass a transformers image-classification model")
-        self.name, self.num_classes = name, int(config.num_labels)
-        self.norm = norm or "linf"
-        self.eps = float(eps) if eps is not None else {"linf": 8 / 255, "l2": 0.5}[self.norm]
+        super().__init__(model, name=name)
+        self.norm = check_norm(norm or "linf")
+        self.eps = float(eps) if eps is not None else DEFAULT_EPS[self.norm]
         mean = std = None
         if processor is not None and getattr(processor, "do_normalize", False):
             mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
         self.mean = torch.tensor(mean if mean is not None else [0.0, 0.0, 0.0]).view(1, -1, 1, 1)
         self.std = torch.tensor(std if std is not None else [1.0, 1.0, 1.0]).view(1, -1, 1, 1)
 
-    def dataset(self, split: str) -> Dataset:
-        raise ValueError(f"the task {self.name!r} wraps a model for transformers.Trainer and has no data of its own: "
-                         "pass train_dataset/eval_dataset to the Trainer")
-
-    def build_model(self, name: str, **kwargs: Any) -> nn.Module:
-        from transformers import AutoModelForImageClassification
-
-        return AutoModelForImageClassification.from_pretrained(name, num_labels=self.num_classes, **kwargs)
-
     def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype)
 
     def perturbation_base(self, model: nn.Module, batch: Batch) -> Tensor:
+        """The raw pixels: the processor's normalisation undone."""
         pv = batch["pixel_values"]
         mean, std = self._stats(pv)
         return pv * std + mean
 
-    def logits(self, model: nn.Module, batch: Batch, delta: Tensor | None = None) -> Tensor:
-        pv = batch["pixel_values"]
+    def model_input(self, batch: Batch, delta: Tensor | None) -> Tensor:
+        """``delta`` added to the raw pixels, then the processor's normalisation applied again."""
+        pv: Tensor = batch["pixel_values"]
         if delta is not None:
             mean, std = self._stats(pv)
             pv = ((pv * std + mean) + delta.to(pv.dtype) - mean) / std
-        return model(pixel_values=pv).logits
+        return pv
 
     def threat_model(self, eps: float | None = None, norm: str | None = None, **kwargs: Any) -> ThreatModel:
-        if kwargs:
-            raise TypeError(f"unknown threat-model options {sorted(kwargs)} for {self.name}: eps and norm")
-        return ThreatModel(self.eps if eps is None else eps, norm or self.norm, domain=self.input_domain)
+        self.refuse_threat_options(kwargs)
+        return ThreatModel(self.eps if eps is None else eps, check_norm(norm or self.norm), domain=self.input_domain)
 
 
 @register_task("hf_image", hf_input="pixel_values")
@@ -559,5 +259,8 @@ def hf_image(model: nn.Module, processor: Any = None, **kwargs: Any) -> HFImageT
     return HFImageTask(model, processor, **kwargs)
 
 
-__all__ = ["ImageClassification", "SyntheticImages", "DataNotFoundError", "HFImageClassifier", "HFImageTask",
-           "image_models"]
+__all__ = ["CIFAR100_STATS", "CIFAR10_STATS", "IMAGENET_STATS", "TINY_IMAGENET_STATS", "DataNotFoundError",
+           "HFImageClassifier", "HFImageTask", "ImageClassification", "ImageTensorDataset", "SyntheticImages",
+           "augment_images", "cifar10", "cifar100", "collate_augment", "collate_eval", "hf_image", "image_models",
+           "imagefolder", "load_hf_image_classifier", "load_images", "load_timm_pretrained", "synthetic",
+           "tinyimagenet"]

@@ -7,6 +7,9 @@
     ARCH:PATH                     any state dict (.pt/.pth/.bin/.safetensors) for a registered
                                   image architecture, e.g. preact_resnet18:weights.pt
                                   (normalize=True puts the task's standardisation in front)
+    timm:NAME                     timm's pretrained weights (:func:`load_timm_pretrained`)
+    a directory with config.json  a Hugging Face image classifier (:func:`load_hf_image_classifier`),
+                                  its own normalisation inside (:class:`HFImageClassifier`)
 
 Every loader returns the model in eval mode; a class count or input size the task does not have
 is refused with the fix.
@@ -15,12 +18,15 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from robustkd.registry import MODELS
+
+if TYPE_CHECKING:
+    from .image import ImageClassification
 
 AUTOATTACK_EXAMPLES = {"resnet18": ("resnet18", "model_test.pt")}
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -44,6 +50,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"the weights file {str(path)!r} does not exist")
+    state: Any  # a file may hold a state dict, a wrapper around one, or anything else (refused below)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -64,7 +71,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_state_dict_model(arch: str, path: str | Path, task: Any, normalize: bool = True) -> nn.Module:
+def load_state_dict_model(arch: str, path: str | Path, task: ImageClassification, normalize: bool = True) -> nn.Module:
     """A registered image architecture of ``task`` with the weights of ``path`` loaded strictly into the
     bare network (the reference key layout)."""
     model = task.build_model(arch, normalize=normalize)
@@ -78,16 +85,29 @@ def load_state_dict_model(arch: str, path: str | Path, task: Any, normalize: boo
     return model.eval()
 
 
-def load_image_pretrained(spec: str, task: Any, model_dir: str | Path | None = None,
+def load_image_pretrained(spec: str, task: ImageClassification, model_dir: str | Path | None = None,
                           normalize: bool | None = None, threat_model: str | None = None,
                           **options: Any) -> nn.Module | None:
-    """The model ``spec`` names for ``task``, or ``None`` when ``spec`` is not one of the forms above."""
+    """The model ``spec`` names for ``task``, or ``None`` when ``spec`` is not one of the forms above.
+
+    ``normalize`` is for the state-dict forms (``ARCH:PATH``, ``autoattack-example:``); a Hugging Face
+    directory (its checkpoint's normalisation inside) and ``timm:NAME`` (the task's standardisation in
+    front) refuse it. ``model_dir`` and ``threat_model`` are RobustBench's."""
     spec = str(spec)
     if options:
         raise TypeError(f"unknown options {sorted(options)} for the image model {spec!r}")
+    path = Path(spec).expanduser()
+    hf_dir = path.is_dir() and (path / "config.json").exists()
+    if hf_dir or spec.startswith("timm:"):
+        if normalize is not None:
+            raise TypeError(f"the model {spec!r} takes no normalize option: " + (
+                "a Hugging Face directory keeps its checkpoint's own normalisation inside" if hf_dir else
+                "a pretrained timm model always starts with the task's standardisation"))
+        return load_hf_image_classifier(path, task) if hf_dir else load_timm_pretrained(spec, task)
     if spec.startswith("autoattack-example:"):
-        arch, _ = AUTOATTACK_EXAMPLES.get(spec.split(":", 1)[1], (None, None))
-        path = autoattack_example_path(spec.split(":", 1)[1])
+        name = spec.split(":", 1)[1]
+        path = autoattack_example_path(name)  # refuses a name pyautoattack does not ship
+        arch = AUTOATTACK_EXAMPLES[name][0]
         if task.num_classes != 10 or task.image_size != 32:
             raise ValueError(f"{spec} is a CIFAR-10 model (10 classes, 32x32) but the task {task.name!r} has "
                              f"{task.num_classes} classes of {task.image_size}x{task.image_size}: use --task cifar10")
@@ -104,3 +124,72 @@ def load_image_pretrained(spec: str, task: Any, model_dir: str | Path | None = N
             and Path(rest).suffix in STATE_DICT_SUFFIXES:
         return load_state_dict_model(arch, rest, task, normalize=True if normalize is None else normalize)
     return None
+
+
+class HFImageClassifier(nn.Module):
+    """A transformers image classifier behind robustkd's image contract: pixels in [0, 1] in, logits out;
+    the checkpoint's own normalisation (its preprocessor config) lives inside, so attacks act on raw
+    pixels like for every other robustkd image model."""
+
+    mean: Tensor | None
+    std: Tensor | None
+
+    def __init__(self, model: nn.Module, mean: list[float] | None = None, std: list[float] | None = None):
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std (the checkpoint's normalisation), or neither")
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", None if std is None else torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mean is not None and self.std is not None:
+            x = (x - self.mean) / self.std
+        return self.model(pixel_values=x).logits
+
+
+def load_hf_image_classifier(path: Path, task: ImageClassification) -> HFImageClassifier:
+    """A Hugging Face image-classification directory as a model for ``task``; another class count or input
+    size is refused with the fix."""
+    import json
+
+    from transformers import AutoModelForImageClassification
+
+    config = json.loads((path / "config.json").read_text())
+    labels = config.get("id2label") or {}
+    n = len(labels) if labels else config.get("num_labels")
+    if n is not None and int(n) != task.num_classes:
+        raise ValueError(f"the model {str(path)!r} has {n} classes but the task {task.name!r} has {task.num_classes}: "
+                         "a teacher must be trained on the student's classes (fine-tune it on this task first)")
+    model = AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
+    size = getattr(model.config, "image_size", None)
+    if isinstance(size, int) and size != task.image_size:
+        raise ValueError(f"the model {str(path)!r} takes {size}x{size} images but the task {task.name!r} has "
+                         f"{task.image_size}x{task.image_size}: use a model built for this input size")
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    pre = path / "preprocessor_config.json"
+    if pre.exists():
+        proc = json.loads(pre.read_text())
+        if proc.get("do_normalize", True) and "image_mean" in proc:
+            mean, std = proc["image_mean"], proc["image_std"]
+    return HFImageClassifier(model, mean, std)
+
+
+def load_timm_pretrained(spec: str, task: ImageClassification) -> nn.Module:
+    """``timm:<name>`` with its pretrained weights (from the local cache when offline); a head pretrained
+    for another class count would be random, so it is refused."""
+    try:
+        model = task.build_model(spec, pretrained=True)
+    except Exception as exc:  # noqa: BLE001 - unknown name, offline without cache, wrong head: one fix
+        raise ValueError(f"could not load the pretrained timm model {spec!r} ({type(exc).__name__}: {str(exc)[:300]}). "
+                         "Offline, timm needs the weights in the local Hugging Face cache; otherwise pass a recipe "
+                         "output directory.") from exc
+    net = model[-1] if isinstance(model, nn.Sequential) else model
+    cfg = getattr(net, "pretrained_cfg", {}) or {}
+    if cfg.get("num_classes") not in (None, task.num_classes):
+        raise ValueError(f"the timm model {spec!r} was pretrained with {cfg['num_classes']} classes but the task "
+                         f"{task.name!r} has {task.num_classes}: its classifier head would be random. Fine-tune it on "
+                         f"this task first (e.g. recipes/cifar_adr.py --method standard --model {spec}) and pass that "
+                         "run's output directory.")
+    return model

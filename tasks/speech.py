@@ -1,18 +1,17 @@
-"""Spoken-word classification: FSDD digits, Speech Commands keywords, any folder of labelled WAVs.
+"""Spoken-word classification: FSDD digits, Speech Commands keywords, any folder of labelled WAVs, and
+``hf_audio`` (a transformers audio classifier inside :class:`robustkd.hf.RobustTrainer`).
 
 Inputs are raw mono waveforms in [-1, 1] of a fixed length ``(N, num_samples)``; feature
-extraction (log-mel, wav2vec2) lives inside the models (``tasks/speech_models.py``) so attacks
-perturb the waveform. WAVs are decoded with soundfile (no ffmpeg), optionally resampled to
-the task's rate with ``torchaudio.functional.resample``, centred and zero-padded or cropped to
-``num_samples``, and kept as one float tensor per split (decoded once per process; optionally
-also cached on disk with ``cache_dir``).
+extraction (log-mel, wav2vec2) lives inside the models (:mod:`robustkd_tasks.speech_models`) so
+attacks perturb the waveform. Files are decoded, resampled, fitted to ``num_samples`` and cached by
+:mod:`robustkd_tasks.audio_data`; this module says which files form each split of each data set
+and registers the tasks.
 
 The default threat model is an SNR ball (perturbation energy ``snr_db`` below each clean
 signal's, clamped to [-1, 1]); ``threat_model(eps=..., norm="linf")`` gives an amplitude ball.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 from abc import abstractmethod
@@ -20,150 +19,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from robustkd.extras import require
 from robustkd.registry import MODELS, register_task
-from robustkd.task import Batch, ContinuousTask, DataNotFoundError, Task
+from robustkd.task import Batch, ContinuousTask, DataNotFoundError, check_norm
 from robustkd.threat import SNRBall, ThreatModel
 
 from . import speech_models
-
-AUDIO_DOMAIN = (-1.0, 1.0)
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
-
-
-class AudioDataError(ValueError):
-    """An audio file that cannot be used as it is (corrupt, empty, stereo, wrong rate); the message
-    names the file and the fix."""
-
-
-# -- decoding ---------------------------------------------------------------------------------
-def read_wav(path: str | Path, *, sample_rate: int | None = None, resample: bool = False,
-             downmix: bool = False, normalize_loud: bool = False) -> tuple[Tensor, int]:
-    """Decode one file to a float32 mono waveform in [-1, 1] (and its rate after resampling).
-
-    Refuses, naming the file: unreadable/corrupt files, files without samples, multi-channel
-    files (unless ``downmix``), a rate other than ``sample_rate`` unless ``resample``, and samples
-    beyond [-1, 1] (a float WAV written unscaled; clipping would distort it) unless ``normalize_loud``,
-    which divides such a file by its peak.
-    """
-    sf = require("soundfile", "speech", "reading audio files")
-
-    path = Path(path)
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as exc:  # noqa: BLE001 - libsndfile raises several types for bad files
-        raise AudioDataError(f"cannot decode audio file {path}: {type(exc).__name__}: {exc}. The file is corrupt, "
-                             "truncated or not a WAV/FLAC/OGG: fix or remove it.") from exc
-    if data.shape[0] == 0:
-        raise AudioDataError(f"audio file {path} holds no samples (empty recording): remove it from the data folder")
-    if data.shape[1] != 1:
-        if not downmix:
-            raise AudioDataError(f"audio file {path} has {data.shape[1]} channels but speech tasks take mono audio: "
-                                 "convert it to mono, or build the task with downmix=True to average the channels (recipes: "
-                                 "--task-kwargs '{\"downmix\": true}')")
-        data = data.mean(axis=1, keepdims=True)
-    peak = float(np.abs(data).max())
-    if peak > AUDIO_DOMAIN[1] and np.isfinite(peak):
-        if not normalize_loud:
-            raise AudioDataError(f"audio file {path} has samples up to {peak:.4g} but audio lies in [-1, 1] (a float "
-                                 f"WAV {peak:.3g}x too loud; clipping would distort it): rescale the file (divide it by "
-                                 "its peak), or build the task with normalize_loud=True to scale such files down to a "
-                                 "peak of 1 (recipes: --task-kwargs '{\"normalize_loud\": true}')")
-        data = data / peak
-    wave = torch.from_numpy(np.ascontiguousarray(data[:, 0]))
-    if sample_rate is not None and rate != sample_rate:
-        if not resample:
-            raise AudioDataError(f"audio file {path} is sampled at {rate} Hz but the task expects {sample_rate} Hz: "
-                                 f"build the task with resample=True (--resample) to convert it, or choose "
-                                 f"sample_rate={rate}")
-        AF = require("torchaudio.functional", "speech", "resampling audio")
-
-        wave = AF.resample(wave, rate, sample_rate)
-        rate = sample_rate
-    if not torch.isfinite(wave).all():
-        raise AudioDataError(f"audio file {path} contains NaN or infinite samples")
-    return wave.clamp_(*AUDIO_DOMAIN), int(rate)
-
-
-def fix_length(wave: Tensor, num_samples: int) -> Tensor:
-    """Centre the recording in a window of ``num_samples``: zero-pad both sides or crop the middle."""
-    n = wave.shape[-1]
-    if n == num_samples:
-        return wave
-    if n > num_samples:
-        start = (n - num_samples) // 2
-        return wave[..., start:start + num_samples]
-    left = (num_samples - n) // 2
-    return torch.nn.functional.pad(wave, (left, num_samples - n - left))
-
-
-def decode_files(files: Sequence[Path], num_samples: int, sample_rate: int | None, resample: bool,
-                 downmix: bool = False, normalize_loud: bool = False) -> tuple[Tensor, int]:
-    """Decode ``files`` into one ``(N, num_samples)`` float tensor; every file must share one rate
-    (the first file's when ``sample_rate`` is None)."""
-    out = torch.zeros(len(files), num_samples)
-    rate = sample_rate
-    for i, f in enumerate(files):
-        wave, r = read_wav(f, sample_rate=rate, resample=resample, downmix=downmix, normalize_loud=normalize_loud)
-        rate = r if rate is None else rate
-        out[i] = fix_length(wave, num_samples)
-    return out, int(rate or 0)
-
-
-def _cache_key(files: Sequence[Path], *parts: Any) -> str:
-    h = hashlib.sha1()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    h.update(repr(parts).encode())
-    return h.hexdigest()[:16]
-
-
-def load_waveforms(files: Sequence[Path], num_samples: int, sample_rate: int | None, resample: bool,
-                   downmix: bool = False, cache_dir: str | None = None,
-                   normalize_loud: bool = False) -> tuple[Tensor, int]:
-    """:func:`decode_files`, memoised in the process and (with ``cache_dir``) on disk, keyed by the
-    files' paths, sizes and modification times and the decoding settings."""
-    key = _cache_key(files, num_samples, sample_rate, resample, downmix, *(("normalize_loud",) if normalize_loud else ()))
-    return _load_cached(key, tuple(files), num_samples, sample_rate, resample, downmix, cache_dir, normalize_loud)
-
-
-@functools.lru_cache(maxsize=16)
-def _load_cached(key: str, files: tuple[Path, ...], num_samples: int, sample_rate: int | None, resample: bool,
-                 downmix: bool, cache_dir: str | None, normalize_loud: bool = False) -> tuple[Tensor, int]:
-    if cache_dir is not None:
-        path = Path(cache_dir).expanduser() / f"waveforms-{key}.pt"
-        if path.exists():
-            saved = torch.load(str(path), weights_only=True)
-            return saved["waves"], int(saved["rate"])
-    waves, rate = decode_files(files, num_samples, sample_rate, resample, downmix, normalize_loud)
-    if cache_dir is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"waves": waves, "rate": rate}, str(tmp))
-        tmp.replace(path)
-    return waves, rate
-
-
-# -- data sets ----------------------------------------------------------------------------------
-class WaveformDataset(Dataset):
-    """Waveforms ``(N, L)`` and int64 labels; items are ``{"inputs", "labels"}`` dicts. ``files``
-    and ``meta`` keep where each example came from (for split checks and error messages)."""
-
-    def __init__(self, waves: Tensor, labels: Tensor, files: Sequence[Path] = (), meta: Sequence[dict] = ()):
-        self.waves, self.labels = waves, labels
-        self.files, self.meta = list(files), list(meta)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> Batch:
-        return {"inputs": self.waves[i], "labels": self.labels[i]}
+from .audio_data import (
+    AUDIO_DOMAIN,
+    AUDIO_EXTENSIONS,
+    AudioDataError,
+    WaveformDataset,
+    audio_files,
+    decode_files,
+    fix_length,
+    load_waveforms,
+    read_wav,
+)
+from .hf_model import HFModelTask
 
 
 class SpeechClassification(ContinuousTask):
@@ -188,7 +64,7 @@ class SpeechClassification(ContinuousTask):
         self.sample_rate, self.clip_seconds = sample_rate, float(clip_seconds)
         self.resample, self.downmix, self.cache_dir = resample, downmix, cache_dir
         self.normalize_loud = bool(normalize_loud)  # float WAVs beyond [-1, 1]: refused unless True
-        self.snr_db, self.eps, self.norm = float(snr_db), float(eps), norm
+        self.snr_db, self.eps, self.norm = float(snr_db), float(eps), check_norm(norm)
         self._datasets: dict[str, WaveformDataset] = {}
 
     @property
@@ -251,7 +127,7 @@ class SpeechClassification(ContinuousTask):
             return SNRBall(float(snr_db), AUDIO_DOMAIN)
         if eps is None and norm is None:
             return SNRBall(self.snr_db, AUDIO_DOMAIN)
-        return ThreatModel(self.eps if eps is None else float(eps), norm or self.norm, domain=AUDIO_DOMAIN)
+        return ThreatModel(self.eps if eps is None else float(eps), check_norm(norm or self.norm), domain=AUDIO_DOMAIN)
 
     def snr_threat(self, snr_db: float | None = None) -> SNRBall:
         """The SNR ball at ``snr_db`` (default: the task's budget): the ``WaveformInputs`` capability the
@@ -267,7 +143,7 @@ class FSDD(SpeechClassification):
     """Free Spoken Digit Dataset: ``{digit}_{speaker}_{take}.wav`` at 8 kHz. The usual split:
     takes 0..``test_takes - 1`` of every speaker and digit are the test set, the rest train."""
 
-    def __init__(self, data_dir: str | Path, *, test_takes: int = 5, sample_rate: int | None = 8000, **kwargs: Any):
+    def __init__(self, data_dir: str | Path | None, *, test_takes: int = 5, sample_rate: int | None = 8000, **kwargs: Any):
         super().__init__("fsdd", [str(d) for d in range(10)], sample_rate=sample_rate, **kwargs)
         self.root = _fsdd_recordings(data_dir)
         self.test_takes = int(test_takes)
@@ -398,7 +274,7 @@ class WavFolder(SpeechClassification):
             if found:  # test/ before val/
                 self.split_dirs[split] = found[0]
         label_roots = list(self.split_dirs.values()) or [self.root]
-        classes = sorted({p.name for r in label_roots for p in r.iterdir() if p.is_dir() and _audio_files(p)})
+        classes = sorted({p.name for r in label_roots for p in r.iterdir() if p.is_dir() and audio_files(p)})
         if not classes:
             raise DataNotFoundError(
                 f"{self.root} holds no labelled audio files: expected <label>/*.wav subfolders (or train/<label>/ and "
@@ -423,15 +299,11 @@ class WavFolder(SpeechClassification):
             if split not in self.split_dirs:
                 raise DataNotFoundError(f"{self.root} has no {split}/ folder (found {sorted(self.split_dirs)})")
             base = self.split_dirs[split]
-            files = [f for c in self.classes if (base / c).is_dir() for f in _audio_files(base / c)]
+            files = [f for c in self.classes if (base / c).is_dir() for f in audio_files(base / c)]
         else:
-            files = [f for c in self.classes for f in _audio_files(self.root / c)
+            files = [f for c in self.classes for f in audio_files(self.root / c)
                      if _hash_is_test(f.relative_to(self.root), self.test_fraction) == (split == "test")]
         return files, [index[f.parent.name] for f in files], [{"label": f.parent.name} for f in files]
-
-
-def _audio_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
 
 
 def _hash_is_test(rel: Path, fraction: float) -> bool:
@@ -440,7 +312,7 @@ def _hash_is_test(rel: Path, fraction: float) -> bool:
 
 
 # -- Hugging Face audio classifiers inside transformers.Trainer (robustkd.hf) -------------------------------
-class HFAudioTask(Task):
+class HFAudioTask(HFModelTask):
     """A data-less task around a transformers audio classifier (``input_values`` in: wav2vec2, HuBERT, ...)
     and its feature extractor, for :class:`robustkd.hf.RobustTrainer`. Attacks perturb ``input_values``
     (padding masked by ``attention_mask``) in an SNR ball measured on those values (``snr_db``, 30 dB by
@@ -449,37 +321,28 @@ class HFAudioTask(Task):
 
     modality = "audio"
     default_eval_attacks = ("pgd20:snr_db=40", "pgd20:snr_db=30", "pgd20:snr_db=20")
+    input_name = "input_values"
+    auto_class = "AutoModelForAudioClassification"
+    model_kind = "audio-classification"
+    threat_options = "use eps, norm or snr_db"
 
     def __init__(self, model: nn.Module, processor: Any = None, *, snr_db: float = 30.0, eps: float = 0.002,
                  norm: str = "linf", name: str = "hf_audio"):
-        config = getattr(model, "config", None)
-        if getattr(config, "num_labels", None) is None:
-            raise ValueError("the model has no config.num_labels: pass a transformers audio-classification model")
-        self.name, self.num_classes = name, int(config.num_labels)
+        super().__init__(model, name=name)
         self.sample_rate = getattr(processor, "sampling_rate", None)
-        self.snr_db, self.eps, self.norm = float(snr_db), float(eps), norm
-
-    def dataset(self, split: str) -> Dataset:
-        raise ValueError(f"the task {self.name!r} wraps a model for transformers.Trainer and has no data of its own: "
-                         "pass train_dataset/eval_dataset to the Trainer")
-
-    def build_model(self, name: str, **kwargs: Any) -> nn.Module:
-        from transformers import AutoModelForAudioClassification
-
-        return AutoModelForAudioClassification.from_pretrained(name, num_labels=self.num_classes, **kwargs)
-
-    def perturbation_base(self, model: nn.Module, batch: Batch) -> Tensor:
-        return batch["input_values"]
+        self.snr_db, self.eps, self.norm = float(snr_db), float(eps), check_norm(norm)
 
     def perturbation_mask(self, batch: Batch) -> Tensor | None:
         mask = batch.get("attention_mask")
         return None if mask is None else mask.to(batch["input_values"].dtype)
 
+    def model_kwargs(self, batch: Batch) -> dict[str, Tensor]:
+        """The padding mask, when the extractor returned one."""
+        return {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
+
     def logits(self, model: nn.Module, batch: Batch, delta: Tensor | None = None) -> Tensor:
-        x = batch["input_values"]
-        kwargs = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
         try:
-            return model(input_values=x if delta is None else x + delta.to(x.dtype), **kwargs).logits
+            return super().logits(model, batch, delta)
         except RuntimeError as exc:
             if "leaf variables" not in str(exc):
                 raise
@@ -490,13 +353,12 @@ class HFAudioTask(Task):
     def threat_model(self, eps: float | None = None, norm: str | None = None, snr_db: float | None = None,
                      **kwargs: Any) -> ThreatModel:
         """``snr_db`` (or neither option) -> an SNR ball; ``eps``/``norm`` -> an amplitude ball."""
-        if kwargs:
-            raise TypeError(f"unknown threat-model options {sorted(kwargs)} for {self.name}: use eps, norm or snr_db")
+        self.refuse_threat_options(kwargs)
         if snr_db is not None and (eps is not None or norm is not None):
             raise ValueError("give either snr_db (an SNR ball) or eps/norm (an amplitude ball), not both")
         if eps is None and norm is None:
             return self.snr_threat(snr_db)
-        return ThreatModel(self.eps if eps is None else float(eps), norm or self.norm, domain=None)
+        return ThreatModel(self.eps if eps is None else float(eps), check_norm(norm or self.norm), domain=None)
 
     def snr_threat(self, snr_db: float | None = None) -> SNRBall:
         """The SNR ball on ``input_values`` (the ``WaveformInputs`` capability)."""
@@ -528,5 +390,6 @@ def wavfolder(data_dir: str | None = None, **kwargs: Any) -> WavFolder:
     return WavFolder(data_dir, **kwargs)
 
 
-__all__ = ["AudioDataError", "FSDD", "HFAudioTask", "SpeechClassification", "SpeechCommands", "WavFolder", "WaveformDataset",
-           "fix_length", "read_wav", "speech_models"]
+__all__ = ["AUDIO_DOMAIN", "AUDIO_EXTENSIONS", "AudioDataError", "FSDD", "HFAudioTask", "SpeechClassification",
+           "SpeechCommands", "WavFolder", "WaveformDataset", "audio_files", "decode_files", "fix_length", "fsdd",
+           "hf_audio", "load_waveforms", "read_wav", "speech_commands", "speech_models", "wavfolder"]
