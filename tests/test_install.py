@@ -108,3 +108,60 @@ def test_require_names_the_extra(module):
             sys.modules.pop(module, None)
         else:
             sys.modules[module] = saved
+
+
+# -- CI: linters, type checker, then the tests ----------------------------------------------------
+def _readme_test_command() -> str:
+    for line in (REPO / "README.md").read_text().splitlines():
+        command, _, comment = line.partition("#")
+        if "run the tests" in comment:
+            return command.strip()
+    raise AssertionError("the README names no test command (a line commented '# run the tests')")
+
+
+def _fake_tools(tmp_path: Path, failing: str | None) -> dict[str, str]:
+    """``ruff``, ``mypy`` and the README's test command as scripts that log their arguments (``failing``
+    exits 1), first on PATH, so .ci/checks runs for real without linting or testing anything."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    for tool in ("ruff", "mypy", _readme_test_command().split()[0]):
+        script = bin_dir / tool
+        script.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\nexit {1 if tool == failing else 0}\n')
+        script.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def _run_checks(tmp_path: Path, failing: str | None = None) -> tuple[subprocess.CompletedProcess, list[str]]:
+    done = subprocess.run(["bash", str(REPO / ".ci" / "checks")], env=_fake_tools(tmp_path, failing),
+                          capture_output=True, text=True, timeout=60)
+    log = tmp_path / "calls.log"
+    return done, log.read_text().splitlines() if log.exists() else []
+
+
+def test_ci_checks_run_ruff_and_mypy_then_the_readme_test_command(tmp_path):
+    done, calls = _run_checks(tmp_path)
+    assert done.returncode == 0, done.stderr
+    # mypy without arguments: what it checks is [tool.mypy] in pyproject.toml
+    assert [c.strip() for c in calls] == ["ruff check .", "mypy", _readme_test_command()], calls
+
+
+@pytest.mark.parametrize("failing", ["ruff", "mypy"])
+def test_ci_checks_stop_at_the_first_failing_linter_with_one_clear_line(tmp_path, failing):
+    done, calls = _run_checks(tmp_path, failing)
+    assert done.returncode != 0
+    assert calls[-1].split()[0] == failing, calls  # nothing after it ran: no tests
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and failing in errors[0], done.stderr
+
+
+def test_linters_are_configured_pinned_and_cover_the_task_plugins():
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert {"ruff", "mypy"} <= {_name(d) for d in _project()["optional-dependencies"]["dev"]}
+    lock = (REPO / ".ci" / "constraints.txt").read_text().splitlines()
+    pinned = {line.split("==")[0].lower() for line in lock if "==" in line}
+    assert {"ruff", "mypy"} <= pinned, "ruff and mypy are pinned in .ci/constraints.txt"
+    assert "ruff" in pyproject["tool"] and "mypy" in pyproject["tool"]
+    # the plug-in package robustkd_tasks is the folder tasks/: mypy with no arguments checks it and the core
+    folder = pyproject["tool"]["setuptools"]["package-dir"]["robustkd_tasks"]
+    assert {"robustkd", folder} <= set(pyproject["tool"]["mypy"]["files"])

@@ -565,6 +565,7 @@ def test_load_teacher_hugging_face_directory(tmp_path, cifar_task):
 # -- end to end on the shared CIFAR subset ----------------------------------------------------------
 def _run_recipe(path: Path, argv: list[str], monkeypatch) -> None:
     spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None, f"{path} is not a Python file"
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(sys, "argv", [str(path), *argv])
