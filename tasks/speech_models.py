@@ -116,10 +116,13 @@ class Wav2Vec2Classifier(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.normalize_waveform = normalize_waveform
-        dim = encoder.encoder.feature_projection.projection.out_features
-        self.head = nn.Linear(dim, num_classes)
+        projection = encoder.get_submodule("encoder.feature_projection.projection")
+        if not isinstance(projection, nn.Linear):
+            raise TypeError(f"the encoder's feature projection is a {type(projection).__name__}, not the Linear layer of "
+                            "a torchaudio wav2vec2 model")
+        self.head = nn.Linear(projection.out_features, num_classes)
         if freeze_feature_extractor:  # the usual fine-tuning recipe; gradients still reach the input
-            for p in encoder.feature_extractor.parameters():
+            for p in encoder.get_submodule("feature_extractor").parameters():
                 p.requires_grad_(False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -144,6 +147,7 @@ def _w2v2_architecture(arch: str | dict[str, Any]) -> nn.Module:
 
 
 def _load_state_dict(path: Path) -> dict[str, Tensor]:
+    state: Any  # a state dict, a wrapper around one, or anything else (refused below)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

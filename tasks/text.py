@@ -17,14 +17,14 @@ import functools
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from robustkd.registry import register_task
-from robustkd.task import Batch, DataNotFoundError, Task, pick_column
+from robustkd.task import Batch, DataNotFoundError, Task, check_norm, pick_column
 from robustkd.threat import ThreatModel
 
 SPLIT_ALIASES = {"test": ("validation", "test", "valid", "val", "dev"), "train": ("train",)}
@@ -37,6 +37,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     from robustkd.teachers import unwrap as _unwrap
 
     return _unwrap(model)
+
+
+def input_embeddings(model: nn.Module) -> nn.Embedding:
+    """``model``'s input (word) embedding table, from the transformers ``get_input_embeddings()`` every
+    sequence classifier has."""
+    get = cast(Callable[[], nn.Embedding], unwrap(model).get_input_embeddings)
+    return get()
 
 
 # -- raw data -------------------------------------------------------------------------------
@@ -165,12 +172,12 @@ class TextClassification(Task):
         self.text_column, self.label_column = text_column, label_column
         self._num_classes = num_classes
         self.max_length, self.trust_remote_code = int(max_length), bool(trust_remote_code)
-        self.eps, self.norm, self.drop_empty = float(eps), norm, drop_empty
+        self.eps, self.norm, self.drop_empty = float(eps), check_norm(norm), drop_empty
         self.encoding, self.force_tokenizer = encoding, bool(force_tokenizer)
         self.label_names: list[str] | None = None
         self.truncated: dict[str, int] = {}
         self._datasets: dict[str, TextDataset] = {}
-        self.tokenizer = None
+        self.tokenizer: Any = None  # a transformers fast tokenizer, once set (set_tokenizer)
         self.tokenizer_source: str | None = None
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)
@@ -428,7 +435,7 @@ class TextClassification(Task):
     def check_vocabulary(self, model: nn.Module) -> None:
         """Refuse a tokenizer whose ids do not fit the model's embedding table."""
         tok = self._need_tokenizer()
-        rows = unwrap(model).get_input_embeddings().num_embeddings
+        rows = input_embeddings(model).num_embeddings
         size = len(tok)
         if size > rows:
             raise ValueError(f"the tokenizer ({type(tok).__name__}, {size} tokens) does not match the model's vocabulary "
@@ -441,7 +448,7 @@ class TextClassification(Task):
     def check_model(self, model: nn.Module, batch: Batch) -> None:
         self.check_vocabulary(model)
         ids = batch["input_ids"]
-        rows = unwrap(model).get_input_embeddings().num_embeddings
+        rows = input_embeddings(model).num_embeddings
         if int(ids.max()) >= rows:
             raise ValueError(f"token id {int(ids.max())} is outside the model's {rows} embeddings: the data were "
                              "tokenised with another tokenizer")
@@ -450,7 +457,7 @@ class TextClassification(Task):
     # -- attack space ---------------------------------------------------------------------
     def embeddings(self, model: nn.Module, input_ids: Tensor) -> Tensor:
         """``model``'s own input (word) embeddings of ``input_ids``."""
-        return unwrap(model).get_input_embeddings()(input_ids)
+        return input_embeddings(model)(input_ids)
 
     def perturbation_base(self, model: nn.Module, batch: Batch) -> Tensor:
         return self.embeddings(model, batch["input_ids"])
@@ -484,7 +491,8 @@ class TextClassification(Task):
         """Per-token ball, radius ``eps`` times each token embedding's L2 norm; no domain clamp."""
         if kwargs:
             raise TypeError(f"unknown threat-model options {sorted(kwargs)} for a text task (eps, norm)")
-        return ThreatModel(self.eps if eps is None else eps, norm or self.norm, domain=None, per_token=True, relative=True)
+        return ThreatModel(self.eps if eps is None else eps, check_norm(norm or self.norm), domain=None, per_token=True,
+                           relative=True)
 
 
 @register_task("hf_text", hf_input="input_ids")
