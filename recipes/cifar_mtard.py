@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from robustkd.callbacks import TrainerCallback
 from robustkd.config import ConfigError, Recipe, parse
 from robustkd.recipe import main_guard, run_recipe
 
@@ -66,17 +67,19 @@ RECIPE = Recipe(__doc__.split("\n\n")[0], default_preset="mtard/cifar10/resnet18
 
 
 def main(argv=None) -> dict:
-    return run_recipe(parse(RECIPE, argv), sections=balance_section)
+    return run_recipe(parse(RECIPE, argv), callbacks=[BalanceReport()])
 
 
-def balance_section(trainer, which: str, model, attacks) -> dict[str, Any]:
+class BalanceReport(TrainerCallback):
     """The per-epoch temperatures, loss weights, teacher entropies and KL terms (``balance``), plotted
     to balance.png beside the report."""
-    rows = trainer.state.history
-    series = {"epoch": [r["epoch"] for r in rows], **{k[6:]: [r.get(k) for r in rows] for k in BALANCE_KEYS}}
-    if which == "student":
-        _plot_pairs(series, Path(trainer.config.output_dir) / "balance.png")
-    return {"balance": series}
+
+    def on_report(self, trainer, which: str, model, attacks) -> dict[str, Any]:
+        rows = trainer.state.history
+        series = {"epoch": [r["epoch"] for r in rows], **{k[6:]: [r.get(k) for r in rows] for k in BALANCE_KEYS}}
+        if which == "student":
+            _plot_pairs(series, Path(trainer.config.output_dir) / "balance.png")
+        return {"balance": series}
 
 
 def _plot_pairs(series: dict, path: Path) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from robustkd.attacks.speech import MeasuredAttack
+from robustkd.callbacks import TrainerCallback
 from robustkd.config import ConfigError, Recipe, parse
 from robustkd.recipe import main_guard, run_recipe
 from robustkd.registry import TASKS
@@ -42,10 +43,15 @@ def finalize(s: dict[str, Any]) -> None:
     s["model_kwargs"].update({k: s[k] for k in ("width", "weights") if s.get(k) is not None})
 
 
+def training_threat(s: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's threat model: the SNR ball of --train-snr-db, or (--train-threat linf) --eps and --norm."""
+    return {"snr_db": s["train_snr_db"]} if s["train_threat"] == "snr" else None
+
+
 RECIPE = Recipe(__doc__.split("\n\n")[0], defaults=dict(
     dataset="fsdd", model="mel_cnn", method="adr", epochs=30, batch_size=64, lr=0.05, weight_decay=5e-4, eps="0.002",
     attack_step_size=None, attack_steps=10, eval_attacks="pgd10:snr_db=30", final_attacks=FINAL_ATTACKS,
-    output_dir="runs/speech_adr"), extra=(AudioArgs,), finalize=finalize)
+    output_dir="runs/speech_adr"), extra=(AudioArgs,), finalize=finalize, threat=training_threat)
 
 
 def build_speech_task(s: dict[str, Any]) -> Task:
@@ -60,25 +66,33 @@ def build_speech_task(s: dict[str, Any]) -> Task:
     return task
 
 
-def achieved_snr(trainer, which: str, model, attacks) -> dict[str, Any]:
-    """The SNR each final attack's examples actually reached (measured while the evaluation runs)."""
-    sections: dict[str, Any] = {"achieved_snr": lambda: {spec: a.meter.summary() for spec, a in attacks.items()}}
-    if which == "student":
-        task = trainer.task
-        sections["data"] = {"sample_rate": task.sample_rate, "clip_seconds": trainer.run_info.get("clip_seconds"),
-                            "num_train": len(task.dataset("train")), "num_test": len(task.dataset("test"))}
-    return sections
+class SpeechReport(TrainerCallback):
+    """The run's sample rate and clip length in its checkpoints and saved model; the report's
+    ``achieved_snr`` (the SNR each final attack's examples actually reached, measured while the
+    evaluation runs) and, in the model's report, ``data``."""
+
+    def __init__(self, clip_seconds: float):
+        self.clip_seconds = clip_seconds
+
+    def on_init_end(self, trainer) -> None:
+        trainer.run_info.update(sample_rate=trainer.task.sample_rate, clip_seconds=self.clip_seconds)
+
+    def on_build_attacks(self, trainer, which: str, attacks):
+        return {spec: MeasuredAttack(a) for spec, a in attacks.items()}
+
+    def on_report(self, trainer, which: str, model, attacks) -> dict[str, Any]:
+        sections: dict[str, Any] = {"achieved_snr": lambda: {spec: a.meter.summary() for spec, a in attacks.items()}}
+        if which == "student":
+            task = trainer.task
+            sections["data"] = {"sample_rate": task.sample_rate, "clip_seconds": trainer.run_info.get("clip_seconds"),
+                                "num_train": len(task.dataset("train")), "num_test": len(task.dataset("test"))}
+        return sections
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse(RECIPE, argv)
     s = cfg.settings
-    task = build_speech_task(s)
-    snr = {"snr_db": s["train_snr_db"]} if s["train_threat"] == "snr" else None
-    threat = task.threat_model(**snr) if snr else None
-    return run_recipe(cfg, task=task, threat=threat, eval_threat=snr, sections=achieved_snr,
-                      attack_wrapper=MeasuredAttack,
-                      run_info={"sample_rate": task.sample_rate, "clip_seconds": s["clip_seconds"]})
+    return run_recipe(cfg, task=build_speech_task(s), callbacks=[SpeechReport(s["clip_seconds"])])
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from robustkd.attacks.text import textattack_evaluate
+from robustkd.callbacks import TrainerCallback
 from robustkd.config import Recipe, parse
 from robustkd.eval.robustness import resolve_attacks
 from robustkd.recipe import build_task, main_guard, run_recipe
@@ -42,13 +43,17 @@ RECIPE = Recipe(__doc__.split("\n\n")[0], defaults=dict(
     lr_schedule="constant", eval_batch_size=64, robust_teacher="ema"), extra=(TextArgs,))
 
 
-def textattack_section(s: dict[str, Any]):
+class TextAttackReport(TrainerCallback):
     """The report's ``textattack`` section: a TextAttack recipe on the report's evaluation points
     (``--max-eval-samples``, ``--seed``), capped at ``--textattack-examples`` (a prefix of that seeded
     sample; validation rows are sorted by label, so never the first rows of the split). The sample is
     drawn when the section is built, after the model (and so the tokenizer) is loaded."""
 
-    def sections(trainer, which, model, attacks) -> dict[str, Any]:
+    def __init__(self, s: dict[str, Any]):
+        self.s = s
+
+    def on_report(self, trainer, which: str, model, attacks) -> dict[str, Any]:
+        s = self.s
         if s["textattack_recipe"].lower() == "none" or (which == "ema" and s["textattack_on"] == "student"):
             return {}
         task = trainer.task
@@ -63,7 +68,6 @@ def textattack_section(s: dict[str, Any]):
         sample = ("the evaluation points" if len(idx) == len(data) or len(idx) == s["max_eval_samples"]
                   else "a seeded prefix of the evaluation points")
         return {"textattack": {"recipe": s["textattack_recipe"], "sample": sample, **result}}
-    return sections
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -73,8 +77,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       **{k: s[k] for k in ("text_column", "label_column") if s[k]})
     if s["textattack_recipe"].lower() != "none":  # an unknown or offline-unavailable recipe fails before training
         resolve_attacks([f"textattack:{s['textattack_recipe']}"], task)
-    # --attack-step-size is relative to each token's radius here
-    return run_recipe(cfg, task=task, relative_step=True, sections=textattack_section(s))
+    # --attack-step-size is relative to each token's radius: the text task's training attack takes relative steps
+    return run_recipe(cfg, task=task, callbacks=[TextAttackReport(s)])
 
 
 if __name__ == "__main__":

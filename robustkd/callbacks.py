@@ -7,24 +7,41 @@ them in order, after the trainer's own (:class:`Interruption`, :class:`RunEstima
         def on_epoch_end(self, trainer, record):
             print(record["epoch"], record["lr"])
 
-Events: ``on_train_begin`` (after the resume, before the first step), ``on_step_end`` (after each
-optimizer step; ``logs`` holds the step's on-device loss values), ``on_evaluate`` (the per-epoch
-metrics), ``on_epoch_end`` (the epoch's ``metrics.jsonl`` record), ``on_save`` (a checkpoint was
-written, epoch-end or mid-epoch) and ``on_train_end`` (training ended: finished, stopped or failed).
-A callback stops the run cleanly with ``trainer.request_stop(reason, status)``: the loop finishes
-the step, writes a checkpoint, says so in one line and raises :class:`TrainingInterrupted`.
+Events of training: ``on_init_end`` (the trainer is built; a callback may record facts of the run
+in ``trainer.run_info``, which checkpoints and the saved model carry), ``on_train_begin`` (after the
+resume, before the first step), ``on_step_end`` (after each optimizer step; ``logs`` holds the
+step's on-device loss values), ``on_evaluate`` (the per-epoch metrics), ``on_epoch_end`` (the
+epoch's ``metrics.jsonl`` record), ``on_save`` (a checkpoint was written, epoch-end or mid-epoch)
+and ``on_train_end`` (training ended: finished, stopped or failed). A callback stops the run
+cleanly with ``trainer.request_stop(reason, status)``: the loop finishes the step, writes a
+checkpoint, says so in one line and raises :class:`TrainingInterrupted`.
+
+Events of the final report (:func:`robustkd.recipe.final_report`, once per model: the EMA copy,
+then the student): ``on_build_attacks`` may replace the model's attacks (e.g. wrap each to measure
+what it does) and ``on_report`` returns extra report sections (a value may be a callable, called
+after the attacks ran, to report what they measured)::
+
+    class Budget(TrainerCallback):
+        def on_report(self, trainer, which, model, attacks):
+            return {"budget": {spec: a.describe() for spec, a in attacks.items()}}
+
+    run_recipe(parse(RECIPE), callbacks=[Budget()])  # report.json gains a "budget" section
 """
 from __future__ import annotations
 
 import signal
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.logging import get_logger
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from .attacks.base import Attack
     from .trainer import Trainer
 
 logger = get_logger("robustkd.trainer")
@@ -44,7 +61,10 @@ class TrainingInterrupted(SystemExit):
 
 
 class TrainerCallback:
-    """The events of :class:`~robustkd.trainer.Trainer`; each does nothing unless overridden."""
+    """The events of :class:`~robustkd.trainer.Trainer` and of the final report; each does nothing
+    unless overridden."""
+
+    def on_init_end(self, trainer: Trainer) -> None: ...
 
     def on_train_begin(self, trainer: Trainer) -> None: ...
 
@@ -58,6 +78,18 @@ class TrainerCallback:
 
     def on_train_end(self, trainer: Trainer) -> None: ...
 
+    def on_build_attacks(self, trainer: Trainer, which: str,
+                         attacks: Mapping[str, Attack]) -> Mapping[str, Attack] | None:
+        """The attacks of model ``which`` (``"student"``, ``"ema"``) in the final report, by spec: return
+        the ones to run instead (the same specs), or None to keep them."""
+        return None
+
+    def on_report(self, trainer: Trainer, which: str, model: nn.Module,
+                  attacks: Mapping[str, Attack]) -> Mapping[str, Any] | None:
+        """Extra sections of model ``which``'s report (``{section: value}``; a callable value is called
+        after the evaluation), or None."""
+        return None
+
 
 class CallbackList:
     """Calls an event on every callback, in order."""
@@ -68,12 +100,40 @@ class CallbackList:
                 raise TypeError(f"callbacks must be TrainerCallback instances, got {type(cb).__name__}")
         self.callbacks = list(callbacks)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[TrainerCallback]:
         return iter(self.callbacks)
 
     def event(self, name: str, trainer: Trainer, *args: Any) -> None:
         for cb in self.callbacks:
             getattr(cb, name)(trainer, *args)
+
+    def build_attacks(self, trainer: Trainer, which: str, attacks: Mapping[str, Attack]) -> dict[str, Attack]:
+        """``on_build_attacks`` through every callback in order, each seeing the previous one's attacks; a
+        callback that drops or adds a spec is refused (the report runs the specs the user gave)."""
+        out = dict(attacks)
+        for cb in self.callbacks:
+            replaced = cb.on_build_attacks(trainer, which, out)
+            if replaced is None:
+                continue
+            if set(replaced) != set(out):
+                raise ValueError(f"{type(cb).__name__}.on_build_attacks returned the attacks "
+                                 f"{sorted(replaced)} for {sorted(out)}: it may replace attacks, not add or drop specs")
+            out = dict(replaced)
+        return out
+
+    def report_sections(self, trainer: Trainer, which: str, model: nn.Module,
+                        attacks: Mapping[str, Attack]) -> dict[str, Any]:
+        """The sections every callback's ``on_report`` returns, in order; a section two callbacks both
+        give is refused."""
+        out: dict[str, Any] = {}
+        for cb in self.callbacks:
+            sections = cb.on_report(trainer, which, model, attacks)
+            for key, value in (sections or {}).items():
+                if key in out:
+                    raise ValueError(f"{type(cb).__name__}.on_report gives the report section {key!r}, which an "
+                                     "earlier callback gave: rename one of them")
+                out[key] = value
+        return out
 
 
 class Interruption(TrainerCallback):

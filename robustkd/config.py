@@ -27,7 +27,7 @@ import copy
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -171,6 +171,10 @@ class Recipe:
     #: Called with the resolved settings before they are validated, printed or used (e.g. to fold
     #: a recipe's own flags into ``method_kwargs``); may raise :class:`ConfigError`.
     finalize: Callable[[dict[str, Any]], None] | None = None
+    #: The run's threat model as options of ``task.threat_model`` from the resolved settings (e.g.
+    #: ``{"snr_db": 30.0}`` from a recipe's own flag), or None for the default, ``eps`` and ``norm``
+    #: (:func:`threat_options`). Resolved once, into :attr:`RunConfig.threat`.
+    threat: Callable[[dict[str, Any]], Mapping[str, Any] | None] | None = None
 
     @property
     def dataclasses(self) -> tuple[type, ...]:
@@ -375,6 +379,16 @@ class RunConfig:
     config_file: str | None = None
     notes: list[str] = field(default_factory=list)  # what resolution did on its own (scaled milestones, ...)
     unsupported: list[str] = field(default_factory=list)  # the preset's reference behaviour robustkd lacks
+    #: the run's threat model, as options of ``task.threat_model`` (``{"eps": 0.031, "norm": "linf"}``): the
+    #: training attack's ball and the budget of every evaluation attack whose spec names none; None:
+    #: :func:`threat_options` of the settings
+    threat: dict[str, Any] | None = None
+
+    def threat_options(self) -> dict[str, Any]:
+        """The run's threat model (:attr:`threat`), resolved from the settings once."""
+        if self.threat is None:
+            self.threat = threat_options(self.settings)
+        return dict(self.threat)
 
     @property
     def args(self) -> argparse.Namespace:
@@ -505,8 +519,10 @@ def resolve(recipe: Recipe, argv: Sequence[str] | None = None) -> RunConfig:
     else:
         overrides = {k: settings[k] for k in user if settings[k] != base.get(k)}
     unsupported = list(preset.unsupported) if preset is not None else []
+    threat = recipe.threat(settings) if recipe.threat is not None else None
     return RunConfig(settings=settings, preset=preset.name if preset else None, overrides=overrides,
-                     config_file=given.get("config"), notes=notes, unsupported=unsupported)
+                     config_file=given.get("config"), notes=notes, unsupported=unsupported,
+                     threat=dict(threat) if threat is not None else threat_options(settings))
 
 
 def parse(recipe: Recipe, argv: Sequence[str] | None = None) -> RunConfig:
@@ -525,11 +541,12 @@ def parse(recipe: Recipe, argv: Sequence[str] | None = None) -> RunConfig:
 
 
 # -- what a configuration builds ------------------------------------------------------------------
-def train_config(s: dict[str, Any] | argparse.Namespace, eval_threat: dict[str, Any] | None = None) -> Any:
+def train_config(s: dict[str, Any] | argparse.Namespace, eval_threat: Mapping[str, Any] | None = None) -> Any:
     """The :class:`~robustkd.trainer.TrainConfig` of the settings: every field declared as a flag is the
     setting of the same name (one declaration, no map); the derived fields are computed here:
     ``awp_gamma`` (None without ``awp``), ``progress`` (``not no_progress``) and ``eval_threat``
-    (default: the run's ``eps`` and ``norm``), the budget of per-epoch attacks whose specs name none."""
+    (the run's threat model, :attr:`RunConfig.threat`; default: :func:`threat_options` of the settings),
+    the budget of per-epoch attacks whose specs name none."""
     from dataclasses import fields as dc_fields
 
     from .trainer import TrainConfig
@@ -542,18 +559,21 @@ def train_config(s: dict[str, Any] | argparse.Namespace, eval_threat: dict[str, 
         values["tags"] = [t for t in values["tags"].split(",") if t]
     values["awp_gamma"] = s.get("awp_gamma") if s.get("awp") else None
     values["progress"] = not s.get("no_progress", False)
-    values["eval_threat"] = dict(eval_threat or eval_attack_defaults(s))
+    values["eval_threat"] = dict(eval_threat if eval_threat is not None else threat_options(s))
     return TrainConfig(**values)
 
 
-def eval_attack_defaults(s: dict[str, Any]) -> dict[str, Any]:
-    """The run's training threat model as defaults for its evaluation attacks."""
-    from .threat import eps_from_pixels
+def threat_options(s: Mapping[str, Any]) -> dict[str, Any]:
+    """The threat model of the settings ``eps`` (parsed: ``8/255``) and ``norm``, as options of
+    ``task.threat_model``: the default of :attr:`RunConfig.threat`."""
+    return {"eps": _budget(s["eps"], "eps"), "norm": s["norm"]}
 
-    return {"eps": eps_from_pixels(s["eps"]), "norm": s["norm"]}
+
+#: the earlier name of :func:`threat_options`
+eval_attack_defaults = threat_options
 
 
-def build_attacks(specs: Sequence[str], task: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+def build_attacks(specs: Sequence[str], task: Any, defaults: Mapping[str, Any]) -> dict[str, Any]:
     """Evaluation attacks in the run's threat model: ``defaults`` (eps, norm) are the budget of every attack
     whose spec names none of its own and that takes both (see :func:`robustkd.attacks.base.create_attack`)."""
     from .attacks.base import build_attacks as _build
@@ -561,22 +581,28 @@ def build_attacks(specs: Sequence[str], task: Any, defaults: dict[str, Any]) -> 
     return _build(specs, task, **defaults)
 
 
-def build_method(s: dict[str, Any] | argparse.Namespace, task: Any, *, threat: Any = None,
-                 relative_step: bool = False) -> Any:
-    """The run's method, with its training attack, attack mode and teachers, from the settings.
+def build_method(s: Mapping[str, Any] | argparse.Namespace, task: Any, *, threat: Any = None,
+                 relative_step: bool | None = None) -> Any:
+    """The run's method, with its training attack, attack mode and teachers, from the settings: the
+    one builder of a method and its training attack, used by the recipes, ``RobustTrainer``
+    (:func:`robustkd.hf.build_robust_method`) and the conformance kit (:mod:`robustkd.testing`).
 
-    The attack is PGD in the run's threat model (``threat``, default ``task.threat_model(eps, norm)``)
-    with ``attack_steps`` and ``attack_step_size`` (relative to each input's radius with
-    ``relative_step``); its objective, start and mode are the settings' when given (a preset gives
-    them) and otherwise the method's own (its class's ``training_attack`` / ``attack_mode``, via ``method_defaults``). Teachers named by
-    ``clean_teacher`` / ``robust_teacher`` are loaded with :func:`robustkd.teachers.load_teacher`.
-    Settings left out take their defaults: ``build_method({"method": "pgd_at", "attack_steps": 2},
-    task, threat=task.threat_model())`` is the method in the task's own threat model.
+    The attack is PGD in the run's threat model (``threat``: a :class:`~robustkd.threat.ThreatModel`,
+    or options of ``task.threat_model`` such as :attr:`RunConfig.threat`; default: :func:`threat_options`
+    of the settings) with ``attack_steps`` and ``attack_step_size``. The step size is relative to each
+    input's radius when ``relative_step`` says so, by default when the task's own training attack
+    (``task.default_train_attack``, e.g. the text task's ``embedding_pgd``) takes relative steps (see
+    :func:`steps_are_relative`). Its objective, start and mode are the settings' when given (a preset
+    gives them) and otherwise the method's own (its class's ``training_attack`` / ``attack_mode``, via
+    ``method_defaults``). Teachers named by ``clean_teacher`` / ``robust_teacher`` are loaded with
+    :func:`robustkd.teachers.load_teacher`. Settings left out take their defaults:
+    ``build_method({"method": "pgd_at", "attack_steps": 2}, task, threat=task.threat_model())`` is the
+    method in the task's own threat model.
     """
     from .attacks.pgd import PGD
     from .presets import method_defaults
     from .registry import METHODS
-    from .threat import eps_from_pixels
+    from .threat import ThreatModel, eps_from_pixels
 
     s = vars(s) if isinstance(s, argparse.Namespace) else s
     name = s["method"]
@@ -586,17 +612,18 @@ def build_method(s: dict[str, Any] | argparse.Namespace, task: Any, *, threat: A
     attack = None
     mode = None
     if atk_defaults is not None:
-        if threat is None:
-            threat = task.threat_model(eps=eps_from_pixels(s["eps"]), norm=s["norm"])
+        if not isinstance(threat, ThreatModel):
+            threat = task.threat_model(**(threat_options(s) if threat is None else dict(threat)))
         step = s.get("attack_step_size")
         step = float(eps_from_pixels(step)) if step not in (None, "") else None
+        relative = step is not None and (steps_are_relative(task) if relative_step is None else relative_step)
         start = s.get("attack_random_start") or atk_defaults.get("random_start", "uniform")
         init_std = s.get("attack_init_std")
         if init_std is None:
             init_std = atk_defaults.get("init_std", 0.001)
         loss = s.get("attack_loss") or atk_defaults.get("loss", "ce")
-        attack = PGD(task, threat, steps=s.get("attack_steps", 10), step_size=None if relative_step else step,
-                     rel_step_size=step if relative_step else None, random_start=start, init_std=init_std, loss=loss)
+        attack = PGD(task, threat, steps=s.get("attack_steps", 10), step_size=None if relative else step,
+                     rel_step_size=step if relative else None, random_start=start, init_std=init_std, loss=loss)
         mode = s.get("attack_mode") or atk_defaults.get("mode")
     kwargs = {**own.get("method_kwargs", {}), **(s.get("method_kwargs") or {})}
     if name in ("trades", "adr_trades") and s.get("beta") is not None:
@@ -607,6 +634,15 @@ def build_method(s: dict[str, Any] | argparse.Namespace, task: Any, *, threat: A
     if own.get("teachers"):
         kwargs.update(load_teachers(s, task))
     return factory(task, attack, **kwargs)
+
+
+def steps_are_relative(task: Any) -> bool:
+    """Whether a training-attack step size on ``task`` is relative to each input's radius: as the task's
+    own training attack (``task.default_train_attack``) takes it, e.g. ``embedding_pgd``'s steps relative
+    to each token embedding's radius; absolute for ``pgd`` (pixels, waveform amplitude)."""
+    from .attacks.base import create_attack
+
+    return getattr(create_attack(task.default_train_attack, task), "rel_step_size", None) is not None
 
 
 def _check_method_kwargs(name: str, factory: Any, kwargs: dict[str, Any]) -> None:
@@ -641,4 +677,4 @@ def load_teachers(s: dict[str, Any], task: Any) -> dict[str, Any]:
 
 
 __all__ = ["ConfigError", "Recipe", "RunConfig", "build_attacks", "build_method", "build_parser", "parse", "resolve",
-           "train_config", "validate", "CONFIG_FILE"]
+           "steps_are_relative", "threat_options", "train_config", "validate", "CONFIG_FILE"]

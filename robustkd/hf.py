@@ -625,7 +625,7 @@ class RobustTrainer(Trainer):
         return torch.utils.data.Subset(dataset, idx)
 
     def _robust_metrics(self, dataset: Any, prefix: str) -> dict[str, float]:
-        from .eval.robustness import evaluate_predictions
+        from .trainer import ModelSource, evaluate_models
 
         cfg, task = self.robust.config, self.robust.task
         if not cfg.eval_attacks and self.robust.ema is None:
@@ -635,17 +635,15 @@ class RobustTrainer(Trainer):
         if points is not dataset and hasattr(self, "_eval_dataloaders"):
             self._eval_dataloaders.pop("eval", None)  # never reuse the sample's loader for the full evaluation
         attacks = build_attacks(cfg.eval_attacks, task)
-        out: dict[str, float] = {f"{prefix}_robust_num_examples": float(len(points))}
-        models: list[tuple[str, Any]] = [("", contextlib.nullcontext(unwrap(self.model)))]
+        models: dict[str, ModelSource] = {"": unwrap(self.model)}
         if self.robust.ema is not None:
-            models.append(("ema_", ema_model(self.robust.ema)))
-        for tag, context in models:
-            # attacks seeded by the run's seed (per batch); training's random state is left as it was
-            with torch.random.fork_rng(), context as model:
-                summary = evaluate_predictions(task, model, loader, attacks, self.accelerator,
-                                               seed=int(self.args.seed)).summary()
-            out[f"{prefix}_{tag}clean_accuracy"] = summary["clean_accuracy"]
-            for name, acc in summary.get("robust_accuracy", {}).items():
+            models["ema_"] = ema_model(self.robust.ema)
+        # attacks seeded by the run's seed (per batch); training's random state is left as it was
+        flat = evaluate_models(task, models, loader, attacks, self.accelerator, seed=int(self.args.seed))
+        out: dict[str, float] = {f"{prefix}_robust_num_examples": float(len(points))}
+        for tag in models:
+            out[f"{prefix}_{tag}clean_accuracy"] = flat[f"{tag}clean_accuracy"]
+            for name, acc in flat.get(f"{tag}robust_accuracy", {}).items():
                 out[f"{prefix}_{tag}robust_accuracy/{name}"] = acc
         return out
 

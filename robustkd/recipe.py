@@ -11,22 +11,22 @@ method anneals anything.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .config import ConfigError, RunConfig, build_attacks, build_method, eval_attack_defaults, train_config
+from .callbacks import TrainerCallback
+from .config import ConfigError, RunConfig, build_attacks, build_method, train_config
 from .distill.methods import Method
 from .eval.robustness import resolve_attacks
 from .registry import TASKS, RegistryError
 from .task import DataNotFoundError, Task
-from .trainer import ConfigMismatchError, Trainer
+from .trainer import ConfigMismatchError, Trainer, for_each_model
 
-#: A recipe's extra report sections: ``(trainer, which, model, attacks) -> {section: value}``; a value
-#: may be a callable, called after the evaluation (e.g. statistics the attacks gathered).
-Sections = Callable[[Trainer, str, nn.Module, Mapping[str, Any]], Mapping[str, Any]]
+#: report sections the final report writes itself; a callback's ``on_report`` may not give them
+OWN_SECTIONS = ("run", "threat_models", "method", "ema")
 
 
 def build_task(s: Mapping[str, Any], **kwargs: Any) -> Task:
@@ -34,74 +34,77 @@ def build_task(s: Mapping[str, Any], **kwargs: Any) -> Task:
 
 
 def run_recipe(cfg: RunConfig, task: Task | None = None, method: Method | None = None, *,
-               threat: Any = None, relative_step: bool = False, sections: Sections | None = None,
-               attack_wrapper: Callable[[Any], Any] | None = None, eval_threat: Mapping[str, Any] | None = None,
-               run_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               callbacks: Sequence[TrainerCallback] = ()) -> dict[str, Any]:
     """Train, then evaluate the model (and its EMA copy) under ``final_attacks`` with the evaluation
     suite; returns the model's report (with an ``ema`` summary when the run kept one).
 
-    ``threat`` is the training attack's threat model (default: ``eps`` and ``norm``);
-    ``eval_threat`` the same as threat-model options (e.g. ``{"snr_db": 30}``), the budget of
-    every evaluation attack whose spec names none (default: ``eps`` and ``norm``)."""
-    trainer = build_trainer(cfg, task, method, threat=threat, relative_step=relative_step, eval_threat=eval_threat,
-                            run_info=run_info)
+    The run's threat model is ``cfg.threat`` (:attr:`robustkd.config.RunConfig.threat`, resolved once
+    from the settings): the training attack's ball and the budget of every evaluation attack whose
+    spec names none. ``callbacks`` (:class:`~robustkd.callbacks.TrainerCallback`) see the training
+    events and the final report's: ``on_build_attacks`` (e.g. wrap each attack to measure it) and
+    ``on_report`` (extra report sections)."""
+    trainer = build_trainer(cfg, task, method, callbacks=callbacks)
     if trainer.accelerator.is_main_process:
         cfg.write(cfg.settings["output_dir"])
     trainer.fit()
-    return final_report(cfg, trainer, sections=sections, attack_wrapper=attack_wrapper)
+    return final_report(cfg, trainer)
 
 
-def build_trainer(cfg: RunConfig, task: Task | None = None, method: Method | None = None, *, threat: Any = None,
-                  relative_step: bool = False, eval_threat: Mapping[str, Any] | None = None,
-                  run_info: Mapping[str, Any] | None = None) -> Trainer:
+def build_trainer(cfg: RunConfig, task: Task | None = None, method: Method | None = None, *,
+                  callbacks: Sequence[TrainerCallback] = ()) -> Trainer:
     """The run's task, model, method and :class:`Trainer`, built from the settings and nothing else,
     after seeding every random number generator with ``seed``: the same settings build the same
-    initial weights, data order, augmentation and attack starts (bit for bit on a CPU)."""
+    initial weights, data order, augmentation and attack starts (bit for bit on a CPU). The threat
+    model (``cfg.threat``) goes to the method's training attack and to the trainer's evaluation
+    attacks; the final attacks are built here once to check them (a typo fails before training)."""
     from accelerate.utils import set_seed
 
     s = cfg.settings
+    threat = cfg.threat_options()
     set_seed(s["seed"])  # before the model exists: its initial weights are drawn here
     task = task or build_task(s)
     set_seed(s["seed"])  # a task may draw random numbers while it loads; the model starts from the seed
     model = task.build_model(s["model"], **s["model_kwargs"])
-    method = method or build_method(s, task, threat=threat, relative_step=relative_step)
-    resolve_attacks(s["final_attacks"], task, **(eval_threat or eval_attack_defaults(s)))  # typos fail now
+    method = method or build_method(s, task, threat=threat)
+    resolve_attacks(s["final_attacks"], task, **threat)  # typos fail now
     info = {"model": s["model"], "model_kwargs": s["model_kwargs"], "dataset": s["dataset"],
-            "data_dir": s["data_dir"], "preset": cfg.preset, **dict(run_info or {})}
-    return Trainer(task, model, method, train_config(s, eval_threat), run_info=info)
+            "data_dir": s["data_dir"], "preset": cfg.preset}
+    return Trainer(task, model, method, train_config(s, threat), run_info=info, callbacks=list(callbacks))
 
 
-def final_report(cfg: RunConfig, trainer: Trainer, *, sections: Sections | None = None,
-                 attack_wrapper: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+def final_report(cfg: RunConfig, trainer: Trainer) -> dict[str, Any]:
     """The final evaluation of a trained run through :func:`robustkd.eval.suite.run_evaluation`:
-    ``report.json`` for the model, ``ema/report.json`` for the EMA copy, each with the run's
-    configuration and threat models; the main process evaluates, the others wait."""
+    ``report.json`` for the model, ``ema/report.json`` for the EMA copy (evaluated first, so the
+    model's report points to it), each with the run's configuration and threat models and the
+    sections of the trainer's callbacks (``on_build_attacks``, ``on_report``); the main process
+    evaluates, the others wait."""
     from .cli import summary_text
     from .eval.suite import run_evaluation
-    from .teachers import unwrap
 
     s, acc, task, method = cfg.settings, trainer.accelerator, trainer.task, trainer.method
     out = Path(s["output_dir"])
     report: dict[str, Any] = {}
     if acc.is_main_process:
-        defaults = dict(trainer.config.eval_threat or eval_attack_defaults(s))
+        defaults = dict(trainer.config.eval_threat if trainer.config.eval_threat is not None else cfg.threat_options())
         train_threat = getattr(getattr(method, "attack", None), "threat", None)
         threat_section = {"train": train_threat.describe() if train_threat is not None else None,
                           "eval_default": {**defaults, "note": "evaluation attacks use this budget unless their "
                                                                "spec names one or the attack has its own norm"}}
-        models = [("student", unwrap(trainer.model))]
-        if trainer.ema is not None:
-            models.insert(0, ("ema", trainer.ema.model))  # first, so the model's report can point to it
+        models = dict(reversed(list(trainer.models().items())))  # the EMA copy first
         reports: dict[str, dict[str, Any]] = {}
         write_schedule(out, trainer)  # before the reports: the run's report.html shows it
-        for which, net in models:
-            attacks = build_attacks(s["final_attacks"], task, defaults)
-            if attack_wrapper is not None:
-                attacks = {spec: attack_wrapper(a) for spec, a in attacks.items()}
+
+        def evaluate(which: str, net: nn.Module) -> dict[str, Any]:
+            # each model's own attacks: they gather its statistics (AutoAttack's checks, measured budgets)
+            attacks = trainer.callbacks.build_attacks(trainer, which, build_attacks(s["final_attacks"], task, defaults))
             extra: dict[str, Any] = {"run": cfg.to_dict(), "threat_models": threat_section,
                                      "method": method.describe()}
-            if sections is not None:
-                extra.update(sections(trainer, which, net, attacks))
+            sections = trainer.callbacks.report_sections(trainer, which, net, attacks)
+            clash = sorted(set(sections) & set(OWN_SECTIONS))
+            if clash:
+                raise ValueError(f"a callback's on_report gives the report section(s) {', '.join(clash)}, which the "
+                                 "report writes itself: rename them")
+            extra.update(sections)
             if which == "student" and "ema" in reports:
                 extra["ema"] = {**_headline(reports["ema"]), "report": "ema/report.json"}
             ev = run_evaluation(
@@ -113,6 +116,9 @@ def final_report(cfg: RunConfig, trainer: Trainer, *, sections: Sections | None 
                 sections=extra)
             reports[which] = ev.report
             acc.print(f"{which}: {summary_text(ev.report)}")
+            return ev.report
+
+        for_each_model(models, evaluate)
         report = reports["student"]
         acc.print(f"report: {out / 'report.json'}")
     acc.wait_for_everyone()

@@ -21,9 +21,11 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, TypeVar
 
 import torch
 from accelerate.logging import get_logger
@@ -44,7 +46,7 @@ from .checkpoint import (
 from .distill.methods import Method, Progress
 from .distributed import reduce_
 from .divergence import CHECK_EVERY, DivergenceError, DivergenceGuard, divergence_hint
-from .eval.robustness import evaluate
+from .eval.robustness import evaluate_predictions
 from .guards import check_train_batches
 from .rundir import (
     CHECKPOINT_DIR,
@@ -175,7 +177,7 @@ class TrainConfig:
 NONFINITE_CHECK_EVERY = CHECK_EVERY  # the name before robustkd.divergence
 _RESUME_KEYS = RESUME_KEYS
 __all__ = ["ConfigMismatchError", "DivergenceError", "TrainConfig", "Trainer", "TrainerCallback", "TrainingInterrupted",
-           "evaluate_models", "lr_factor"]
+           "evaluate_models", "for_each_model", "lr_factor"]
 
 
 @dataclass
@@ -284,6 +286,7 @@ class Trainer:
         for obj in (self.scheduler, self.state, self.method) + ((self.ema,) if self.ema else ()):
             acc.register_for_checkpointing(obj)
         self.eval_attacks = {spec: create_attack(spec, task, **(config.eval_threat or {})) for spec in config.eval_attacks}
+        self.callbacks.event("on_init_end", self)
 
     # -- setup helpers ------------------------------------------------------------------
     def _config_now(self) -> dict[str, Any]:
@@ -566,9 +569,13 @@ class Trainer:
     def _latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.output_dir)
 
+    def models(self) -> dict[str, nn.Module]:
+        """The run's models by name: ``student``, then ``ema`` when the run keeps an EMA copy."""
+        return {"student": unwrap(self.model), **({"ema": self.ema.model} if self.ema is not None else {})}
+
     def evaluate_all(self, attacks: dict[str, Attack] | None = None, prefix_ema: str = "ema_") -> dict[str, Any]:
         """Clean and robust accuracy of the student and, when kept, the EMA model."""
-        models = {"": unwrap(self.model), **({prefix_ema: self.ema.model} if self.ema is not None else {})}
+        models = {{"student": "", "ema": prefix_ema}[name]: m for name, m in self.models().items()}
         out = evaluate_models(self.task, models, self.eval_loader, self.eval_attacks if attacks is None else attacks,
                               self.accelerator, progress=self.config.progress and self.accelerator.is_local_main_process)
         self.model.train()
@@ -661,16 +668,44 @@ class Trainer:
         acc.wait_for_everyone()
 
 
-def evaluate_models(task: Task, models: dict[str, nn.Module], loader: Any, attacks: dict[str, Attack],
-                    accelerator: Any = None, progress: bool = False) -> dict[str, Any]:
+#: a model of a set to evaluate: the module, or a context that gives it (a PEFT student with its EMA
+#: adapter weights swapped in, restored afterwards)
+ModelSource = nn.Module | AbstractContextManager[nn.Module]
+R = TypeVar("R")
+
+
+def for_each_model(models: Mapping[str, ModelSource], run: Callable[[str, nn.Module], R], *,
+                   keep_random_state: bool = False) -> dict[str, R]:
+    """``run(name, model)`` for each model of a set (the student, its EMA copy, ...) in order: the one
+    loop behind every evaluation of a run's models (the trainer's per-epoch metrics, the final report,
+    ``RobustTrainer``'s robust metrics). A model given as a context is entered around its run;
+    ``keep_random_state`` leaves the caller's random number generators as they were (an evaluation
+    inside training that must not move its random state)."""
+    out: dict[str, R] = {}
+    for name, source in models.items():
+        with contextlib.ExitStack() as stack:
+            if keep_random_state:
+                stack.enter_context(torch.random.fork_rng())
+            model = source if isinstance(source, nn.Module) else stack.enter_context(source)
+            out[name] = run(name, model)
+    return out
+
+
+def evaluate_models(task: Task, models: Mapping[str, ModelSource], loader: Any, attacks: Mapping[str, Attack],
+                    accelerator: Any = None, progress: bool = False, *, seed: int | None = None) -> dict[str, Any]:
     """Clean and robust accuracy of each model (the student, its EMA copy, ...) under ``attacks`` on
     ``loader``: one dict, each model's keys prefixed with its name (``""`` for the student, ``"ema_"``);
-    with ``progress`` a bar per model names the attack and the model."""
-    out: dict[str, Any] = {}
-    for prefix, model in models.items():
+    with ``progress`` a bar per model names the attack and the model. ``seed``: the attacks' random
+    starts are seeded per batch (:func:`robustkd.eval.robustness.evaluate_predictions`) and the caller's
+    random state is left as it was."""
+    def run(prefix: str, model: nn.Module) -> dict[str, Any]:
         label = {"": "student", "ema_": "EMA"}.get(prefix, prefix.rstrip("_"))
-        out.update({f"{prefix}{k}": v for k, v in evaluate(task, model, loader, attacks, accelerator=accelerator,
-                                                           progress=progress, label=label).items()})
+        return evaluate_predictions(task, model, loader, dict(attacks), accelerator, progress, seed=seed,
+                                    label=label).summary()
+
+    out: dict[str, Any] = {}
+    for prefix, summary in for_each_model(models, run, keep_random_state=seed is not None).items():
+        out.update({f"{prefix}{k}": v for k, v in summary.items()})
     return out
 
 
