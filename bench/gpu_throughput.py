@@ -132,6 +132,10 @@ class Side:
         self.i += n
         return out
 
+    def step(self, x: Any, y: Any) -> None:
+        """One training step on a batch: the sides whose :meth:`steps` trains batch by batch define it."""
+        raise NotImplementedError(f"{type(self).__name__} trains through steps(), not step()")
+
     def steps(self, n: int) -> None:
         for x, y in self.next_batches(n):
             self.step(x, y)
@@ -200,6 +204,8 @@ class RobustkdSide(Side):
         from robustkd.recipe import build_trainer
 
         spec = importlib.util.spec_from_file_location(f"_recipe_{recipe}", REPO / "recipes" / f"{recipe}.py")
+        if spec is None or spec.loader is None:
+            raise FileNotFoundError(f"recipes/{recipe}.py is not a Python file")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         self.tmp = tempfile.mkdtemp(prefix="gpu-bench-")
@@ -339,7 +345,7 @@ class ReferenceBMTARDSide(Side):
                 self.k += 1
 
 
-SIDES = {
+SIDES: dict[str, dict[str, tuple[type[Side], tuple[Any, ...]]]] = {
     "adr": {"reference_adr": (ReferenceADRSide, ()), "robustkd_adr_defaults": (RobustkdSide, ("cifar_adr", [])),
             "robustkd_adr_fast": (RobustkdSide, ("cifar_adr", FAST_FLAGS))},
     "mtard": {"reference_bmtard": (ReferenceBMTARDSide, ()), "robustkd_mtard_defaults": (RobustkdMTARDSide, ([],)),
@@ -516,9 +522,9 @@ class Run:
 
     def finish_accuracy(self, runs: list[dict[str, Any]]) -> None:
         rows = []
-        expected = {"fp32": {"compile": False, "channels_last": False, "tf32": False},
-                    "fast": {"compile": not self.args.dry_run, "channels_last": True, "tf32": True,
-                             "mixed_precision": "bf16"}}
+        expected: dict[str, dict[str, Any]] = {
+            "fp32": {"compile": False, "channels_last": False, "tf32": False},
+            "fast": {"compile": not self.args.dry_run, "channels_last": True, "tf32": True, "mixed_precision": "bf16"}}
         for r in runs:
             row: dict[str, Any] = {"mode": r["mode"], "seed": r["seed"], "flags": r["flags"]}
             try:
@@ -569,7 +575,10 @@ def autoattack_job(opts: dict[str, Any]) -> dict[str, Any]:
     dev = device()
     n = opts["aa_points"]
     task = create_task("cifar10", data_dir=opts["data_dir"])
-    model = task.load_pretrained("autoattack-example:resnet18").to(dev).eval()
+    model = task.load_pretrained("autoattack-example:resnet18")
+    if model is None:
+        raise RuntimeError("the image task does not load autoattack-example:resnet18")
+    model = model.to(dev).eval()
     loader = task.dataloader("test", n, max_samples=n, seed=0, shuffle=False)
     out: dict[str, Any] = {"points": n, "model": "autoattack-example:resnet18", "version": "standard"}
     synchronize()

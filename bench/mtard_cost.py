@@ -33,6 +33,7 @@ import os
 import statistics
 import tempfile
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,7 @@ def main() -> None:
         bare_clean.requires_grad_(False)
         bare_robust.requires_grad_(False)
         opt = torch.optim.SGD(bare_student.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
-        bare = {"t_adv": 1.0, "t_nat": 1.0, "w_adv": 0.5, "w_nat": 0.5, "l0": None}
+        bare: dict[str, Any] = {"t_adv": 1.0, "t_nat": 1.0, "w_adv": 0.5, "w_nat": 0.5, "l0": None}
 
         def bare_step() -> None:
             s = bare_student
@@ -135,7 +136,8 @@ def main() -> None:
                 torch.cuda.synchronize()
             return (time.perf_counter() - wall) / args.steps, (time.process_time() - cpu) / args.steps
 
-        ours_step(), bare_step()  # warm-up
+        ours_step()  # warm-up
+        bare_step()
         ratios, cpu_ratios, ours_t, bare_t = [], [], [], []
         for r in range(args.rounds):
             if r % 2 == 0:

@@ -23,7 +23,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,9 +74,10 @@ def main() -> None:
         return Trainer(task, task.build_model(args.model), method, cfg)
 
     with tempfile.TemporaryDirectory() as tmp:
-        sides = {"baseline": (trainer(f"{tmp}/a"), contextlib.nullcontext),
-                 "channels_last": (trainer(f"{tmp}/b", channels_last=True), contextlib.nullcontext),
-                 "bf16": (trainer(f"{tmp}/c"), lambda: torch.autocast(device, dtype=torch.bfloat16))}
+        sides: dict[str, tuple[Trainer, Callable[[], contextlib.AbstractContextManager[Any]]]] = {
+            "baseline": (trainer(f"{tmp}/a"), contextlib.nullcontext),
+            "channels_last": (trainer(f"{tmp}/b", channels_last=True), contextlib.nullcontext),
+            "bf16": (trainer(f"{tmp}/c"), lambda: torch.autocast(device, dtype=torch.bfloat16))}
         if not args.no_compile:
             sides["compile"] = (trainer(f"{tmp}/d", compile=True), contextlib.nullcontext)
         b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -111,7 +114,7 @@ def main() -> None:
         augment_images(x)
         batched_t.append(time.perf_counter() - start)
     # loader workers: one pass over 1024 images
-    loader_t = {}
+    loader_t: dict[int, list[float]] = {}
     for workers in (0, 2, 0, 2):
         loader = task.dataloader("train", 128, max_samples=1024, num_workers=workers)
         start = time.perf_counter()

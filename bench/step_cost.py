@@ -62,7 +62,7 @@ def load_reference(path: str):
         import gin  # noqa: F401
     except ImportError:
         stub = types.ModuleType("gin")
-        stub.configurable = lambda obj=None, **_: obj if obj is not None else (lambda o: o)
+        stub.__dict__["configurable"] = lambda obj=None, **_: obj if obj is not None else (lambda o: o)
         sys.modules["gin"] = stub
     sys.path.insert(0, str(src))
     trainer_mod = importlib.import_module("advTrainer")

@@ -39,6 +39,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import textattack
+    from robustkd_tasks.text import TextClassification
     from textattack.attack_recipes import DeepWordBugGao2018  # noqa: F401 - fails early without TextAttack
     from textattack.models.wrappers import HuggingFaceModelWrapper
 
@@ -46,6 +47,7 @@ def main() -> None:
     from robustkd.attacks.text import TEXTATTACK_RECIPES, TextAttackAdapter
 
     task = create_task("sst2", data_dir=args.data_dir, max_length=64)
+    assert isinstance(task, TextClassification)  # the built-in text task: texts, encode(), tokenizer
     torch.manual_seed(0)
     model = task.build_model(args.model).eval()
     data = task.dataset("test")
