@@ -84,3 +84,63 @@ def test_models_by_name_including_timm(cifar_task):
 def test_synthetic_data_only_by_name():
     task = create_task("synthetic")
     assert task.name == "synthetic" and len(task.dataset("train")) == 512
+
+
+def test_the_image_module_keeps_every_import_path_of_its_split_parts():
+    import robustkd_tasks.image as image
+    from robustkd_tasks import image_data, image_pretrained
+
+    for name in ("ImageTensorDataset", "augment_images", "collate_augment", "collate_eval", "load_images"):
+        assert getattr(image, name) is getattr(image_data, name), name
+    for name in ("HFImageClassifier", "load_hf_image_classifier", "load_timm_pretrained"):
+        assert getattr(image, name) is getattr(image_pretrained, name), name
+
+
+@pytest.mark.parametrize("make", [
+    lambda: create_task("cifar10", data_dir="unused", norm="l3"),
+    lambda: create_task("synthetic").threat_model(norm="l3"),
+])
+def test_an_unknown_norm_is_refused_where_it_enters(make):
+    with pytest.raises(ValueError, match=r"unknown norm 'l3': use 'linf' or 'l2'"):
+        make()
+
+
+def test_a_hugging_face_image_classifier_takes_mean_and_std_together():
+    from robustkd_tasks.image import HFImageClassifier
+
+    with pytest.raises(ValueError, match="give both mean and std"):
+        HFImageClassifier(torch.nn.Identity(), mean=[0.5, 0.5, 0.5])
+
+
+def _hf_vit_dir(path):
+    import json
+
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=32, num_labels=10)
+    ViTForImageClassification(cfg).save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        {"do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["hf_dir", "timm"])
+def test_eval_refuses_no_normalize_for_models_that_bring_their_normalisation(kind, tmp_path, cifar_dir, capsys):
+    """``--no-normalize`` is for state-dict models; a Hugging Face directory or a timm model refuses it
+    (before any weights are read) instead of running with a normalisation the user turned off."""
+    from robustkd.cli import main
+
+    spec = str(_hf_vit_dir(tmp_path / "vit")) if kind == "hf_dir" else "timm:resnet18"
+    capsys.readouterr()
+    code = main(["eval", "--task", "cifar10", "--data-dir", str(cifar_dir), "--model", spec, "--no-normalize",
+                 "--attacks", "fgsm", "--max-eval-samples", "4", "--output-dir", str(tmp_path / "eval"),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "takes no --no-normalize" in lines[0] and spec in lines[0], err[-2000:]
+    assert "Traceback" not in err
+    if kind == "hf_dir":  # without the flag the directory loads, its own normalisation inside
+        model = create_task("cifar10", data_dir=str(cifar_dir)).load_pretrained(spec)
+        assert type(model).__name__ == "HFImageClassifier" and model.mean is not None

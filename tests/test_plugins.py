@@ -468,3 +468,61 @@ def test_builtin_plugins_install_as_robustkd_tasks_with_every_package_listed():
     assert all(v.startswith("robustkd_tasks.") for v in points.values()), points
 
     assert TASKS.entry("cifar10").source == "built-in" and TASKS.get("cifar10").__module__ == "robustkd_tasks.image"
+
+
+def test_a_dataset_without_len_is_refused_where_a_sample_is_drawn():
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield {"inputs": torch.zeros(3, 32, 32), "labels": torch.tensor(0)}
+
+    task = _synthetic_subclass(dataset=lambda self, split: Stream())
+    with pytest.raises(TypeError, match=r"'train' split of the task 'synthetic' is a Stream without len\(\): "
+                                        r"Task.dataset must return a map-style dataset"):
+        task.dataloader("train", 4, max_samples=2)
+
+
+def test_the_hugging_face_model_tasks_share_one_base_and_keep_their_names():
+    """``hf_image`` and ``hf_audio`` are one base (``robustkd_tasks.hf_model``) with what differs per
+    modality; both are still registered by their modules under their names and input keys."""
+    from robustkd_tasks.hf_model import HFModelTask
+    from robustkd_tasks.image import HFImageTask
+    from robustkd_tasks.speech import HFAudioTask
+
+    assert issubclass(HFImageTask, HFModelTask) and issubclass(HFAudioTask, HFModelTask)
+    for name, module, key in (("hf_image", "robustkd_tasks.image", "pixel_values"),
+                              ("hf_audio", "robustkd_tasks.speech", "input_values")):
+        factory = TASKS.get(name)
+        assert factory.__module__ == module and factory._robustkd_hf_input == key
+
+    class Out:
+        def __init__(self, logits):
+            self.logits = logits
+
+    class Seen(nn.Module):  # a stand-in transformers classifier: records the keywords it is called with
+        config = type("Config", (), {"num_labels": 3})()
+
+        def forward(self, **kwargs):
+            self.kwargs = kwargs
+            return Out(torch.zeros(2, 3))
+
+    model = Seen()
+    with pytest.raises(ValueError, match="the model has no config.num_labels: pass a transformers "
+                                         "audio-classification model"):
+        TASKS.get("hf_audio")(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unknown norm 'l3'"):
+        TASKS.get("hf_image")(model, None, norm="l3")
+    with pytest.raises(ValueError, match="unknown norm 'l3'"):
+        TASKS.get("hf_audio")(model, None, norm="l3")
+    audio = TASKS.get("hf_audio")(model, None)
+    batch = {"input_values": torch.zeros(2, 5), "attention_mask": torch.ones(2, 5, dtype=torch.long),
+             "labels": torch.zeros(2, dtype=torch.long)}
+    audio.logits(model, batch, torch.ones(2, 5))
+    assert set(model.kwargs) == {"input_values", "attention_mask"} and bool((model.kwargs["input_values"] == 1).all())
+    with pytest.raises(ValueError, match="has no data of its own"):
+        audio.dataset("train")
+    with pytest.raises(TypeError, match=r"unknown threat-model options \['snr_db'\] for hf_image: eps and norm"):
+        TASKS.get("hf_image")(model).threat_model(snr_db=30)
+    image = TASKS.get("hf_image")(model, None, norm="l2")
+    assert image.threat_model().norm == "l2" and image.threat_model().eps == 0.5
