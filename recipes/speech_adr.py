@@ -58,6 +58,11 @@ def build_speech_task(s: dict[str, Any]) -> Task:
     kwargs: dict[str, Any] = {"clip_seconds": s["clip_seconds"], "resample": s["resample"], "cache_dir": s["cache_dir"]}
     if s["sample_rate"] is not None:
         kwargs["sample_rate"] = s["sample_rate"]
+    if s["train_threat"] == "snr":  # the task's own SNR ball: the budget of attacks whose spec names none
+        if "snr_db" in (s.get("task_kwargs") or {}):
+            raise ConfigError("--task-kwargs snr_db: the run's SNR budget is --train-snr-db; drop snr_db from "
+                              "--task-kwargs")
+        kwargs["snr_db"] = s["train_snr_db"]
     kwargs.update(s.get("task_kwargs") or {})  # --task-kwargs: e.g. {"downmix": true}
     task = TASKS.get(s["dataset"])(data_dir=s["data_dir"], **kwargs)
     if getattr(task, "sample_rate", None) is None:

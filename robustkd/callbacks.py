@@ -124,11 +124,14 @@ class CallbackList:
     def report_sections(self, trainer: Trainer, which: str, model: nn.Module,
                         attacks: Mapping[str, Attack]) -> dict[str, Any]:
         """The sections every callback's ``on_report`` returns, in order; a section two callbacks both
-        give is refused."""
+        give, or one that is neither a dict nor a callable returning one, is refused."""
         out: dict[str, Any] = {}
         for cb in self.callbacks:
             sections = cb.on_report(trainer, which, model, attacks)
             for key, value in (sections or {}).items():
+                if not (isinstance(value, Mapping) or callable(value)):
+                    raise ValueError(f"{type(cb).__name__}.on_report: the report section {key!r} is a "
+                                     f"{type(value).__name__}: give a dict, or a callable that returns one")
                 if key in out:
                     raise ValueError(f"{type(cb).__name__}.on_report gives the report section {key!r}, which an "
                                      "earlier callback gave: rename one of them")

@@ -330,6 +330,9 @@ def test_short_adr_run_on_fsdd_writes_report(shared, tmp_path):
     assert saved["attacks"]["pgd3:snr_db=20"]["type"] == "SNRBall"
     assert saved["threat_models"]["train"]["snr_db"] == 30.0
     assert report["data"] == {"sample_rate": 8000, "clip_seconds": 1.0, "num_train": 2700, "num_test": 300}
+    assert saved["threat_models"]["eval_default"]["snr_db"] == 30.0  # the run's one threat model
+    meta = json.loads((out / "checkpoints" / "epoch-1" / "run_config.json").read_text())
+    assert meta["sample_rate"] == 8000 and meta["clip_seconds"] == 1.0  # the recipe's on_init_end
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and "pgd2:snr_db=30" in json.loads(lines[0])["robust_accuracy"]
     assert (out / "training_curve.png").exists() and (out / "model.safetensors").exists()

@@ -310,3 +310,23 @@ def test_sst2_recipe_writes_report(tiny, tmp_path):
     assert saved["textattack"]["num_examples"] == 3 and ema["textattack"]["recipe"] == "deepwordbug"
     assert 0.0 <= saved["textattack"]["accuracy_under_attack"] <= 1.0
     assert report["metrics"]["clean"]["accuracy"] == saved["metrics"]["clean"]["accuracy"]
+    # --attack-step-size 0.25 (the recipe's default) is relative to each token's radius
+    assert saved["method"]["attack"]["rel_step_size"] == 0.25 and saved["method"]["attack"]["step_size"] is None
+
+
+def test_a_text_tasks_step_size_is_relative_as_its_own_training_attack_takes_it(task_model, cifar_task):
+    """--attack-step-size on the text task is relative to each token's radius (its embedding_pgd's way), on
+    images absolute: the rule build_method reads from the task, for every recipe and RobustTrainer."""
+    from robustkd.config import build_method, steps_are_relative
+
+    tiny_text_task, tiny_image_task = task_model[0], cifar_task
+
+    assert steps_are_relative(tiny_text_task) and not steps_are_relative(tiny_image_task)
+    settings = {"method": "pgd_at", "attack_steps": 2, "attack_step_size": "0.25", "eps": "0.1", "norm": "l2"}
+    attack = build_method(settings, tiny_text_task).attack
+    assert attack.rel_step_size == 0.25 and attack.step_size is None
+    attack = build_method(settings, tiny_text_task, relative_step=False).attack  # RobustTrainer's step_size=
+    assert attack.step_size == 0.25 and attack.rel_step_size is None
+    attack = build_method({**settings, "eps": "8/255", "norm": "linf", "attack_step_size": "2/255"},
+                          tiny_image_task).attack
+    assert attack.step_size == 2 / 255 and attack.rel_step_size is None
