@@ -439,6 +439,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(f"{p.name:<{width}}  {p.source}")
         print(f"{'':<{width}}  {p.key_settings()}" + ("  [differs: see robustkd presets NAME]" if p.unsupported else ""))
     print(f"\n{len(presets)} presets; `robustkd presets NAME` shows every setting with its source line.")
+    return 0
 
 
 # -- export ------------------------------------------------------------------------------------

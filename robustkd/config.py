@@ -30,7 +30,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, cast
 
 CONFIG_FILE = "config.yaml"
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 # -- the declaration ------------------------------------------------------------------------------
 @dataclass
-class DataArgs:
+class _DataArgs:
     _argument_group_name = "data"
     dataset: str = _f("cifar10", "task name (robustkd's registered tasks: cifar10, cifar100, tinyimagenet, sst2, "
                       "fsdd, ...)")
@@ -57,7 +57,7 @@ class DataArgs:
 
 
 @dataclass
-class ModelArgs:
+class _ModelArgs:
     _argument_group_name = "model and method"
     model: str = _f("resnet18", "model name for the task (e.g. small_cnn, resnet18, preact_resnet18, wrn34_10, "
                     "timm:<name>)")
@@ -81,7 +81,7 @@ class ModelArgs:
 
 
 @dataclass
-class ThreatArgs:
+class _ThreatArgs:
     _argument_group_name = "threat model and attacks"
     eps: str = _f("8/255", "perturbation budget of training and, unless an attack names its own, of the "
                   "evaluation attacks (8/255 or 0.031)")
@@ -99,7 +99,7 @@ class ThreatArgs:
 
 
 @dataclass
-class RunArgs:
+class _RunArgs:
     _argument_group_name = "run"
     curve_steps: int = _f(10, "PGD steps per budget of the final report's accuracy-vs-budget curve")
     no_progress: bool = _f(False, "hide progress bars")
@@ -120,12 +120,19 @@ def _with_trainer_settings(base: type, group: str) -> type:
         md = f.metadata
         if md.get("group") != group or not md.get("flag", True):
             continue
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        default = _field_default(f)
         if isinstance(default, list):
             default = ",".join(map(str, default)) or None
         specs.append((f.name, md.get("flag_type") or hints[f.name],
                       field(default=default, metadata={"help": md["help"]})))
-    return make_dataclass(base.__name__, specs, bases=(base,), namespace={"_argument_group_name": group})
+    return make_dataclass(base.__name__.lstrip("_"), specs, bases=(base,), namespace={"_argument_group_name": group})
+
+
+def _field_default(f: Any) -> Any:
+    """A dataclass field's default value (its factory's product for a mutable default)."""
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if callable(f.default_factory) else None
 
 
 @dataclass
@@ -133,12 +140,13 @@ class _Group:
     """A group with no flags of its own: all of its settings are the trainer's."""
 
 
-DataArgs = _with_trainer_settings(DataArgs, "data")
-ModelArgs = _with_trainer_settings(ModelArgs, "model and method")
-ThreatArgs = _with_trainer_settings(ThreatArgs, "threat model and attacks")
+# each group: its own flags above plus the trainer's settings of the group (the names the flags' parser sees)
+DataArgs = _with_trainer_settings(_DataArgs, "data")
+ModelArgs = _with_trainer_settings(_ModelArgs, "model and method")
+ThreatArgs = _with_trainer_settings(_ThreatArgs, "threat model and attacks")
 OptimArgs = _with_trainer_settings(type("OptimArgs", (_Group,), {}), "optimisation")
 SpeedArgs = _with_trainer_settings(type("SpeedArgs", (_Group,), {}), "speed (docs/performance.md)")
-RunArgs = _with_trainer_settings(RunArgs, "run")
+RunArgs = _with_trainer_settings(_RunArgs, "run")
 
 
 @dataclass
@@ -150,7 +158,7 @@ class ConfigArgs:
     print_config: bool = _f(False, "print the resolved settings and exit without training")
 
 
-COMMON = (DataArgs, ModelArgs, ThreatArgs, OptimArgs, SpeedArgs, RunArgs, ConfigArgs)
+COMMON: tuple[type, ...] = (DataArgs, ModelArgs, ThreatArgs, OptimArgs, SpeedArgs, RunArgs, ConfigArgs)
 #: Defaults of every recipe that differ from the trainer's own (a recipe's run is the paper's length).
 RECIPE_DEFAULTS: dict[str, Any] = {"epochs": 200}
 #: Fields that say how to configure, not what to run (never recorded as settings).
@@ -186,7 +194,7 @@ def declared_fields(recipe: Recipe) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for dc in recipe.dataclasses:
         for f in fields(dc):
-            out[f.name] = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            out[f.name] = _field_default(f)
     return out
 
 
@@ -195,7 +203,7 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
 
     from .console import HelpFormatter
 
-    parser = HfArgumentParser(recipe.dataclasses, description=recipe.description,
+    parser = HfArgumentParser(cast(Any, recipe.dataclasses), description=recipe.description,
                               formatter_class=HelpFormatter,  # each default shown once
                               allow_abbrev=False)  # --epoch is a typo, never taken for --epochs
     shown = {**RECIPE_DEFAULTS, **recipe.defaults}  # --help shows the values a run starts from
@@ -661,7 +669,7 @@ def _check_method_kwargs(name: str, factory: Any, kwargs: dict[str, Any]) -> Non
                           f"{', '.join(k for k in params if k not in ('self', 'task', 'attack'))}")
 
 
-def load_teachers(s: dict[str, Any], task: Any) -> dict[str, Any]:
+def load_teachers(s: Mapping[str, Any], task: Any) -> dict[str, Any]:
     """MTARD's teachers from ``clean_teacher`` / ``robust_teacher`` (``'ema'``: the student's EMA)."""
     from .teachers import load_teacher
 

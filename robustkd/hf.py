@@ -35,7 +35,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -224,13 +224,12 @@ class AdapterEMATeacher(Teacher):
             raise ValueError(f"the PEFT model {type(self.student).__name__} has no trainable weights to average")
         self.num_updates = 0
         self._swapped = False
+        self.model = self.student  # the module the teacher runs (use :meth:`swapped` to give it the EMA weights)
 
-    current_decay = EMATeacher.current_decay
-
-    @property
-    def model(self) -> nn.Module:
-        """The module the teacher runs (the student; use :meth:`swapped` to give it the EMA weights)."""
-        return self.student
+    def current_decay(self) -> float:
+        """The decay the next update uses: :meth:`robustkd.teachers.EMATeacher.current_decay`'s (timm's ramp
+        with ``warmup``)."""
+        return EMATeacher.current_decay(cast(EMATeacher, self))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
@@ -335,10 +334,12 @@ class RobustCallback(TrainerCallback):
             if _is_peft(model):
                 self.ema = AdapterEMATeacher(model, self.ema_decay, warmup=self.config.ema_warmup).to(device)
             else:
-                self.ema = EMATeacher(model, self.ema_decay, warmup=self.config.ema_warmup).to(device)
+                self.ema = EMATeacher(model, self.ema_decay, warmup=self.config.ema_warmup)
+                self.ema.to(device)
         for teacher in getattr(self.method, "teachers", []):
             teacher.to(device)
-        self.method.setup(model, self.ema)
+        # an adapter EMA teaches as an EMATeacher does (logits, update, decay, num_updates)
+        self.method.setup(model, cast("EMATeacher | None", self.ema))
         self._ready = True
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -346,10 +347,10 @@ class RobustCallback(TrainerCallback):
         self.state = state
         self._ready = False
         self.ema_source = None
-        self.setup(model)
+        self.setup(_given_model(model, "on_train_begin"))
         path = self.resume_from
         if path is None and state.global_step > 0:
-            candidate = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            candidate = Path(_output_dir(args)) / f"checkpoint-{state.global_step}"
             path = str(candidate) if candidate.is_dir() else None
             if path is None:
                 raise FileNotFoundError(f"training resumes at step {state.global_step} but {candidate} does not exist: "
@@ -363,13 +364,14 @@ class RobustCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     model: nn.Module | None = None, **kwargs: Any) -> None:
+        model = _given_model(model, "on_step_end")
         if self.ema is not None:
             self.ema.update(model)
         self.method.after_step(model, self.progress(state))
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if args.should_save:
-            self.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            self.save(Path(_output_dir(args)) / f"checkpoint-{state.global_step}")
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
@@ -438,27 +440,42 @@ class RobustCallback(TrainerCallback):
                         epoch=int(state.epoch or 0))
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any],
-                     return_outputs: bool = False) -> torch.Tensor | tuple[torch.Tensor, Any]:
+                     return_outputs: bool = False) -> torch.Tensor | None | tuple[torch.Tensor | None, Any]:
         """The method's robust loss (a mean over the batch) in training; the plain cross-entropy (and
         logits) otherwise."""
         task = self.task
         if not model.training or not torch.is_grad_enabled():
             logits = task.logits(model, inputs)
             loss = torch.nn.functional.cross_entropy(logits, inputs["labels"]) if "labels" in inputs else None
-            return (loss, SequenceClassifierOutput(loss=loss, logits=logits)) if return_outputs else loss
+            return (loss, SequenceClassifierOutput(loss=cast(Any, loss), logits=cast(Any, logits))) if return_outputs \
+                else loss
         self.setup(model)
         progress = self.progress()
         prepared = self.method.prepare(unwrap(model), inputs, progress)  # the attack sets the victim's mode
         loss, logs = self.method.loss(model, inputs, prepared, progress)
         self.last_logs = logs  # detached tensors: no host sync per step (read them at logging time)
         if return_outputs:
-            return loss, SequenceClassifierOutput(loss=loss, logits=None)
+            return loss, SequenceClassifierOutput(loss=cast(Any, loss), logits=None)
         return loss
 
     def log_values(self) -> dict[str, float]:
         """The method's schedules and adaptive values, as ``robust/<name>`` (ADR: ``robust/adr_tau``,
         ``robust/adr_lambda``; the same names as a recipe's ``metrics.jsonl``, prefixed)."""
         return {f"robust/{k}": float(v) for k, v in self.method.log_values(self.progress()).items()}
+
+
+def _given_model(model: nn.Module | None, event: str) -> nn.Module:
+    """The model ``transformers.Trainer`` hands a callback event (it always does)."""
+    if model is None:
+        raise ValueError(f"RobustCallback.{event} needs the model: Trainer passes it as model=")
+    return model
+
+
+def _output_dir(args: TrainingArguments) -> str:
+    """``TrainingArguments.output_dir`` (set by its own default when not given)."""
+    if args.output_dir is None:
+        raise ValueError("TrainingArguments(output_dir=None): RobustTrainer writes its EMA teacher there; give one")
+    return str(args.output_dir)
 
 
 def _label_column(dataset: Any) -> str | None:
@@ -525,8 +542,8 @@ class RobustTrainer(Trainer):
             robust_part = RobustCallback(given["model"], given.get("processing_class"), config)
         super().__init__(*args, **kwargs)
         if robust_part is None:  # the model comes from model_init
-            self._check_labels(self.model, given)
-            robust_part = RobustCallback(self.model, self.processing_class, config)
+            self._check_labels(self.student, given)
+            robust_part = RobustCallback(self.student, self.processing_class, config)
         self.robust = robust_part
         self.add_callback(self.robust)
         # the method's loss is a per-batch mean: Trainer divides it by the accumulation steps only when this is off
@@ -563,6 +580,13 @@ class RobustTrainer(Trainer):
         check_labels(model, {"train dataset's": given.get("train_dataset"),
                              **{f"eval dataset{f' {k!r}' if k else ''}'s": v for k, v in evals.items()}})
 
+    @property
+    def student(self) -> nn.Module:
+        """The model being trained (``Trainer.model``)."""
+        if self.model is None:
+            raise ValueError("RobustTrainer has no model: give model= or model_init=")
+        return self.model
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
@@ -596,7 +620,13 @@ class RobustTrainer(Trainer):
         chosen = eval_dataset if eval_dataset is not None else self.eval_dataset
         if isinstance(chosen, dict):  # Trainer evaluates each set through this method, prefix eval_<name>
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        dataset = self.eval_dataset[chosen] if isinstance(chosen, str) else chosen
+        if isinstance(chosen, str):
+            if not isinstance(self.eval_dataset, dict):
+                raise ValueError(f"evaluate(eval_dataset={chosen!r}) names an evaluation set, but eval_dataset is not a "
+                                 "dict of named sets")
+            dataset = self.eval_dataset[chosen]
+        else:
+            dataset = chosen
         self._robust_pending = (dataset, metric_key_prefix) if self._robust_due() else None
         try:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
@@ -608,6 +638,8 @@ class RobustTrainer(Trainer):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         pending, self._robust_pending = self._robust_pending, None
         if pending is not None:  # before Trainer logs the metrics and hands them to on_evaluate
+            if output.metrics is None:
+                raise RuntimeError("Trainer.evaluation_loop returned no metrics dict to add the robust metrics to")
             output.metrics.update(self._robust_metrics(*pending))
         return output
 
@@ -635,7 +667,7 @@ class RobustTrainer(Trainer):
         if points is not dataset and hasattr(self, "_eval_dataloaders"):
             self._eval_dataloaders.pop("eval", None)  # never reuse the sample's loader for the full evaluation
         attacks = build_attacks(cfg.eval_attacks, task)
-        models: dict[str, ModelSource] = {"": unwrap(self.model)}
+        models: dict[str, ModelSource] = {"": unwrap(self.student)}
         if self.robust.ema is not None:
             models["ema_"] = ema_model(self.robust.ema)
         # attacks seeded by the run's seed (per batch); training's random state is left as it was
@@ -651,15 +683,15 @@ class RobustTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         if not _internal_call:
-            self._save_ema(output_dir or self.args.output_dir)
+            self._save_ema(output_dir or _output_dir(self.args))
 
     def _save_ema(self, output_dir: str) -> None:
         ema = self.robust.ema
         if ema is None or not self.args.should_save:
             return
         folder = os.path.join(output_dir, "ema")
-        with ema_model(ema) as model:
-            model.save_pretrained(folder, safe_serialization=True)
+        with ema_model(ema) as model:  # a transformers or PEFT model: it has save_pretrained
+            cast(Any, model).save_pretrained(folder, safe_serialization=True)
         note = {"from_checkpoint": self.robust.ema_source, "global_step": int(self.state.global_step),
                 "num_updates": ema.num_updates, "decay": ema.decay,
                 "weights": "adapter" if isinstance(ema, AdapterEMATeacher) else "model"}
@@ -667,5 +699,5 @@ class RobustTrainer(Trainer):
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
         """``Trainer.push_to_hub`` (it uploads ``output_dir``) with the EMA model in ``output_dir/ema`` too."""
-        self._save_ema(self.args.output_dir)
+        self._save_ema(_output_dir(self.args))
         return super().push_to_hub(*args, **kwargs)

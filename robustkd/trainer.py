@@ -238,11 +238,12 @@ class Trainer:
         set_seed(config.seed)
         acc = self.accelerator
         _set_tf32(config.tf32, acc.device)
-        loader_options = {"num_workers": config.num_workers, "pin_memory": config.pin_memory}
         self.train_loader = task.dataloader("train", config.batch_size, max_samples=config.max_train_samples,
-                                            seed=config.seed, drop_last=config.drop_last, **loader_options)
+                                            seed=config.seed, drop_last=config.drop_last,
+                                            num_workers=config.num_workers, pin_memory=config.pin_memory)
         self.eval_loader = task.dataloader("test", config.eval_batch_size, max_samples=config.max_eval_samples,
-                                           seed=config.seed, shuffle=False, **loader_options)
+                                           seed=config.seed, shuffle=False, num_workers=config.num_workers,
+                                           pin_memory=config.pin_memory)
         self.train_examples = len(self.train_loader.dataset)  # type: ignore[arg-type]
         check_train_batches(self.train_examples, config.batch_size, config.drop_last)
         if len(self.train_loader) == 0:
@@ -353,26 +354,27 @@ class Trainer:
         # the attack sets and restores the victim's mode; it and the teachers run in the run's precision
         with acc.autocast():
             prepared = method.prepare(victim, batch, progress)
+        awp = self.awp if self.awp is not None and self.awp.active(self.state.epoch) else None
         v = None
-        if self.awp is not None and self.awp.active(self.state.epoch):
-            v = self.awp.compute(victim, lambda m: method.loss(m, batch, prepared, progress)[0])
-            self.awp.perturb(victim, v)
+        if awp is not None:
+            v = awp.compute(victim, lambda m: method.loss(m, batch, prepared, progress)[0])
+            awp.perturb(victim, v)
         with acc.accumulate(model):
             loss, logs = method.loss(model, batch, prepared, progress)
             if self.guard.loss_ok(loss, self.state.step):  # False only for a skipped step under --max-nonfinite-steps
                 acc.backward(loss)
-                if v is not None and self.awp.restores_before_step:  # the gradient at w + v updates w
-                    self.awp.restore(victim, v)
+                if awp is not None and v is not None and awp.restores_before_step:  # the gradient at w + v updates w
+                    awp.restore(victim, v)
                 if self.config.max_grad_norm is not None and acc.sync_gradients:
                     acc.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
                 self.optimizer.step()
             else:
-                if v is not None and self.awp.restores_before_step:
-                    self.awp.restore(victim, v)
+                if awp is not None and v is not None and awp.restores_before_step:
+                    awp.restore(victim, v)
                 logs = {**logs, "skipped": True}
             self.optimizer.zero_grad(set_to_none=True)
-        if v is not None and not self.awp.restores_before_step:
-            self.awp.restore(victim, v)
+        if awp is not None and v is not None and not awp.restores_before_step:
+            awp.restore(victim, v)
         if acc.sync_gradients:
             self.scheduler.step()
             self.state.step += 1
@@ -714,7 +716,7 @@ def _set_tf32(enabled: bool, device: torch.device) -> None:
     if not enabled or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
         return
     torch.backends.cuda.matmul.fp32_precision = "tf32"
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"  # type: ignore[attr-defined]  # torch >= 2.9, not in its stubs
 
 
 def _flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
