@@ -124,6 +124,58 @@ def _robustkd_step(trainer: Any, batch: dict, seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class AttackRecorder:
+    """The adversarial inputs of the last training step on each side, to tell an attack's difference from
+    an update's: robustkd's attack is observed through its ``perturb`` (the point the model is fed,
+    ``inputs + delta``), the reference's through its attacker or the robust teacher's input."""
+
+    def __init__(self) -> None:
+        self.ours: Tensor | None = None
+        self.ref: Tensor | None = None
+
+    def observe_robustkd(self, method: Any) -> None:
+        attack = getattr(method, "attack", None)
+        if attack is None:
+            return
+        perturb = attack.perturb
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            adv = perturb(*args, **kwargs)
+            x = adv.batch["inputs"]
+            self.ours = (x if adv.delta is None else x + adv.delta).detach().clone()
+            return adv
+
+        attack.perturb = recorded  # an instance attribute: the attack class is untouched
+
+    def observe_reference_attacker(self, attacker: Any) -> None:
+        """ADR's ``PGD`` / ``TRADES``: their ``attack(model, images, labels)`` returns the adversarial images."""
+        attack = attacker.attack
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            out = attack(*args, **kwargs)
+            self.ref = out.detach().clone()
+            return out
+
+        attacker.attack = recorded
+
+    def observe_reference_input(self, module: nn.Module) -> None:
+        """MTARD: the robust teacher is queried on the adversarial images (``mtard_loss.py:55-56``)."""
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            self.ref = args[0].detach().clone()
+
+        module.register_forward_pre_hook(hook)
+
+    def difference(self) -> float | None:
+        if self.ours is None or self.ref is None:
+            return None
+        if self.ours.shape != self.ref.shape:
+            raise ValueError(f"adversarial batches of different shapes: {tuple(self.ours.shape)} and "
+                             f"{tuple(self.ref.shape)}")
+        d = float((self.ours.double() - self.ref.double()).abs().max())
+        self.ours = self.ref = None
+        return d
+
+
 def bare(model: nn.Module) -> nn.Module:
     """The network without robustkd's normalisation layer (its state dict has the reference's keys)."""
     from .teachers import unwrap
@@ -283,6 +335,8 @@ def _settings(case: Case, opts: Options, output_dir: str) -> dict[str, Any]:
     task_kwargs: dict[str, Any] = {"augment": False}
     if preset.settings["dataset"] != "cifar10":  # CIFAR-10's images stand in: its label column
         task_kwargs["label_column"] = "label"
+    if preset.settings["dataset"] == "tinyimagenet":  # ... resized to the data set's 64x64
+        task_kwargs["resize"] = True
     argv = ["--preset", case.preset, "--data-dir", opts.data_dir, "--output-dir", output_dir, "--cpu",
             "--max-train-samples", str(opts.steps * opts.batch_size), "--batch-size", str(opts.batch_size),
             "--eval-attacks", "", "--no-progress", "--task-kwargs", json.dumps(task_kwargs)]
@@ -380,12 +434,16 @@ def run_adr_case(case: Case, opts: Options, notes: list[str]) -> list[dict[str, 
             ref_trainer.adr = RefADR(num_classes, epochs, steps_per_epoch, g["AdvTrainer.temperature_low"], th,
                                      g["AdvTrainer.interpolation_low"], g["AdvTrainer.interpolation_high"]) \
                 if th > 0 else None
+            recorder = AttackRecorder()
+            recorder.observe_robustkd(trainer.method)
+            recorder.observe_reference_attacker(attacker)
             rows = []
             for k, batch in enumerate(batches):
                 _robustkd_step(trainer, batch, opts.seed + k)
                 with _quiet():
                     ref_trainer._train_one_epoch([(batch["inputs"], batch["labels"])], ref, optimizer, scheduler, k)
-                row = {"case": case.name, "step": k + 1, **compare_states(trainer.model, ref)}
+                row = {"case": case.name, "step": k + 1, "attack": recorder.difference(),
+                       **compare_states(trainer.model, ref)}
                 if trainer.ema is not None:
                     row["ema"] = compare_states(trainer.ema.model, ref_trainer.model_ema.module)["params"]
                 rows.append(row)
@@ -437,6 +495,9 @@ def run_mtard_case(case: Case, opts: Options, notes: list[str]) -> list[dict[str
                                       "teacher_nat": copy.deepcopy(clean_net), "f": io.StringIO(), "torch": torch}
                 exec(compile(ast.Module(body=settings, type_ignores=[]), str(script), "exec"), ns)
                 code = compile(ast.Module(body=body, type_ignores=[]), str(script), "exec")
+                recorder = AttackRecorder()
+                recorder.observe_robustkd(trainer.method)
+                recorder.observe_reference_input(ns["teacher"])
                 rows = []
                 for k, batch in enumerate(batches):
                     _robustkd_step(trainer, batch, opts.seed + k)
@@ -444,7 +505,8 @@ def run_mtard_case(case: Case, opts: Options, notes: list[str]) -> list[dict[str
                               train_batch_labels=batch["labels"].clone(), index=None)
                     with _quiet():
                         exec(code, ns)
-                    rows.append({"case": case.name, "step": k + 1, **compare_states(trainer.model, student)})
+                    rows.append({"case": case.name, "step": k + 1, "attack": recorder.difference(),
+                                 **compare_states(trainer.model, student)})
                 return rows
             finally:
                 for name in [n for n in sys.modules if n.startswith(f"_robustkd_ref_models_{case.family}")]:
@@ -456,30 +518,117 @@ def run_case(case: Case, opts: Options, notes: list[str]) -> list[dict[str, Any]
 
 
 # -- output -----------------------------------------------------------------------------------------
-def _fmt(x: float) -> str:
+DOC_BEGIN = "<!-- robustkd fidelity: begin (generated by `robustkd fidelity --from-json ... --update-doc`) -->"
+DOC_END = "<!-- robustkd fidelity: end -->"
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
     return "0" if x == 0 else f"{x:.1e}"
 
 
+def _worst(row: dict[str, Any]) -> float:
+    return max(row["params"][0], row["buffers"][0], (row.get("ema") or (0.0, ""))[0])
+
+
+def trace(rows: Sequence[dict[str, Any]]) -> str:
+    """Where a case first differs: the step, and whether the adversarial inputs already differ there (the
+    attack) or only the state after the update (loss, gradients, optimizer step, batch-norm statistics)."""
+    for r in rows:
+        attack = r.get("attack")
+        if attack:
+            return f"step {r['step']}: the adversarial input (attack, {_fmt(attack)})"
+        if _worst(r) > 0:
+            where = r["params"][1] if r["params"][0] >= r["buffers"][0] else r["buffers"][1]
+            return (f"step {r['step']}: the update, from identical adversarial inputs (largest in `{where}`)"
+                    if attack == 0 else f"step {r['step']}: the update (largest in `{where}`)")
+    return "none"
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A markdown table: case, step, largest parameter / buffer / EMA difference and where."""
-    lines = ["| case | step | parameters | where | buffers | where | EMA teacher |",
-             "|---|---|---|---|---|---|---|"]
+    """A markdown table: case, step, largest adversarial-input / parameter / buffer / EMA difference and where."""
+    lines = ["| case | step | adversarial input | parameters | where | buffers | where | EMA teacher |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         (p, pw), (b, bw) = r["params"], r["buffers"]
-        ema = _fmt(r["ema"][0]) if "ema" in r else "-"
-        lines.append(f"| {r['case']} | {r['step']} | {_fmt(p)} | `{pw}` | {_fmt(b)} | `{bw}` | {ema} |")
+        ema = _fmt(r["ema"][0]) if r.get("ema") else "-"
+        lines.append(f"| {r['case']} | {r['step']} | {_fmt(r.get('attack'))} | {_fmt(p)} | `{pw}` | {_fmt(b)} | "
+                     f"`{bw}` | {ema} |")
     return "\n".join(lines)
 
 
-def summarize(rows: Sequence[dict[str, Any]], cases: Sequence[Case]) -> str:
-    """One line per case: the largest difference over all its steps (parameters, buffers, EMA)."""
-    lines = ["| case | preset | steps | largest difference over all steps |", "|---|---|---|---|"]
+def summarize(rows: Sequence[dict[str, Any]], cases: Sequence[dict[str, Any]]) -> str:
+    """One line per case: the largest difference over all its steps (parameters, buffers, EMA) and where
+    it first appears."""
+    lines = ["| case | preset | steps | largest difference over all steps | first difference |",
+             "|---|---|---|---|---|"]
     for case in cases:
-        mine = [r for r in rows if r["case"] == case.name]
-        worst = max((max(r["params"][0], r["buffers"][0], r.get("ema", (0.0, ""))[0]) for r in mine), default=math.nan)
-        extra = f" ({case.note})" if case.note else ""
-        lines.append(f"| {case.name} | `{case.preset}`{extra} | {len(mine)} | {_fmt(worst)} |")
+        mine = [r for r in rows if r["case"] == case["name"]]
+        worst = max((max(_worst(r), r.get("attack") or 0.0) for r in mine), default=math.nan)
+        extra = f" ({case['note']})" if case.get("note") else ""
+        lines.append(f"| {case['name']} | `{case['preset']}`{extra} | {len(mine)} | {_fmt(worst)} | {trace(mine)} |")
     return "\n".join(lines)
+
+
+def _reference_commit(path: Path | None) -> str | None:
+    """The commit of a reference clone (``git rev-parse HEAD``), or None where it is not a git checkout."""
+    import subprocess
+
+    if path is None:
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def build_report(rows: Sequence[dict[str, Any]], cases: Sequence[Case], opts: Options, notes: Sequence[str],
+                 command: str | None) -> dict[str, Any]:
+    """The run as JSON: what ran (command, versions, reference commits) and every row."""
+    from . import __version__
+
+    return {"command": command, "robustkd_version": __version__, "torch": torch.__version__,
+            "device": "CPU", "threads": torch.get_num_threads(), "batch_size": opts.batch_size, "steps": opts.steps,
+            "seed": opts.seed,
+            "references": {"ADR": _reference_commit(opts.adr), "MTARD": _reference_commit(opts.mtard),
+                           "MTARD-extension": _reference_commit(opts.mtard_extension)},
+            "cases": [{"name": c.name, "preset": c.preset, "family": c.family, "note": c.note} for c in cases],
+            "rows": [dict(r) for r in rows], "notes": list(notes)}
+
+
+def render(report: dict[str, Any]) -> str:
+    """The markdown a run prints (and ``--update-doc`` writes): the command, what ran, the summary per case,
+    the table per step and what stands around the reference code."""
+    refs = ", ".join(f"{k} {v[:12]}" for k, v in report["references"].items() if v)
+    out = []
+    if report.get("command"):
+        out += ["```", f"$ {report['command']}", "```", ""]
+    out += [f"robustkd {report['robustkd_version']}, torch {report['torch']}, {report['device']} "
+            f"({report['threads']} threads), batch {report['batch_size']}, {report['steps']} steps, "
+            f"seed {report['seed']}" + (f"; reference commits: {refs}" if refs else ""),
+            "", summarize(report["rows"], report["cases"]), "", format_table(report["rows"])]
+    if report["notes"]:
+        out += ["", "Around the reference code:", ""] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(out)
+
+
+def update_doc(path: Path, text: str) -> None:
+    """Replace the generated block of ``path`` (between :data:`DOC_BEGIN` and :data:`DOC_END`) with ``text``."""
+    doc = path.read_text()
+    begin, end = doc.index(DOC_BEGIN) + len(DOC_BEGIN), doc.index(DOC_END)
+    path.write_text(doc[:begin] + "\n" + text + "\n" + doc[end:])
+
+
+def _check_doc(path: Path) -> None:
+    if not path.is_file():
+        raise ValueError(f"--update-doc {path}: no such file; pass the markdown file to update (docs/fidelity.md)")
+    doc = path.read_text()
+    if DOC_BEGIN not in doc or DOC_END not in doc or doc.index(DOC_BEGIN) > doc.index(DOC_END):
+        raise ValueError(f"--update-doc {path}: no generated block in it; add the two lines {DOC_BEGIN!r} and "
+                         f"{DOC_END!r} where the figures go")
 
 
 def add_fidelity_parser(sub: argparse._SubParsersAction) -> None:
@@ -488,7 +637,9 @@ def add_fidelity_parser(sub: argparse._SubParsersAction) -> None:
                        description="Each case builds robustkd's run from a preset as a recipe does and the "
                                    "reference's from its own files, loads the same weights into both, and runs "
                                    "--steps training steps on the same real images with identical seeds; it prints "
-                                   "the largest parameter / buffer / EMA difference after every step. See "
+                                   "the largest adversarial-input / parameter / buffer / EMA difference after every "
+                                   "step and where a case first differs. --json keeps the run; --from-json "
+                                   "--update-doc docs/fidelity.md regenerates the page's figures from it. See "
                                    "docs/fidelity.md.")
     p.add_argument("--adr", type=Path, help="a local clone of github.com/yuyuwu5/ADR")
     p.add_argument("--mtard", type=Path, help="a local clone of github.com/zhaoshiji123/MTARD")
@@ -501,6 +652,12 @@ def add_fidelity_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", type=Path, default=None, help="also write the run (command, versions, reference "
+                   "commits, every row) to this JSON file")
+    p.add_argument("--from-json", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="run nothing: render runs written by --json, one after the other")
+    p.add_argument("--update-doc", type=Path, default=None, help="write the rendered figures into this markdown "
+                   f"file, between the lines {DOC_BEGIN!r} and {DOC_END!r}")
     p.set_defaults(func=cmd_fidelity)
 
 
@@ -526,28 +683,54 @@ def _check_args(args: argparse.Namespace) -> tuple[list[Case], Options]:
     data = args.data_dir or str(Path(os.environ.get("ROBUSTKD_SHARED", "../shared")) / "data" / "cifar10" / "plain_text")
     if not Path(data).is_dir():
         raise ValueError(f"--data-dir {data}: no such directory; pass the CIFAR-10 data directory")
+    if args.json is not None and not args.json.parent.is_dir():
+        raise ValueError(f"--json {args.json}: no directory {args.json.parent}; create it or pass another path")
     return cases, Options(args.adr, args.mtard, args.mtard_extension, data, args.steps, args.batch_size, args.seed)
 
 
+def _load_report(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--from-json {path}: not a readable JSON file ({exc}); pass a file written by "
+                         "`robustkd fidelity --json`") from None
+    keys = {"rows", "cases", "notes", "references", "torch", "batch_size", "steps", "seed"}
+    if not isinstance(report, dict) or not keys <= report.keys():
+        raise ValueError(f"--from-json {path}: not a `robustkd fidelity --json` file (it lacks "
+                         f"{', '.join(sorted(keys - set(report) if isinstance(report, dict) else keys))})")
+    return report
+
+
 def cmd_fidelity(args: argparse.Namespace) -> int:
-    cases, opts = _check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    command = shlex.join(["robustkd", "fidelity", *sys.argv[2:]]) if sys.argv[1:2] == ["fidelity"] else None
-    notes: list[str] = []
-    rows: list[dict[str, Any]] = []
-    for case in cases:
-        print(f"running {case.name} ({case.preset}) ...", file=sys.stderr, flush=True)
-        rows.extend(run_case(case, opts, notes))
-    out = [f"torch {torch.__version__}, CPU, batch {opts.batch_size}, {opts.steps} steps, seed {opts.seed}"]
-    if command:
-        out.insert(0, f"$ {command}")
-    out += ["", summarize(rows, cases), "", format_table(rows)]
-    if notes:
-        out += ["", "Around the reference code:"] + [f"- {n}" for n in notes]
-    print("\n".join(out))
+    import json
+
+    if args.update_doc is not None:
+        _check_doc(args.update_doc)
+    if args.from_json is not None:
+        reports = [_load_report(path) for path in args.from_json]
+    else:
+        cases, opts = _check_args(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        command = shlex.join(["robustkd", "fidelity", *sys.argv[2:]]) if sys.argv[1:2] == ["fidelity"] else None
+        notes: list[str] = []
+        rows: list[dict[str, Any]] = []
+        for case in cases:
+            print(f"running {case.name} ({case.preset}) ...", file=sys.stderr, flush=True)
+            rows.extend(run_case(case, opts, notes))
+        report = build_report(rows, cases, opts, notes, command)
+        if args.json is not None:
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
+        reports = [report]
+    text = "\n\n".join(render(r) for r in reports)
+    print(text)
+    if args.update_doc is not None:
+        update_doc(args.update_doc, text)
+        print(f"updated {args.update_doc}", file=sys.stderr)
     return 0
 
 
-__all__ = ["BNMomentumSchedule", "CASES", "add_fidelity_parser", "cmd_fidelity", "compare_states", "param_groups",
-           "read_gin", "training_loop_body"]
+__all__ = ["AttackRecorder", "BNMomentumSchedule", "CASES", "add_fidelity_parser", "build_report", "cmd_fidelity",
+           "compare_states", "param_groups", "read_gin", "render", "trace", "training_loop_body", "update_doc"]

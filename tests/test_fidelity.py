@@ -366,11 +366,122 @@ def test_fidelity_robustkd_side_and_table(cifar_dir, tmp_path):
     assert diff["params"][0] > 0 and diff["buffers"][0] > 0  # the step moved weights and BN statistics
     same = compare_states(trainer.model, copy.deepcopy(trainer.model)[1])
     assert same == {"params": (0.0, "-"), "buffers": (0.0, "-")}
-    rows = [{"case": "adr_trades", "step": 1, **diff, "ema": (0.0, "-")}]
+    rows = [{"case": "adr_trades", "step": 1, "attack": 0.0, **diff, "ema": (0.0, "-")}]
     table = format_table(rows)
-    assert table.splitlines()[0].startswith("| case | step | parameters | where | buffers |")
-    assert f"| adr_trades | 1 | {diff['params'][0]:.1e} | `{diff['params'][1]}` |" in table
-    assert "| adr_trades | `adr/cifar10/resnet18_trades_sgd_adr` | 1 |" in summarize(rows, [case])
+    assert table.splitlines()[0].startswith("| case | step | adversarial input | parameters | where | buffers |")
+    assert f"| adr_trades | 1 | 0 | {diff['params'][0]:.1e} | `{diff['params'][1]}` |" in table
+    summary = summarize(rows, [{"name": case.name, "preset": case.preset, "note": case.note}])
+    assert "| adr_trades | `adr/cifar10/resnet18_trades_sgd_adr` | 1 |" in summary
+    assert "step 1: the update, from identical adversarial inputs" in summary
+
+
+def test_fidelity_records_the_adversarial_input_robustkd_trains_on(cifar_dir, tmp_path):
+    """The attack recorder sees the point the model is fed (inputs + delta for ADR's PGD, the kept point
+    for TRADES), so a difference is traced to the attack or to the update."""
+    from robustkd.fidelity import CASES, AttackRecorder, Options, _batches, _robustkd_trainer, _settings
+
+    for name in ("adr_pgd", "adr_trades"):
+        case = CASES[name]
+        opts = Options(None, None, None, cifar_dir, steps=1, batch_size=2)
+        task, trainer = _robustkd_trainer(case, _settings(case, opts, str(tmp_path / name)))
+        batch = _batches(task, opts)[0]
+        recorder = AttackRecorder()
+        recorder.observe_robustkd(trainer.method)
+        seen: list[torch.Tensor] = []
+
+        def hook(_module, args, seen=seen):
+            seen.append(args[0].detach().clone())
+
+        trainer.model.register_forward_pre_hook(hook)
+        torch.manual_seed(0)
+        trainer.train_step(batch)
+        x = batch["inputs"]
+        assert recorder.ours is not None and recorder.ours.shape == x.shape
+        assert 0 < float((recorder.ours - x).abs().max()) <= 8 / 255 + 1e-6  # within the budget, moved
+        # the model was fed exactly that point (TRADES: the second half of one pass over clean + adversarial)
+        assert any(torch.equal(s[-x.shape[0]:], recorder.ours) for s in seen)
+        recorder.ref = recorder.ours.clone()
+        recorder.ref[0, 0, 0, 0] += 0.5
+        assert recorder.difference() == pytest.approx(0.5)
+        assert recorder.ours is None and recorder.difference() is None  # each step is compared once
+
+
+def test_fidelity_trace_names_where_a_case_first_differs():
+    from robustkd.fidelity import trace
+
+    same = {"params": (0.0, "-"), "buffers": (0.0, "-")}
+    assert trace([{"step": 1, "attack": 0.0, **same}, {"step": 2, "attack": 0.0, **same}]) == "none"
+    upd = {"step": 2, "attack": 0.0, "params": (1e-8, "conv1.weight"), "buffers": (0.0, "-")}
+    assert trace([{"step": 1, "attack": 0.0, **same}, upd]) == \
+        "step 2: the update, from identical adversarial inputs (largest in `conv1.weight`)"
+    att = {"step": 1, "attack": 2e-3, "params": (1e-8, "conv1.weight"), "buffers": (0.0, "-")}
+    assert trace([att, upd]) == "step 1: the adversarial input (attack, 2.0e-03)"
+    ema = {"step": 1, "attack": None, **same, "ema": (3e-9, "fc.weight")}
+    assert trace([ema]).startswith("step 1: the update")
+
+
+def _report(steps=2):
+    rows = [{"case": "adr_pgd", "step": k + 1, "attack": 0.0, "params": (0.0, "-"), "buffers": (0.0, "-"),
+             "ema": (0.0, "-")} for k in range(steps)]
+    return {"command": "robustkd fidelity --adr ../ref/ADR --cases adr_pgd", "robustkd_version": "0", "torch": "2",
+            "device": "CPU", "threads": 1, "batch_size": 16, "steps": steps, "seed": 0,
+            "references": {"ADR": "0123456789abcdef", "MTARD": None, "MTARD-extension": None},
+            "cases": [{"name": "adr_pgd", "preset": "adr/cifar10/resnet18_pgd_sgd_adr", "family": "adr", "note": ""}],
+            "rows": rows, "notes": ["gin: not installed"]}
+
+
+def test_fidelity_regenerates_the_doc_from_its_json(tmp_path, capsys):
+    """`robustkd fidelity --from-json RUN.json --update-doc PAGE.md` renders a kept run into the page's
+    generated block and leaves the rest of the page as it was."""
+    import json
+
+    from robustkd.cli import main
+    from robustkd.fidelity import DOC_BEGIN, DOC_END
+
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(_report()))
+    doc = tmp_path / "fidelity.md"
+    doc.write_text(f"# Page\n\nintro\n\n{DOC_BEGIN}\nold figures\n{DOC_END}\n\nafter\n")
+    assert main(["fidelity", "--from-json", str(run), "--update-doc", str(doc)]) == 0
+    printed = capsys.readouterr().out
+    text = doc.read_text()
+    assert text.startswith("# Page\n\nintro\n\n" + DOC_BEGIN) and text.endswith(DOC_END + "\n\nafter\n")
+    assert "old figures" not in text and printed.strip() in text
+    assert "$ robustkd fidelity --adr ../ref/ADR --cases adr_pgd" in text
+    assert "reference commits: ADR 0123456789ab" in text and "batch 16, 2 steps, seed 0" in text
+    assert "| adr_pgd | `adr/cifar10/resnet18_pgd_sgd_adr` | 2 | 0 | none |" in text
+    assert "| adr_pgd | 2 | 0 | 0 | `-` | 0 | `-` | 0 |" in text
+    assert "- gin: not installed" in text
+    # two runs render one after the other
+    run2 = tmp_path / "run2.json"
+    run2.write_text(json.dumps({**_report(1), "command": "robustkd fidelity --cases adr_pgd --steps 1"}))
+    assert main(["fidelity", "--from-json", str(run), str(run2)]) == 0
+    out = capsys.readouterr().out
+    assert out.index("--cases adr_pgd\n") < out.index("--steps 1")
+
+
+def test_fidelity_doc_and_json_faults_are_one_line_and_change_nothing(tmp_path, capsys):
+    import json
+
+    from robustkd.cli import main
+
+    doc = tmp_path / "page.md"
+    doc.write_text("# no generated block\n")
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(_report()))
+    assert main(["fidelity", "--from-json", str(run), "--update-doc", str(doc)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no generated block" in err
+    assert doc.read_text() == "# no generated block\n"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{\"rows\": []}")
+    assert main(["fidelity", "--from-json", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not a `robustkd fidelity --json` file" in err
+    assert main(["fidelity", "--from-json", str(tmp_path / "missing.json")]) == 2
+    assert "not a readable JSON file" in capsys.readouterr().err
+    assert main(["fidelity", "--cases", "adr_pgd", "--adr", str(tmp_path), "--json",
+                 str(tmp_path / "nodir" / "x.json")]) == 2
 
 
 def test_training_loop_body_reads_a_script(tmp_path):

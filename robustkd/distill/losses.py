@@ -29,8 +29,8 @@ def distill_kl(student_logits: Tensor, teacher_probs: Tensor,
     up to the 1e-5), kept so results compare with the paper.
     """
     log_ps = F.log_softmax(student_logits, dim=1)
-    if scale == "reference":
-        return (teacher_probs * (torch.log(teacher_probs + 1e-5) - log_ps)).mean()
+    if scale == "reference":  # summed as the reference rounds it: -log p_s * p_t + log(p_t + 1e-5) * p_t
+        return (-log_ps * teacher_probs + torch.log(teacher_probs + 1e-5) * teacher_probs).mean()
     if scale == "batchmean":
         return F.kl_div(log_ps, teacher_probs, reduction="batchmean")
     raise ValueError(f"unknown KL scale {scale!r}: use 'batchmean' or 'reference'")
