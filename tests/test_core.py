@@ -78,9 +78,11 @@ def test_distill_kl_reference_scale_is_mean_over_batch_and_classes():
     student = torch.tensor([[1.0, 0.0, -1.0]])
     teacher = torch.tensor([[0.7, 0.2, 0.1]])
     log_ps = F.log_softmax(student, 1)
-    ref = (teacher * (torch.log(teacher + 1e-5) - log_ps)).mean()
+    # the reference's kl_loss (mtard_resnet18_cifar10.py:51-53), summed in its order: bit for bit
+    ref = (-log_ps * teacher + torch.log(teacher + 1e-5) * teacher).mean()
     textbook = (teacher * (teacher.log() - log_ps)).sum()
-    assert distill_kl(student, teacher, "reference").item() == pytest.approx(ref.item(), rel=1e-6)
+    assert distill_kl(student, teacher, "reference").item() == ref.item()
+    assert ref.item() == pytest.approx((teacher * (torch.log(teacher + 1e-5) - log_ps)).mean().item(), rel=1e-5)
     assert distill_kl(student, teacher, "batchmean").item() == pytest.approx(textbook.item(), rel=1e-5)
 
 
@@ -310,6 +312,43 @@ def test_one_spec_language_for_every_list_of_attacks(cifar_task):
     assert create_attack("pgd2:mode=train", cifar_task).mode == "train"
     with pytest.raises(AttackSpecError, match="'train' or 'eval'"):
         create_attack("pgd2:mode=training", cifar_task)
+
+
+def test_spec_options_are_typed_by_the_attacks_type_hints(cifar_task):
+    """Each option's type comes from the attack's evaluated type hints (Literal choices, ints, optional floats,
+    lists, options passed on to a base class or to the class a factory returns): a wrong value is one line naming
+    the spec, the option and what it must be, before any attack is built."""
+    from robustkd.attacks.base import AttackSpecError
+
+    def refused(spec: str) -> str:
+        with pytest.raises(AttackSpecError) as info:
+            create_attack(spec, cifar_task)
+        message = str(info.value)
+        assert message.startswith(repr(spec)) and len(message.splitlines()) == 1
+        return message
+
+    # a Literal option: AutoAttack's version
+    assert parse_attack_spec("autoattack:version=plus")[1] == {"version": "plus"}
+    assert "option version='best' must be one of 'standard', 'plus', 'rand', 'custom'" in refused(
+        "autoattack:version=best")
+    # an int option refuses a fraction, also where a factory or a subclass passes it on through **kwargs
+    for spec in ("pgd:steps=1.5", "pgd_l2:steps=1.5", "fgsm_rs:restarts=2.5"):
+        assert "must be an integer" in refused(spec)
+    assert parse_attack_spec("snr_pgd:steps=7")[1] == {"steps": 7}  # SNRPGD(**kwargs) -> PGD(steps: int)
+    with pytest.raises(AttackSpecError, match=r"option steps='x' must be an integer"):
+        parse_attack_spec("snr_pgd:steps=x")
+    # an optional float (float | None) takes a fraction as papers write it, through the factory's own hint
+    assert create_attack("pgd:eps=8/255", cifar_task).threat.eps == pytest.approx(8 / 255)
+    assert create_attack("fgsm:eps=4/255,rel_step_size=1/2", cifar_task).rel_step_size == pytest.approx(0.5)
+    assert "eps='8/0' must be a number or fraction" in refused("pgd:eps=8/0")
+    # lists, booleans and a union of a list and a string
+    name, kw = parse_attack_spec("autoattack:version=custom,attacks=apgd-ce+square,verbose=true,steps=5")
+    assert kw == {"version": "custom", "attacks": ["apgd-ce", "square"], "verbose": True, "steps": 5}
+    assert "verbose='maybe' must be true or false" in refused("autoattack:verbose=maybe")
+    # an option a spec cannot write (a threat model object) is refused, not passed on as a string
+    assert "option threat takes a ThreatModel, which a spec cannot write" in refused("pgd:threat=linf")
+    # options no signature types (the threat model's own, through **threat_kwargs) are read as numbers
+    assert parse_attack_spec("pgd20:snr_db=30") == ("pgd", {"steps": 20, "snr_db": 30})
 
 
 def test_attack_call_sets_and_restores_the_victims_mode(cifar_task):

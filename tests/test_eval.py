@@ -412,6 +412,14 @@ def test_robustkd_eval_bad_input(cifar_run, cifar_dir, tmp_path, capsys):
     assert cli_main([*base, "--attacks", "token_substitution"]) == 2
     err = capsys.readouterr().err
     assert "does not work on the task 'cifar10'" in err and "EmbeddingInputs" in err and "autoattack" in err
+    # a spec's option of the wrong type: one line naming the spec, the option and its type, before any work
+    for spec, message in (("pgd:steps=1.5", "option steps='1.5' must be an integer"),
+                          ("pgd10,autoattack:version=best", "option version='best' must be one of 'standard', 'plus'")):
+        assert cli_main([*base, "--attacks", spec]) == 2
+        err = capsys.readouterr().err  # (after the line saying the task and data come from the checkpoint)
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and message in errors[0] and err.strip().endswith(errors[0]), err
+    assert not (tmp_path / "x" / "report.json").exists()
     assert cli_main([*base, "--attacks", "pgd5", "--split", "nosuchsplit"]) == 2
     assert "no 'nosuchsplit' split" in capsys.readouterr().err
     assert cli_main([*base, "--task", "cifar100", "--attacks", "pgd5"]) == 2

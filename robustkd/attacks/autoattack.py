@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,8 @@ from ..task import Adversarial, Batch, ContinuousTask, Task
 from ..threat import ThreatModel
 from .base import Attack
 
-VERSIONS = ("standard", "plus", "rand", "custom")
+Version = Literal["standard", "plus", "rand", "custom"]
+VERSIONS: tuple[str, ...] = get_args(Version)
 COMPONENTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
 OFFICIAL_LOGGER = "auto-attack"  # the logger name pyautoattack reports its runtime checks to
@@ -74,7 +75,7 @@ def build_official(net: nn.Module, *, eps: float, norm: str, version: str, attac
     attributes (the same ones the official ``_set_version`` sets)."""
     from pyautoattack import AutoAttack as Official
 
-    adversary = Official(net, attacks=list(attacks) if version == "custom" else None, device=device, eps=eps,
+    adversary = Official(net, attacks=list(attacks or ()) if version == "custom" else None, device=device, eps=eps,
                          norm=NORMS[norm], seed=seed, version=version)
     if steps is not None:
         adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = adversary.fab.n_iter = steps
@@ -112,14 +113,16 @@ class AutoAttack(Attack):
     requires = (ContinuousTask,)
 
     def __init__(self, task: Task, threat: ThreatModel | None = None, *, eps: float | None = None,
-                 norm: str | None = None, version: str = "standard", attacks: Sequence[str] | str | None = None,
+                 norm: str | None = None, version: Version = "standard", attacks: Sequence[str] | str | None = None,
                  seed: int = 0, steps: int | None = None, n_restarts: int | None = None,
                  n_queries: int | None = None, n_target_classes: int | None = None, verbose: bool = False,
                  resume_dir: str | Path | None = None):
         super().__init__(task)
         self.threat = threat if threat is not None else task.threat_model(eps=eps, norm=norm)
-        if self.threat.relative or self.threat.domain is None or self.threat.norm not in NORMS:
+        domain = self.threat.domain
+        if self.threat.relative or domain is None or self.threat.norm not in NORMS:
             raise ValueError("AutoAttack needs a fixed-radius L-inf, L2 or L1 ball in a bounded domain")
+        self.domain: tuple[float, float] = domain
         if version not in VERSIONS:
             raise ValueError(f"unknown AutoAttack version {version!r}: use {', '.join(VERSIONS)}")
         if isinstance(attacks, str):
@@ -141,7 +144,7 @@ class AutoAttack(Attack):
 
     def official(self, net: nn.Module, device: torch.device | str):
         """The configured ``pyautoattack.AutoAttack`` for ``net`` (inputs in [0, 1])."""
-        lo, hi = self.threat.domain
+        lo, hi = self.domain
         adversary = build_official(net, eps=self.threat.eps / (hi - lo), norm=self.threat.norm, version=self.version,
                                    attacks=self.attacks, seed=self.seed, device=device, **self.knobs)
         adversary.verbose = self.verbose
@@ -153,7 +156,7 @@ class AutoAttack(Attack):
         if y.dim() != 1:
             raise ValueError("AutoAttack needs hard labels")
         x = batch["inputs"].detach()
-        lo, hi = self.threat.domain
+        lo, hi = self.domain
         saved = self._resume_file(model, x, y)
         if saved is not None and saved.exists():
             z_adv = torch.load(saved, map_location=x.device, weights_only=True)

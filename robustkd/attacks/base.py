@@ -16,10 +16,17 @@ language through :func:`split_attack_specs` and :func:`create_attack`:
 * one spec is ``NAME`` or ``NAME:OPTIONS``; ``OPTIONS`` are ``key=value`` pairs separated by ``,``;
   a first option without ``=`` names a sub-recipe (``textattack:deepwordbug``);
 * ``NAMEN`` is short for ``NAME:steps=N`` when ``NAME`` is registered (``pgd20``, ``snr_pgd7``);
-* values are typed by the attack's signature: integers (``steps=50``), numbers and fractions
-  (``eps=8/255``), booleans (``true``/``false``), strings (``loss=margin``), ``+``-joined lists
-  (``attacks=apgd-ce+square``); a value of the wrong type (``steps=three``) is refused, naming the
-  option and the type it needs;
+* values are typed by the attack's type hints (``typing.get_type_hints`` of its ``__init__`` or factory
+  function; for options it passes on through ``**kwargs``, of its base classes' ``__init__`` or of the
+  attack class a factory function returns): integers
+  (``steps=50``), numbers and fractions (``eps=8/255``), booleans (``true``/``false``), strings
+  (``loss=margin``), ``Literal`` choices (``version=plus``), ``+``-joined lists and tuples
+  (``attacks=apgd-ce+square``); ``X | None`` is ``X``, and a union takes the first of its types the value
+  parses as (in that order). A value of the wrong type (``steps=three``, ``steps=1.5``,
+  ``version=best``) is refused in one line naming the spec, the option and what it must be; an option
+  of a type a spec cannot write (a callable, a threat model) is refused too. An option no signature
+  types (passed on to the task's threat model, e.g. ``snr_db=30``, or annotated ``Any``) is read as
+  a boolean, integer, number or text, and checked where it is used;
 * ``mode=train|eval`` sets the mode the victim is in while the attack runs (every attack);
 * a list of specs is separated by ``;`` or ``,`` -- the two are the same everywhere -- and a
   ``key=value`` part after a spec with options continues that spec:
@@ -35,9 +42,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
+import types
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Iterable, Iterator, MutableSequence, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +83,22 @@ class WaveformInputs(Protocol):
     sample_rate: int | None
 
     def snr_threat(self, snr_db: float | None = None) -> ThreatModel: ...
+
+
+def embedding_inputs(task: Task) -> EmbeddingInputs:
+    """``task`` as the :class:`EmbeddingInputs` it provides (a task without it is refused, naming it)."""
+    if not isinstance(task, EmbeddingInputs):
+        raise RegistryError(f"the task {task.name!r} does not provide EmbeddingInputs (token ids the victim embeds): "
+                            f"attacks for it: {', '.join(attacks_for(task)) or '(none)'}")
+    return task
+
+
+def waveform_inputs(task: Task) -> WaveformInputs:
+    """``task`` as the :class:`WaveformInputs` it provides (a task without it is refused, naming it)."""
+    if not isinstance(task, WaveformInputs):
+        raise RegistryError(f"the task {task.name!r} does not provide WaveformInputs (waveforms measured by SNR): "
+                            f"attacks for it: {', '.join(attacks_for(task)) or '(none)'}")
+    return task
 
 
 def missing_capabilities(task: Task, requires: Iterable[type]) -> list[str]:
@@ -267,55 +293,158 @@ def _signature(factory: Any) -> inspect.Signature | None:
         return None
 
 
-def _expected(factory: Any, key: str) -> str | None:
-    """``bool``/``int``/``float``/``str``/``list`` for an option of ``factory``, from its default or annotation."""
-    if key == "mode":
-        return "mode"
-    sig = _signature(factory)
-    if sig is None or key not in sig.parameters:
-        return None
-    p = sig.parameters[key]
-    if p.default is not inspect.Parameter.empty and p.default is not None:
-        for kind in (bool, int, float, str):
-            if type(p.default) is kind:
-                return kind.__name__
-    ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
-    for kind, pattern in (("bool", "bool"), ("float", "float"), ("int", "int"), ("list", "list|tuple|Sequence"),
-                          ("str", "str")):  # float before int ("float | None"), lists before str ("Sequence[str]")
-        if re.search(rf"\b({pattern})\b", str(ann)):
-            return kind
-    return None
+# -- typing the options: from the attack's evaluated type hints -----------------------------------
+_NONE_TYPE = type(None)
+_SEQUENCES = (list, tuple, Sequence, MutableSequence)
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
-_TYPE_WORDS = {"int": "an integer (e.g. 10)", "float": "a number or fraction (e.g. 0.5 or 8/255)",
-               "bool": "true or false", "mode": "'train' or 'eval'"}
+class _Untyped:
+    """An option no signature types: passed on through ``**kwargs`` (e.g. ``snr_db`` to the task's threat
+    model, which checks it) or annotated ``Any``; its value is read as a boolean, integer, number or text."""
+
+
+def _init_chain(factory: Any) -> list[Any]:
+    """The functions whose parameters are ``factory``'s options, in the order ``**kwargs`` travel: a class's
+    ``__init__`` along its MRO (a subclass's ``**kwargs`` go on to ``super().__init__``, as in
+    :class:`~robustkd.attacks.speech.SNRPGD`); a function, then the attack class its return annotation names
+    (its ``**kwargs`` go on to that class, as in :func:`~robustkd.attacks.pgd.fgsm`)."""
+    if inspect.isclass(factory):
+        return [c.__dict__["__init__"] for c in factory.__mro__ if c is not object and "__init__" in c.__dict__]
+    try:
+        returns = typing.get_type_hints(factory).get("return")
+    except Exception:  # noqa: BLE001 - an unresolvable return annotation names no class to follow
+        returns = None
+    follow = _init_chain(returns) if inspect.isclass(returns) and issubclass(returns, Attack) else []
+    return [factory, *follow]
+
+
+def _option_hint(spec: str, factory: Any, key: str) -> Any:
+    """The evaluated type hint of the option ``key`` of the attack ``factory`` (:class:`_Untyped` when no
+    signature types it). An unannotated parameter is typed by its default's type."""
+    for fn in _init_chain(factory):
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            return _Untyped
+        p = params.get(key)
+        if p is not None and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            if p.annotation is p.empty:
+                return type(p.default) if type(p.default) in (bool, int, float, str) else _Untyped
+            return _evaluated(spec, fn, key, p.annotation)
+        if not any(q.kind is q.VAR_KEYWORD for q in params.values()):
+            return _Untyped
+    return _Untyped
+
+
+def _evaluated(spec: str, fn: Any, key: str, annotation: Any) -> Any:
+    if not isinstance(annotation, str):
+        return annotation
+    try:
+        return typing.get_type_hints(fn)[key]
+    except Exception:  # noqa: BLE001 - another parameter's hint may not resolve at run time: this one alone
+        pass
+    try:
+        return eval(annotation, getattr(fn, "__globals__", {}))  # noqa: S307 - the attack's own annotation
+    except Exception as exc:  # noqa: BLE001 - whatever the annotation raises, the option cannot be typed
+        raise AttackSpecError(f"{spec!r}: the attack's option {key} is annotated {annotation!r}, which does not "
+                              f"resolve ({type(exc).__name__}: {exc}): the attack's code must import that type "
+                              "at run time for its option to be written in a spec") from None
+
+
+def _members(hint: Any) -> list[Any]:
+    """A union's members (``X | None`` -> ``[X]``) in the order values are tried: choices, booleans, integers,
+    numbers, lists, text, paths; ``[hint]`` for anything else."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        members = [m for a in typing.get_args(hint) if a is not _NONE_TYPE for m in _members(a)]
+        return sorted(members, key=_rank)
+    return [hint]
+
+
+def _rank(hint: Any) -> int:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return 0
+    if origin in _SEQUENCES or hint in _SEQUENCES:
+        return 4
+    order = {bool: 1, int: 2, float: 3, str: 5, Path: 6}
+    return order.get(hint, 9)
+
+
+def _words(hint: Any) -> str:
+    """What a value of type ``hint`` looks like in a spec, for the error message."""
+    members = [m for m in _members(hint) if _rank(m) < 9]
+    if not members:
+        return "a " + " or ".join(getattr(m, "__name__", str(m)) for m in _members(hint))
+    if len(members) > 1:
+        return " or ".join(_words(m) for m in members)
+    hint = members[0]
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(hint))
+    if origin in _SEQUENCES or hint in _SEQUENCES:
+        return "a '+'-joined list (e.g. apgd-ce+square)"
+    return {bool: "true or false", int: "an integer (e.g. 10)", float: "a number or fraction (e.g. 0.5 or 8/255)",
+            str: "text", Path: "a path"}[hint]
+
+
+def _parse(value: str, hint: Any) -> Any:
+    """``value`` as a ``hint``; :class:`ValueError` when it is not one."""
+    members = [m for m in _members(hint) if _rank(m) < 9]
+    if not members:
+        raise TypeError(hint)  # a type a spec cannot write (a callable, a threat model)
+    if len(members) > 1:
+        for member in members:
+            try:
+                return _parse(value, member)
+            except (ValueError, ZeroDivisionError):
+                continue
+        raise ValueError(value)
+    hint = members[0]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        for choice in args:
+            if (str(choice).lower() if isinstance(choice, bool) else str(choice)) == value:
+                return choice
+        raise ValueError(value)
+    if origin in _SEQUENCES or hint in _SEQUENCES:
+        items = value.split("+")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(items) != len(args):
+                raise ValueError(value)
+            return tuple(_parse(v, a) for v, a in zip(items, args))
+        parsed = [_parse(v, args[0]) if args else v for v in items]
+        return tuple(parsed) if tuple in (origin, hint) else parsed
+    if hint is bool:
+        low = value.lower()
+        if low in _TRUE or low in _FALSE:
+            return low in _TRUE
+        raise ValueError(value)
+    if hint is int:
+        return int(value)
+    if hint is float:
+        return eps_from_pixels(value)
+    if hint is Path:
+        return Path(value)
+    return value  # str
 
 
 def _coerce(spec: str, factory: Any, key: str, value: str) -> Any:
-    kind = _expected(factory, key)
+    """The spec's text ``value`` of option ``key`` as the type the attack declares for it."""
+    if key == "mode":
+        if value not in MODES:
+            raise AttackSpecError(f"{spec!r}: option mode={value!r} must be 'train' or 'eval'")
+        return value
+    hint = Any if factory is None else _option_hint(spec, factory, key)
+    if hint is _Untyped or hint is Any:
+        return _guess(value)
     try:
-        if kind == "bool":
-            low = value.lower()
-            if low in ("true", "1", "yes"):
-                return True
-            if low in ("false", "0", "no"):
-                return False
-            raise ValueError(value)
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return eps_from_pixels(value)
-        if kind == "mode":
-            if value not in MODES:
-                raise ValueError(value)
-            return value
-        if kind == "list":
-            return value.split("+")
-        if kind == "str":
-            return value
+        return _parse(value, hint)
     except (ValueError, ZeroDivisionError):
-        raise AttackSpecError(f"{spec!r}: option {key}={value!r} must be {_TYPE_WORDS[kind]}") from None
-    return _guess(value)  # an option the attack passes on (e.g. snr_db to the task's threat model)
+        raise AttackSpecError(f"{spec!r}: option {key}={value!r} must be {_words(hint)}") from None
+    except TypeError:
+        raise AttackSpecError(f"{spec!r}: option {key} takes {_words(hint)}, which a spec cannot write: pass it "
+                              "to the attack's class from Python") from None
 
 
 def _guess(value: str) -> Any:

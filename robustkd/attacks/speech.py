@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..registry import register_attack
 from ..task import Adversarial, Batch, Task
 from ..threat import ThreatModel, snr_db
-from .base import Attack, WaveformInputs
+from .base import Attack, WaveformInputs, waveform_inputs
 from .pgd import PGD
 
 
@@ -88,7 +88,7 @@ def _named(attack: PGD, name: str) -> dict[str, Any]:
 
 
 def _task_snr(task: Task, snr_db: float | None) -> ThreatModel:
-    return task.snr_threat(snr_db)  # type: ignore[attr-defined] - WaveformInputs
+    return waveform_inputs(task).snr_threat(snr_db)
 
 
 @register_attack("snr_pgd")

@@ -31,14 +31,19 @@ from torch import Tensor, nn
 from ..registry import register_attack
 from ..task import Adversarial, Batch, Task
 from ..threat import ThreatModel
-from .base import Attack, EmbeddingInputs, check_capabilities, victim_mode
+from .base import Attack, EmbeddingInputs, check_capabilities, embedding_inputs, victim_mode
 from .pgd import OBJECTIVES, PGD
 
 
 def _victim_embeddings(model: nn.Module) -> nn.Embedding:
     from ..teachers import unwrap
 
-    return unwrap(model).get_input_embeddings()
+    module = unwrap(model)
+    get = getattr(module, "get_input_embeddings", None)
+    if not callable(get):
+        raise TypeError(f"token substitution swaps rows of the victim's input embedding table, which it reads with "
+                        f"get_input_embeddings() (a Hugging Face model's); {type(module).__name__} has none")
+    return get()
 
 
 # -- embedding-space PGD ----------------------------------------------------------------------
@@ -76,6 +81,7 @@ class TokenSubstitution(Attack):
     def __init__(self, task: Task, *, fraction: float = 0.1, max_words: int | None = None, loss: str = "ce",
                  stop_on_success: bool = True, candidates: int | None = None):
         super().__init__(task)
+        self.text = embedding_inputs(task)
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"token_substitution's fraction of words must be in (0, 1], got {fraction}")
         if loss not in OBJECTIVES:
@@ -90,7 +96,7 @@ class TokenSubstitution(Attack):
         """Vocabulary ids that may be substituted in: whole-word alphabetic, non-special tokens."""
         key = (size, str(device))
         if key not in self._vocab_cache:
-            tok = self.task.tokenizer
+            tok = self.text.tokenizer
             tokens = tok.convert_ids_to_tokens(list(range(min(size, len(tok)))))
             special = set(tok.all_special_ids)
             ok = torch.zeros(size, dtype=torch.bool)
@@ -129,7 +135,8 @@ class TokenSubstitution(Attack):
         targets = task.labels(batch) if targets is None else targets
         hard = targets.dim() == 1
         ids = batch["input_ids"].clone()
-        allowed = task.perturbation_mask(batch).clone()
+        mask = task.perturbation_mask(batch)  # None: every position may move (the Task contract)
+        allowed = mask.clone() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         budget = self.budgets(batch, allowed)
         words = batch["word_ids"]
         table = _victim_embeddings(model).weight
@@ -174,8 +181,8 @@ class TokenSubstitution(Attack):
             changed[ex] += 1
             active &= changed < budget
         new_batch = {**batch, "input_ids": ids, "words_changed": changed}
-        if "text" in batch and getattr(task, "tokenizer", None) is not None:
-            new_batch["text"] = task.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        if "text" in batch and self.text.tokenizer is not None:
+            new_batch["text"] = self.text.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return Adversarial(new_batch, None)
 
     def describe(self) -> dict[str, Any]:
@@ -312,7 +319,8 @@ def _make_wrapper_class() -> type:
 
         def __init__(self, task: Task, model: nn.Module, batch_size: int = 32):
             self.task, self.model, self.batch_size = task, model, batch_size
-            self.tokenizer = task.tokenizer
+            self.text = embedding_inputs(task)
+            self.tokenizer = self.text.tokenizer
 
         def _device(self) -> torch.device:
             return next(self.model.parameters()).device
@@ -321,14 +329,14 @@ def _make_wrapper_class() -> type:
             texts = [t if isinstance(t, str) else " ".join(t) for t in text_input_list]
             out = []
             for i in range(0, len(texts), self.batch_size):
-                batch = send_to_device(self.task.encode(texts[i:i + self.batch_size]), self._device())
+                batch = send_to_device(self.text.encode(texts[i:i + self.batch_size]), self._device())
                 with torch.no_grad():
                     out.append(self.task.logits(self.model, batch).float().cpu())
             return torch.cat(out) if out else torch.zeros(0, self.task.num_classes)
 
         def get_grad(self, text_input: str) -> dict[str, Any]:
             """Gradient of the loss at the predicted class w.r.t. the token embeddings (HotFlip, A2T)."""
-            batch = send_to_device(self.task.encode([text_input]), self._device())
+            batch = send_to_device(self.text.encode([text_input]), self._device())
             base = self.task.perturbation_base(self.model, batch).detach()
             zero = torch.zeros_like(base, requires_grad=True)
             logits = self.task.logits(self.model, batch, zero)
@@ -338,7 +346,7 @@ def _make_wrapper_class() -> type:
 
         def _tokenize(self, inputs: list[str]) -> list[list[str]]:
             return [self.tokenizer.convert_ids_to_tokens(self.tokenizer(x, truncation=True,
-                                                                        max_length=self.task.max_length)["input_ids"])
+                                                                        max_length=self.text.max_length)["input_ids"])
                     for x in inputs]
 
     return TaskModelWrapper
@@ -427,7 +435,7 @@ class TextAttackAdapter(Attack):
                              "keeps them)")
         records = self.attack_texts(model, list(batch["text"]), labels.tolist())
         texts = [r["perturbed_text"] if r["status"] == "success" else t for r, t in zip(records, batch["text"])]
-        new = send_to_device(self.task.encode(texts, labels.cpu()), batch["input_ids"].device)
+        new = send_to_device(embedding_inputs(self.task).encode(texts, labels.cpu()), batch["input_ids"].device)
         return Adversarial({**batch, **new}, None)
 
     def summary(self, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ robust only if every attack fails on it), as AutoAttack reports it.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,9 @@ def gradient_floor(model: nn.Module) -> Any:
         grads = [t for t in (*args, *kwargs.values()) if torch.is_tensor(t) and t.requires_grad]
         if not grads:
             return output
-        zero = sum((t.float() * 0).sum() for t in grads)
+        zero = (grads[0].float() * 0).sum()
+        for t in grads[1:]:
+            zero = zero + (t.float() * 0).sum()
         if torch.is_tensor(output):
             return output + zero.to(output.dtype)
         if hasattr(output, "logits"):
@@ -47,12 +50,13 @@ def gradient_floor(model: nn.Module) -> Any:
         return output
 
     handle = model.register_forward_hook(hook, with_kwargs=True)
-    model._robustkd_gradient_floor = True  # type: ignore[attr-defined]
+    # a plain attribute (nn.Module.__setattr__ would store a bool the same way; its annotation takes tensors/modules)
+    object.__setattr__(model, "_robustkd_gradient_floor", True)
     remove = handle.remove
 
     def _remove() -> None:
         remove()
-        model._robustkd_gradient_floor = False  # type: ignore[attr-defined]
+        object.__setattr__(model, "_robustkd_gradient_floor", False)
 
     handle.remove = _remove  # type: ignore[method-assign]
     return handle
@@ -99,7 +103,7 @@ def attack_label(spec: str, attack: Any = None) -> str:
     return names.get(head, spec if len(spec) <= 24 else spec[:21] + "...")
 
 
-def evaluate_predictions(task: Task, model: nn.Module, loader, attacks: dict[str, Attack],
+def evaluate_predictions(task: Task, model: nn.Module, loader, attacks: Mapping[str, Attack],
                          accelerator: Any = None, progress: bool = False, *, seed: int | None = None,
                          split_processes: bool = False, label: str | None = None) -> EvalResult:
     """Run the model clean and under each attack; per-example probabilities in loader order.
@@ -154,7 +158,7 @@ def evaluate_predictions(task: Task, model: nn.Module, loader, attacks: dict[str
                       {k: torch.cat([r[3][k] for r in rows]) for k in attacks})
 
 
-def _evaluate_batch(task: Task, model: nn.Module, index: int, batch: Any, attacks: dict[str, Attack],
+def _evaluate_batch(task: Task, model: nn.Module, index: int, batch: Any, attacks: Mapping[str, Attack],
                     accelerator: Any, seed: int | None, floors: list[Any] | None = None,
                     on_step: Any = None) -> tuple[int, Tensor, Tensor, dict[str, Tensor]]:
     """One batch: labels, clean and per-attack probabilities (gathered across an accelerator's processes).

@@ -192,7 +192,8 @@ def check_strongest_vs_pgd(attacks: Mapping[str, Attack], robust_accuracy: Mappi
         return SanityCheck("strongest_vs_pgd", "n/a", "no AutoAttack-class attack was evaluated "
                            "(add autoattack to the attacks)")
     tol = _tolerance(n, 1, 0.005)
-    comparisons, failures = [], []
+    comparisons: list[dict[str, Any]] = []
+    failures: list[str] = []
     for s in strong:
         refs = {p: acc for p, acc in pgds.items() if _budget_key(descs[p]) == _budget_key(descs[s])}
         if sweep is not None:
