@@ -41,6 +41,9 @@ CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 class Normalize(nn.Module):
     """Per-channel standardisation as the model's first layer, so attacks work in [0, 1] pixels."""
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
@@ -155,6 +158,11 @@ class ResNet(nn.Module):
     """The CIFAR ResNet of the adversarial-training literature (3x3 stem, no max-pool); ``pooling``:
     ``AvgPool2d(4)`` on 32x32 inputs as the reference, adaptive on others (see the module docstring)."""
 
+    layer1: nn.Sequential  # set in __init__ by name, one per stage
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, layers: Sequence[int] = (2, 2, 2, 2), num_classes: int = 10, pooling: str = "auto",
                  activation: str = "relu"):
         super().__init__()
@@ -212,6 +220,11 @@ class PreActBlock(nn.Module):
 class PreActResNet(nn.Module):
     """Pre-activation ResNet-18/34 in the reference (DeepMind) layout."""
 
+    layer_0: nn.Sequential  # set in __init__ by name, one per stage
+    layer_1: nn.Sequential
+    layer_2: nn.Sequential
+    layer_3: nn.Sequential
+
     def __init__(self, depth: int = 18, num_classes: int = 10, pooling: str = "auto", activation: str = "relu"):
         super().__init__()
         self.pooling, self.act = _check_pooling(pooling), _activation(activation)
@@ -256,7 +269,7 @@ class WideBlock(nn.Module):
             x = act
         out = self.conv_0(_same_pad(act, self.stride))
         out = self.conv_1(self.act(self.batchnorm_1(out)))
-        return (self.shortcut(x) if self.has_shortcut else x) + out
+        return (self.shortcut(x) if self.shortcut is not None else x) + out
 
 
 class _BlockGroup(nn.Module):
