@@ -25,6 +25,7 @@ from huggingface_hub.repocard_data import EvalResult
 from torch import nn
 
 from .checkpoint import META_FILE, WEIGHT_FILES, read_meta
+from .eval.schema import UnversionedReportError, read_report
 from .task import Task
 
 REPORT_FILE = "report.json"
@@ -45,14 +46,22 @@ class RobustKDRun(ModelHubMixin, library_name="robustkd",
         self.eval_report = None
         if eval_dir is not None:
             path = Path(eval_dir).expanduser()
-            path = path / "report.json" if path.is_dir() else path
+            path = path / REPORT_FILE if path.is_dir() else path
             if not path.exists():
                 raise FileNotFoundError(f"no evaluation report at {path}: pass the --output-dir of `robustkd eval`")
-            self.eval_report = json.loads(path.read_text())
+            self.eval_report = read_report(path)
         elif (self.run_dir / EVAL_REPORT_FILE).exists():
-            self.eval_report = json.loads((self.run_dir / EVAL_REPORT_FILE).read_text())
-        report = self.run_dir / REPORT_FILE
-        self.report = json.loads(report.read_text()) if report.exists() else {}
+            self.eval_report = read_report(self.run_dir / EVAL_REPORT_FILE)
+        self.report: dict[str, Any] = {}
+        if (self.run_dir / REPORT_FILE).exists():
+            try:
+                self.report = read_report(self.run_dir / REPORT_FILE)
+            except UnversionedReportError as exc:
+                raise UnversionedReportError(
+                    f"{self.run_dir / REPORT_FILE} is an unversioned report (no schema_version; an older robustkd "
+                    "recipe wrote it), which the model card is not built from: re-run the recipe with this robustkd, "
+                    f"or move that report.json aside and push with --eval EVAL_DIR from `robustkd eval --checkpoint "
+                    f"{self.run_dir} --output-dir EVAL_DIR`") from exc
 
     # -- the mixin's two hooks -------------------------------------------------------------------
     def _save_pretrained(self, save_directory: Path) -> None:
@@ -93,36 +102,48 @@ class RobustKDRun(ModelHubMixin, library_name="robustkd",
 
 
 # -- the model card ----------------------------------------------------------------------------------
-def _results(meta: dict[str, Any], report: dict[str, Any], eval_report: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Rows (name, metric type, value) of what was measured: the eval report's when there is one (it has ECE),
-    else the training run's final evaluation (EMA model's figures when kept)."""
-    rows: list[dict[str, Any]] = []
-    if eval_report is not None:
-        m = eval_report["metrics"]
-        which = eval_report.get("model", {}).get("which") or ""
-        tag = f" ({which} model)" if which else ""
-        rows.append({"name": f"clean accuracy{tag}", "type": "accuracy", "value": m["clean"]["accuracy"]})
-        rows.append({"name": f"clean ECE{tag}", "type": "ece", "value": m["clean"]["ece"]})
-        for spec, d in m.get("adversarial", {}).items():
-            rows.append({"name": f"robust accuracy, {spec}{tag}", "type": "accuracy", "value": d["accuracy"]})
-            rows.append({"name": f"ECE under {spec}{tag}", "type": "ece", "value": d["ece"]})
-        if "worst_case" in m:
-            rows.append({"name": f"worst-case robust accuracy{tag}", "type": "accuracy",
-                         "value": m["worst_case"]["accuracy"]})
-        return rows
-    for block, tag in ((report.get("ema"), " (EMA model)"), (report, "")):
-        if block and "clean_accuracy" in block:
-            rows.append({"name": f"clean accuracy{tag}", "type": "accuracy", "value": block["clean_accuracy"]})
-            for spec, acc in (block.get("robust_accuracy") or {}).items():
-                rows.append({"name": f"robust accuracy, {spec}{tag}", "type": "accuracy", "value": acc})
+def _report_rows(report: dict[str, Any], tag: str) -> list[dict[str, Any]]:
+    """Rows of a (schema-v1) report's metrics: clean and per-attack accuracy and ECE, the worst case."""
+    m = report["metrics"]
+    rows = [{"name": f"clean accuracy{tag}", "type": "accuracy", "value": m["clean"]["accuracy"]},
+            {"name": f"clean ECE{tag}", "type": "ece", "value": m["clean"]["ece"]}]
+    for spec, d in m.get("adversarial", {}).items():
+        rows.append({"name": f"robust accuracy, {spec}{tag}", "type": "accuracy", "value": d["accuracy"]})
+        rows.append({"name": f"ECE under {spec}{tag}", "type": "ece", "value": d["ece"]})
+    if "worst_case" in m:
+        rows.append({"name": f"worst-case robust accuracy{tag}", "type": "accuracy",
+                     "value": m["worst_case"]["accuracy"]})
     return rows
+
+
+def _which_tag(report: dict[str, Any]) -> str:
+    which = report.get("model", {}).get("which") or ""
+    return f" ({which} model)" if which else ""
+
+
+def _results(meta: dict[str, Any], report: dict[str, Any], eval_report: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Rows (name, metric type, value) of what was measured: the eval report's when there is one, else the
+    training run's final evaluation (its ``ema`` section's headline figures first, when the run kept an EMA
+    copy, then the student's figures). Both reports are schema-v1 (read by ``robustkd.eval.schema.read_report``)."""
+    if eval_report is not None:
+        return _report_rows(eval_report, _which_tag(eval_report))
+    if not report:
+        return []
+    rows: list[dict[str, Any]] = []
+    ema = report.get("ema")
+    if isinstance(ema, dict) and "clean_accuracy" in ema:  # the recipe's headline of the EMA copy's report
+        rows.append({"name": "clean accuracy (EMA model)", "type": "accuracy", "value": ema["clean_accuracy"]})
+        for spec, acc in (ema.get("robust_accuracy") or {}).items():
+            rows.append({"name": f"robust accuracy, {spec} (EMA model)", "type": "accuracy", "value": acc})
+    return rows + _report_rows(report, _which_tag(report))
 
 
 def model_card(meta: dict[str, Any], report: dict[str, Any], eval_report: dict[str, Any] | None = None) -> ModelCard:
     """A Hub model card: metadata (``model-index`` with every measured figure) and a readable summary."""
-    task = meta.get("task") or report.get("task") or "unknown"
-    method = meta.get("method") or report.get("method") or "unknown"
-    preset = meta.get("preset") or (report.get("config") or {}).get("preset")
+    run = report.get("run") if isinstance(report.get("run"), dict) else None  # the recipe's configuration section
+    task = meta.get("task") or (report.get("task") or {}).get("name") or "unknown"
+    method = meta.get("method") or (report.get("model") or {}).get("method") or "unknown"
+    preset = meta.get("preset") or (report.get("model") or {}).get("preset") or (run or {}).get("preset")
     modality = (eval_report or {}).get("task", {}).get("modality")
     task_type = f"{modality}-classification" if modality else "classification"
     split = (eval_report or {}).get("split", "test")
@@ -151,7 +172,7 @@ def model_card(meta: dict[str, Any], report: dict[str, Any], eval_report: dict[s
               "run = RobustKDRun.from_pretrained(\"REPO_ID\")", "model = run.load_model()  # the EMA model when kept",
               "```", "", "Inputs are raw values in the task's domain (pixels in [0, 1]); normalisation is inside "
               "the model.", "", "## Training configuration", "", "```json",
-              json.dumps(report.get("config") or meta, indent=2, default=str), "```", ""]
+              json.dumps(run or meta, indent=2, default=str), "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 

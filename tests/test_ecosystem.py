@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -220,8 +221,21 @@ def _tiny_run(tmp_path, cifar_task):
     run = tmp_path / "run"
     save_model_dir(run, model, model, {"task": "cifar10", "model": "small_cnn", "model_kwargs": {"width": 4},
                                       "num_classes": 10, "method": "adr", "data_dir": cifar_task.data_dir})
-    (run / "report.json").write_text(json.dumps({"task": "cifar10", "method": "adr", "clean_accuracy": 0.5,
-                                                 "robust_accuracy": {"pgd20": 0.25}, "config": {"epochs": 1}}))
+    # the run's final evaluation, as a recipe writes it: a schema-v1 report of the student with the EMA copy's
+    # headline as its "ema" section (here the EMA copy is the student's weights, so its figures are the same)
+    from robustkd.eval.schema import validate_report
+    from robustkd.eval.suite import run_evaluation
+
+    ev = run_evaluation(cifar_task, model, "pgd:steps=1", max_samples=4, batch_size=4, curve_factors=(0, 1),
+                        curve_steps=1, verbose=False,
+                        model_meta={"name": "small_cnn", "checkpoint": str(run), "which": "student", "method": "adr",
+                                    "epochs": 1, "preset": None},
+                        sections={"run": {"preset": None, "overrides": {"epochs": 1}, "settings": {"epochs": 1}}})
+    m = ev.report["metrics"]
+    report = {**ev.report, "ema": {"clean_accuracy": m["clean"]["accuracy"], "report": "ema/report.json",
+                                   "robust_accuracy": {k: d["accuracy"] for k, d in m["adversarial"].items()}}}
+    validate_report(report)
+    (run / "report.json").write_text(json.dumps(report))
     return run
 
 
@@ -358,6 +372,33 @@ def test_push_offline_writes_a_hub_folder_that_loads_back(cifar_task, cifar_dir,
 
     with torch.no_grad():
         assert torch.equal(loaded(x), load_model(run, cifar_task)(x))
+
+
+def test_model_card_of_a_run_without_eval_shows_its_final_evaluation(cifar_task, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    run = _tiny_run(tmp_path, cifar_task)
+    report = json.loads((run / "report.json").read_text())
+    assert cli_main(["push", str(run), "--repo-id", "me/tiny"]) == 0
+    card = ModelCard.load(run / "hub" / "README.md")
+    names = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    clean = round(report["metrics"]["clean"]["accuracy"], 4)
+    assert names["clean accuracy (EMA model)"] == names["clean accuracy (student model)"] == clean
+    assert names["clean ECE (student model)"] == round(report["metrics"]["clean"]["ece"], 4)
+    spec = next(iter(report["metrics"]["adversarial"]))
+    assert names[f"robust accuracy, {spec} (student model)"] == \
+        round(report["metrics"]["adversarial"][spec]["accuracy"], 4)
+    assert f"robust accuracy, {spec} (EMA model)" in names
+    assert '"overrides"' in card.text  # the run's configuration section
+    # a report without schema_version (an older recipe wrote it) is refused in one line, nothing written
+    shutil.rmtree(run / "hub")
+    (run / "report.json").write_text(json.dumps({"task": "cifar10", "clean_accuracy": 0.5,
+                                                 "robust_accuracy": {"pgd20": 0.25}}))
+    capsys.readouterr()
+    assert cli_main(["push", str(run), "--repo-id", "me/tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "unversioned report" in err and "--eval EVAL_DIR" in err and err.count("\n") == 1
+    assert not (run / "hub").exists()
 
 
 # -- multi-process evaluation -------------------------------------------------------------------
