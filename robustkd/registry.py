@@ -154,12 +154,19 @@ class Registry:
 
     @contextlib.contextmanager
     def temporary(self) -> Iterator[Registry]:
-        """Restore the registry afterwards (for tests that register throw-away entries)."""
-        saved = dict(self._entries)
+        """Restore the registry afterwards (for tests that register throw-away entries).
+
+        The installed plug-ins are discovered first, so what is restored is the registry as any later use sees
+        it: a plug-in module registers its entries when it is imported, once per process, so entries that a first
+        discovery inside the block registered could not be found again after it. The entries, the discovered
+        flag, the load errors and the name conflicts are all restored."""
+        self.discover()
+        saved = (dict(self._entries), self._discovered, dict(self.load_errors), dict(self.conflicts))
         try:
             yield self
         finally:
-            self._entries = saved
+            self._entries, self._discovered = dict(saved[0]), saved[1]
+            self.load_errors, self.conflicts = dict(saved[2]), dict(saved[3])
 
 
 def _is_module(obj: Any) -> bool:

@@ -470,6 +470,23 @@ def test_builtin_plugins_install_as_robustkd_tasks_with_every_package_listed():
     assert TASKS.entry("cifar10").source == "built-in" and TASKS.get("cifar10").__module__ == "robustkd_tasks.image"
 
 
+def test_temporary_on_an_undiscovered_registry_keeps_the_builtin_plugins():
+    """A fresh process: the first look for plug-ins happens inside ``temporary()`` (a test registering a
+    throw-away task); afterwards the built-in tasks, which register when their module is first imported, are
+    still found, and the throw-away one is gone."""
+    code = ("from robustkd import TASKS, create_task\n"
+            "assert not TASKS._discovered\n"
+            "with TASKS.temporary():\n"
+            "    TASKS.add('throwaway', object)\n"
+            "    assert 'cifar10' in TASKS.names()\n"
+            "assert TASKS._discovered and 'throwaway' not in TASKS.names()\n"
+            "assert TASKS.entry('cifar10').source == 'built-in', TASKS.names()\n"
+            "assert create_task('synthetic').name == 'synthetic'\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
 def test_a_dataset_without_len_is_refused_where_a_sample_is_drawn():
     from torch.utils.data import IterableDataset
 
