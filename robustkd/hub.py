@@ -162,7 +162,7 @@ def model_card(meta: dict[str, Any], report: dict[str, Any], eval_report: dict[s
              + (f" (preset `{preset}`)" if preset else "") + " by [robustkd](https://pypi.org/project/robustkd/).", "",
              "| measured | value |", "| --- | --- |"]
     lines += [f"| {r['name']} | {float(r['value']):.4f} |" for r in rows] or ["| (not evaluated) | |"]
-    if eval_report is None:
+    if not any(r["type"] == "ece" for r in rows):
         lines += ["", "Calibration (ECE) is measured by `robustkd eval`; pass its output with `robustkd push --eval`."]
     if attacks:
         lines += ["", "Attacks:", ""] + [f"- `{spec}`: " + ", ".join(f"{k}={v}" for k, v in d.items()

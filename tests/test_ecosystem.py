@@ -390,6 +390,7 @@ def test_model_card_of_a_run_without_eval_shows_its_final_evaluation(cifar_task,
         round(report["metrics"]["adversarial"][spec]["accuracy"], 4)
     assert f"robust accuracy, {spec} (EMA model)" in names
     assert '"overrides"' in card.text  # the run's configuration section
+    assert "Calibration (ECE) is measured by" not in card.text  # the run's report has it
     # a report without schema_version (an older recipe wrote it) is refused in one line, nothing written
     shutil.rmtree(run / "hub")
     (run / "report.json").write_text(json.dumps({"task": "cifar10", "clean_accuracy": 0.5,
