@@ -661,3 +661,55 @@ def test_progress_bars_name_the_attack_and_the_model(cifar_task, capsys):
     evaluate(cifar_task, model, loader, ["pgd2"], progress=True, label="EMA")
     err = capsys.readouterr().err
     assert "PGD-2 \u00b7 EMA" in err and "clean \u00b7 EMA" in err
+
+
+def test_budget_options_reach_the_threat_model_or_are_refused(shared, tmp_path, capsys):
+    """A threat-model option in a spec reaches the attack's threat model, or is refused in one line naming
+    the option and the attack (it is never dropped): the SNR attacks' budget is snr_db, the amplitude
+    attacks' eps, pgd_l2's norm is L2; pgd and fgsm pass any of the task's options to its threat model."""
+    from robustkd.attacks.base import AttackSpecError, UnusedThreatOptionsError, create_attack, parse_attack_spec
+    from robustkd.attacks.pgd import PGD
+
+    data_dir = str(shared / "data" / "fsdd")
+    fsdd = create_task("fsdd", data_dir=data_dir)
+    assert create_attack("pgd:snr_db=20", fsdd).threat.snr_db == 20
+    assert create_attack("fgsm:snr_db=20", fsdd).threat.snr_db == 20
+    assert create_attack("snr_pgd:snr_db=20", fsdd).threat.snr_db == 20
+    assert create_attack("linf_pgd:eps=0.003", fsdd).threat.eps == 0.003
+    for spec, option, own in (("snr_pgd:eps=0.01", "eps", "snr_db"), ("snr_pgd3:norm=linf", "norm", "snr_db"),
+                              ("snr_fgsm:eps=0.01", "eps", "snr_db"), ("linf_pgd:snr_db=30", "snr_db", "eps"),
+                              ("linf_pgd:norm=l2", "norm", "eps"), ("linf_fgsm:snr_db=30", "snr_db", "eps"),
+                              ("pgd_l2:norm=linf", "norm", "eps")):
+        with pytest.raises(AttackSpecError) as info:
+            create_attack(spec, fsdd)
+        message = str(info.value)
+        name = parse_attack_spec(spec)[0]
+        assert len(message.splitlines()) == 1 and repr(spec) in message, message
+        assert f"the attack {name!r} builds its own threat model" in message
+        assert f"would not apply {option}: set its budget with {own}" in message and "or use pgd:" in message
+    with pytest.raises(AttackSpecError, match=r"'snr_pgd' takes no option\(s\) stepz .*check the spelling"):
+        create_attack("snr_pgd:stepz=3", fsdd)
+    # a threat model given beside the options that would build one: refused, not dropped
+    with pytest.raises(UnusedThreatOptionsError, match=r"eps=0\.1 would not reach the threat model"):
+        PGD(fsdd, fsdd.threat_model(snr_db=30), eps=0.1)
+    # run-wide budget defaults: pgd takes the task's snr_db; the attacks with a threat model of their own keep it
+    assert create_attack("pgd", fsdd, snr_db=20).threat.snr_db == 20
+    assert create_attack("fgsm_rs", fsdd, snr_db=20).threat.snr_db == 20
+    assert create_attack("snr_pgd", fsdd, eps=0.01).threat.snr_db == fsdd.threat_model().snr_db
+    assert create_attack("linf_pgd", fsdd, snr_db=20).threat.eps == create_attack("linf_pgd", fsdd).threat.eps
+
+    # through `robustkd eval --attacks`: exit status 2, one line, before anything is written
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    save_model_dir(run, fsdd.build_model("mel_cnn", width=8), None,
+                   {"task": "fsdd", "model": "mel_cnn", "model_kwargs": {"width": 8}, "num_classes": 10,
+                    "data_dir": data_dir})
+    capsys.readouterr()
+    rc = cli_main(["eval", "--checkpoint", str(run), "--attacks", "pgd5:snr_db=30,snr_pgd5:eps=0.01",
+                   "--max-eval-samples", "4", "--output-dir", str(tmp_path / "ev"), "--cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and err.endswith(errors[0] + "\n"), err
+    assert "'snr_pgd5:eps=0.01'" in errors[0] and "'snr_pgd' builds its own threat model" in errors[0]
+    assert "would not apply eps" in errors[0]
+    assert not (tmp_path / "ev").exists()

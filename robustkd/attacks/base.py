@@ -33,9 +33,12 @@ language through :func:`split_attack_specs` and :func:`create_attack`:
   ``pgd:steps=50,eps=4/255,autoattack`` == ``pgd:steps=50,eps=4/255;autoattack``.
 
 ``create_attack(spec, task, **defaults)`` applies ``defaults`` unless the spec names them: the run's
-threat model (``eps=``/``norm=``, ...) as one budget -- to an attack whose spec names no budget of its
-own and that takes all of those options (``pgd_l2`` and ``snr_pgd`` keep their own) -- and any other
-option (``steps=``, ``mode=``) one by one, to attacks that take it.
+threat model (``eps=``/``norm=``, ``snr_db=``, ...) as one budget -- to an attack whose spec names no budget
+of its own and that takes all of those options, by name or by passing them to the task's threat model
+(``pgd``, ``fgsm``; ``pgd_l2`` and ``snr_pgd`` keep their own) -- and any other option (``steps=``,
+``mode=``) one by one, to attacks that take it. A threat-model option a spec names reaches the attack's
+threat model or is refused in one line naming the option and the attack (``snr_pgd:eps=0.01``: the SNR
+attack's budget is ``snr_db``); it is never dropped.
 """
 from __future__ import annotations
 
@@ -216,6 +219,25 @@ def attacks_for(task: Task) -> list[str]:
 # -- the spec language --------------------------------------------------------------------------
 class AttackSpecError(ValueError):
     """A malformed attack spec; the message names the spec, the option and the fix."""
+
+
+def threat_summary(threat: ThreatModel) -> str:
+    """``SNRBall(snr_db=30.0)``, ``ThreatModel(norm=linf, eps=0.002)``: what a threat model bounds, short."""
+    d = threat.describe()
+    keys = ("snr_db",) if d.get("snr_db") is not None else ("norm", "eps")
+    return f"{d['type']}({', '.join(f'{k}={d[k]}' for k in keys)})"
+
+
+class UnusedThreatOptionsError(TypeError):
+    """Options given to an attack beside a threat model that is already set (``PGD(task, threat, eps=...)``,
+    or ``snr_pgd:eps=0.01``, whose SNR ball comes from ``snr_db``): they would not reach the threat model, so
+    they are refused instead of dropped. ``options`` are those options, ``threat`` the threat model."""
+
+    def __init__(self, options: dict[str, Any], threat: ThreatModel):
+        self.options, self.threat = dict(options), threat
+        named = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        super().__init__(f"the option(s) {named} would not reach the threat model, which is already set "
+                         f"({threat_summary(threat)}): pass either the threat model or the options that build it")
 
 
 _SHORTHAND = re.compile(r"^([a-z_]+?)(\d+)$")
@@ -477,6 +499,12 @@ def _threat_keys(task: Task) -> set[str]:
     return {k for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} | {"eps", "norm"}
 
 
+def _passes_threat_options(factory: Any) -> bool:
+    """The factory itself (not a subclass of it) declares ``passes_threat_options``: every option that is not
+    its own goes to ``task.threat_model`` (PGD, FGSM), so any of the task's threat-model options is a budget it takes."""
+    return bool(getattr(factory, "__dict__", {}).get("passes_threat_options", False))
+
+
 def _named_params(factory: Any) -> set[str]:
     sig = _signature(factory)
     return set() if sig is None else {k for k, p in sig.parameters.items() if p.kind is not p.VAR_KEYWORD}
@@ -487,16 +515,24 @@ def create_attack(spec: str, task: Task, **defaults: Any) -> Attack:
 
     Threat-model defaults (``eps``, ``norm``, ... -- the options of ``task.threat_model``) are one
     budget: they apply together, only when the spec names none of them and the attack takes every one
-    of them by name (``pgd_l2`` keeps its L2 default, ``snr_pgd`` its SNR, ``pgd20:snr_db=30`` its SNR
-    ball). Other defaults (``steps=``, ``loss=``, ``mode=``, ...) apply one by one unless the spec names
-    them, to attacks that take them. ``None`` values count as not given."""
+    of them by name, or passes every option that is not its own to the task's threat model (``pgd``,
+    ``fgsm``, ``fgsm_rs``: ``passes_threat_options``); ``pgd_l2`` keeps its L2 default, ``snr_pgd`` its
+    SNR, ``pgd20:snr_db=30`` its SNR ball. Other defaults (``steps=``, ``loss=``, ``mode=``, ...) apply one
+    by one unless the spec names them, to attacks that take them. ``None`` values count as not given.
+
+    A threat-model option in the spec reaches the attack's threat model or is refused: an attack that builds
+    its own threat model (``snr_pgd:eps=0.01``, ``linf_pgd:snr_db=30``, ``pgd_l2:norm=linf``) refuses it in
+    one line naming the option, the attack and the options that set its budget (:class:`UnusedThreatOptionsError`
+    from the attack, an :class:`AttackSpecError` here); an option neither the attack's nor the threat
+    model's is refused as such."""
     name, kwargs = parse_attack_spec(spec)
     factory = ATTACKS.get(name)
     check_capabilities(factory, task, name)
     defaults = {k: v for k, v in defaults.items() if v is not None}
     threat_keys = _threat_keys(task)
     budget = {k: v for k, v in defaults.items() if k in threat_keys}
-    if budget and not (set(kwargs) & threat_keys) and set(budget) <= _named_params(factory):
+    if budget and not (set(kwargs) & threat_keys) and (set(budget) <= _named_params(factory)
+                                                      or _passes_threat_options(factory)):
         kwargs.update(budget)
     for key, value in defaults.items():
         if key not in threat_keys and key not in kwargs and (key == "mode" or _accepts(factory, key)):
@@ -504,11 +540,31 @@ def create_attack(spec: str, task: Task, **defaults: Any) -> Attack:
     mode = kwargs.pop("mode", None) if "mode" not in _named_params(factory) else None
     try:
         attack = factory(task, **kwargs)
+    except UnusedThreatOptionsError as exc:
+        raise AttackSpecError(_unused_options_message(spec, name, factory, task, exc, threat_keys)) from exc
     except TypeError as exc:
         raise AttackSpecError(f"bad options for attack {spec!r}: {exc}") from exc
     if mode is not None:
         attack.set_mode(mode)
     return attack
+
+
+def _unused_options_message(spec: str, name: str, factory: Any, task: Task, exc: UnusedThreatOptionsError,
+                            threat_keys: set[str]) -> str:
+    """One line: which options of ``spec`` the attack ``name`` would not apply, and what to write instead."""
+    budget = [k for k in exc.options if k in threat_keys]
+    other = [k for k in exc.options if k not in threat_keys]
+    if other:
+        return (f"bad options for attack {spec!r}: the attack {name!r} takes no option(s) {', '.join(other)} (they "
+                f"are neither its own nor options of {task.name!r}'s threat model: "
+                f"{', '.join(sorted(threat_keys))}); check the spelling")
+    own = sorted(_named_params(factory) & threat_keys)
+    fix = (f"set its budget with {' / '.join(own)}" if own else "it takes no budget option")
+    generic = "pgd" in attacks_for(task) and "pgd" != name
+    return (f"bad options for attack {spec!r}: the attack {name!r} builds its own threat model "
+            f"({threat_summary(exc.threat)}) and would not apply {', '.join(budget)}: {fix}"
+            + (f", or use pgd:{','.join(f'{k}={exc.options[k]}' for k in budget)}, which passes the task's "
+               "threat-model options to it" if generic else ""))
 
 
 def build_attacks(specs: str | Iterable[str], task: Task, **defaults: Any) -> dict[str, Attack]:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..registry import register_attack
 from ..task import Adversarial, Batch, Task
 from ..threat import ThreatModel
-from .base import Attack
+from .base import Attack, UnusedThreatOptionsError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -61,12 +61,21 @@ class PGD(Attack):
     None)``; ``"auto"`` (default) keeps the point with ``bounds`` for the ``trades`` and ``normal`` starts
     (TRADES' and MTARD's reference attacks) where the task and threat model allow it, else ``off``."""
 
+    #: options that are not PGD's own go to ``task.threat_model`` (``snr_db=30``), so a run-wide budget of any
+    #: of the task's threat-model options applies (see :func:`~robustkd.attacks.base.create_attack`); the
+    #: subclasses with a threat model of their own (``snr_pgd``, ``linf_pgd``) do not inherit this
+    passes_threat_options = True
+
     def __init__(self, task: Task, threat: ThreatModel | None = None, *, eps: float | None = None,
                  norm: str | None = None, steps: int = 10, step_size: float | None = None,
                  rel_step_size: float | None = None, random_start: str = "uniform",
                  init_std: float = 0.001, restarts: int = 1, loss: str | LossFn = "ce", keep_point: str = "auto",
                  **threat_kwargs: Any):
         super().__init__(task)
+        if threat is not None:
+            unused = {k: v for k, v in {"eps": eps, "norm": norm, **threat_kwargs}.items() if v is not None}
+            if unused:  # they would not reach the threat model: refused, not dropped
+                raise UnusedThreatOptionsError(unused, threat)
         self.threat = threat if threat is not None else task.threat_model(eps=eps, norm=norm, **threat_kwargs)
         if steps < 1 or restarts < 1:
             raise ValueError(f"PGD needs steps >= 1 and restarts >= 1 (got steps={steps}, restarts={restarts})")
@@ -218,7 +227,12 @@ def _threat(task: Task, threat: ThreatModel | None, eps: float | None, norm: str
     """The given threat model, or the task's built from ``eps``/``norm`` and every option that is not
     PGD's own (e.g. ``snr_db``), which are taken out of ``kwargs``."""
     threat_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in _PGD_OPTIONS}
-    return threat if threat is not None else task.threat_model(eps=eps, norm=norm, **threat_kwargs)
+    if threat is None:
+        return task.threat_model(eps=eps, norm=norm, **threat_kwargs)
+    unused = {k: v for k, v in {"eps": eps, "norm": norm, **threat_kwargs}.items() if v is not None}
+    if unused:  # they would not reach the given threat model: refused, not dropped
+        raise UnusedThreatOptionsError(unused, threat)
+    return threat
 
 
 @register_attack("fgsm")
@@ -239,7 +253,14 @@ def fgsm_rs(task: Task, threat: ThreatModel | None = None, *, eps: float | None 
     return PGD(task, threat, steps=1, random_start="uniform", **kwargs)
 
 
+fgsm.passes_threat_options = fgsm_rs.passes_threat_options = True  # type: ignore[attr-defined]
+
+
 @register_attack("pgd_l2")
 def pgd_l2(task: Task, threat: ThreatModel | None = None, *, eps: float | None = None, **kwargs: Any) -> PGD:
-    """PGD in an L2 ball (eps 0.5 on CIFAR by convention)."""
-    return PGD(task, _threat(task, threat, eps, "l2", kwargs), **kwargs)
+    """PGD in an L2 ball (eps 0.5 on CIFAR by convention); its norm is L2, so a ``norm`` option is refused."""
+    norm = kwargs.pop("norm", None)
+    threat = _threat(task, threat, eps, "l2", kwargs)
+    if norm is not None:
+        raise UnusedThreatOptionsError({"norm": norm}, threat)
+    return PGD(task, threat, **kwargs)
