@@ -520,6 +520,7 @@ def resolve(recipe: Recipe, argv: Sequence[str] | None = None) -> RunConfig:
         raise ConfigError(f"--method {settings['method']} trains without teachers, so "
                           f"{' and '.join('--' + k.replace('_', '-') for k in stray)} would be ignored: drop "
                           f"{'them' if len(stray) > 1 else 'it'}, or use --method mtard")
+    check_teacher_model_dir(settings)
 
     if preset is not None:
         overrides = {k: settings[k] for k in user if k in preset.settings and settings[k] != preset.settings[k]}
@@ -677,11 +678,29 @@ def load_teachers(s: Mapping[str, Any], task: Any) -> dict[str, Any]:
         raise ConfigError(f"--method {s['method']} needs --clean-teacher and --robust-teacher (a recipe "
                           "--output-dir, timm:<name>, a Hugging Face model directory; the robust one may be 'ema')")
     which = s.get("teacher_weights", "auto")
-    options = {"model_dir": s["teacher_model_dir"]} if s.get("teacher_model_dir") else {}
-    clean = load_teacher(s["clean_teacher"], task, which=which, name="clean", **options)
+    check_teacher_model_dir(s)
+
+    def options(spec: str) -> dict[str, Any]:  # --teacher-model-dir is RobustBench's: only robustbench: teachers get it
+        return {"model_dir": s["teacher_model_dir"]} if s.get("teacher_model_dir") and _is_robustbench(spec) else {}
+
+    clean = load_teacher(s["clean_teacher"], task, which=which, name="clean", **options(s["clean_teacher"]))
     robust = "ema" if s["robust_teacher"] == "ema" else load_teacher(s["robust_teacher"], task, which=which,
-                                                                       name="robust", **options)
+                                                                       name="robust", **options(s["robust_teacher"]))
     return {"clean_teacher": clean, "robust_teacher": robust}
+
+
+def _is_robustbench(spec: Any) -> bool:
+    return isinstance(spec, str) and spec.startswith("robustbench:")
+
+
+def check_teacher_model_dir(s: Mapping[str, Any]) -> None:
+    """``--teacher-model-dir`` is where ``robustbench:NAME`` teachers' files are: refused when no teacher is one
+    (no teacher would read it)."""
+    if s.get("teacher_model_dir") and not any(_is_robustbench(s.get(k)) for k in ("clean_teacher", "robust_teacher")):
+        given = ", ".join(f"--{k.replace('_', '-')} {s[k]}" for k in ("clean_teacher", "robust_teacher") if s.get(k))
+        raise ConfigError(f"--teacher-model-dir is where robustbench:NAME teachers' files are, but no teacher is one "
+                          f"({given or 'no teachers given'}), so nothing would read it: drop it, or name a RobustBench "
+                          "teacher (e.g. --robust-teacher robustbench:Ding2020MMA)")
 
 
 __all__ = ["ConfigError", "Recipe", "RunConfig", "build_attacks", "build_method", "build_parser", "parse", "resolve",

@@ -92,19 +92,21 @@ def load_image_pretrained(spec: str, task: ImageClassification, model_dir: str |
 
     ``normalize`` is for the state-dict forms (``ARCH:PATH``, ``autoattack-example:``); a Hugging Face
     directory (its checkpoint's normalisation inside) and ``timm:NAME`` (the task's standardisation in
-    front) refuse it. ``model_dir`` and ``threat_model`` are RobustBench's."""
+    front) refuse it. ``model_dir`` and ``threat_model`` are RobustBench's: the other forms refuse them."""
     spec = str(spec)
     if options:
         raise TypeError(f"unknown options {sorted(options)} for the image model {spec!r}")
     path = Path(spec).expanduser()
     hf_dir = path.is_dir() and (path / "config.json").exists()
     if hf_dir or spec.startswith("timm:"):
+        _refuse_robustbench_options(spec, model_dir, threat_model)
         if normalize is not None:
             raise TypeError(f"the model {spec!r} takes no normalize option: " + (
                 "a Hugging Face directory keeps its checkpoint's own normalisation inside" if hf_dir else
                 "a pretrained timm model always starts with the task's standardisation"))
         return load_hf_image_classifier(path, task) if hf_dir else load_timm_pretrained(spec, task)
     if spec.startswith("autoattack-example:"):
+        _refuse_robustbench_options(spec, model_dir, threat_model)
         name = spec.split(":", 1)[1]
         path = autoattack_example_path(name)  # refuses a name pyautoattack does not ship
         arch = AUTOATTACK_EXAMPLES[name][0]
@@ -122,8 +124,19 @@ def load_image_pretrained(spec: str, task: ImageClassification, model_dir: str |
     arch, sep, rest = spec.partition(":")
     if sep and arch in MODELS and getattr(MODELS.get(arch), "_robustkd_modality", None) == "image" \
             and Path(rest).suffix in STATE_DICT_SUFFIXES:
+        _refuse_robustbench_options(spec, model_dir, threat_model)
         return load_state_dict_model(arch, rest, task, normalize=True if normalize is None else normalize)
     return None
+
+
+def _refuse_robustbench_options(spec: str, model_dir: str | Path | None, threat_model: str | None) -> None:
+    """``model_dir`` and ``threat_model`` say where a RobustBench zoo model's file is and which leaderboard it
+    is from; a model of another form would not use them, so they are refused rather than ignored."""
+    given = [name for name, value in (("model_dir", model_dir), ("threat_model", threat_model)) if value is not None]
+    if given:
+        raise TypeError(f"the model {spec!r} takes no {' or '.join(given)} option: "
+                        f"{'they are' if len(given) > 1 else 'it is'} RobustBench's, for robustbench:NAME models "
+                        "only; drop it")
 
 
 class HFImageClassifier(nn.Module):

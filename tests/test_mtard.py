@@ -608,3 +608,70 @@ def test_end_to_end_pipeline_on_cifar(tmp_path, cifar_dir, monkeypatch):
         _run_recipe(mtard, [*common, "--clean-teacher", str(tmp_path / "nope"), "--robust-teacher", "ema",
                             "--output-dir", str(tmp_path / "never")], monkeypatch)
     assert not (tmp_path / "never").exists()  # refused before any training
+
+
+def test_teacher_model_dir_reaches_only_the_robustbench_teachers(tmp_path, cifar_task, cifar_dir, monkeypatch, capsys):
+    """--teacher-model-dir (and a threat model) are RobustBench's: load_teachers passes the directory only to a
+    robustbench:NAME teacher, the other teacher forms refuse these options when given them directly, and a
+    --teacher-model-dir that no teacher reads is refused before anything runs."""
+    import robustkd.teachers as teachers_module
+    from robustkd.config import ConfigError, load_teachers
+
+    calls: dict[str, dict] = {}
+
+    def record(spec, task, **options):
+        calls[str(spec)] = options
+        return _frozen(nn.Linear(4, 10))
+
+    with monkeypatch.context() as m:  # the routing: a timm clean teacher with a RobustBench robust teacher
+        m.setattr(teachers_module, "load_teacher", record)
+        load_teachers({"method": "mtard", "clean_teacher": "timm:resnet18", "robust_teacher": "robustbench:Ding2020MMA",
+                       "teacher_model_dir": str(tmp_path / "models")}, cifar_task)
+    assert calls == {"timm:resnet18": {"which": "auto", "name": "clean"},
+                     "robustbench:Ding2020MMA": {"which": "auto", "name": "robust", "model_dir": str(tmp_path / "models")}}
+    # the other forms refuse RobustBench's options in one line instead of ignoring them
+    for spec in ("autoattack-example:resnet18", "timm:resnet18", f"resnet18:{tmp_path / 'w.pt'}"):
+        for option, value in (("model_dir", str(tmp_path)), ("threat_model", "L2")):
+            with pytest.raises(TypeError, match=rf"the model '{spec}' takes no {option} option: it is RobustBench's"):
+                cifar_task.load_pretrained(spec, **{option: value})
+    capsys.readouterr()
+    from robustkd.cli import main as cli_main
+
+    rc = cli_main(["eval", "--model", "autoattack-example:resnet18", "--model-dir", str(tmp_path / "m"), "--task",
+                   "cifar10", "--data-dir", cifar_dir, "--output-dir", str(tmp_path / "ev")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "takes no --model-dir" in err and err.count("\n") == 1 and not (tmp_path / "ev").exists()
+    # a --teacher-model-dir no teacher reads: refused by the recipe's settings, before any training
+    common = ["--data-dir", cifar_dir, "--model", "small_cnn", "--max-train-samples", "16", "--epochs", "1",
+              "--no-progress", "--cpu"]
+    with pytest.raises(ConfigError, match=r"--teacher-model-dir is where robustbench:NAME teachers' files are, but no "
+                                          r"teacher is one \(--clean-teacher autoattack-example:resnet18, "
+                                          r"--robust-teacher ema\)"):
+        _run_recipe(REPO / "recipes" / "cifar_mtard.py",
+                    [*common, "--clean-teacher", "autoattack-example:resnet18", "--robust-teacher", "ema",
+                     "--teacher-model-dir", str(tmp_path / "models"), "--output-dir", str(tmp_path / "never")],
+                    monkeypatch)
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("robustbench") is None,
+                    reason="the robustbench extra is not installed")
+def test_a_clean_teacher_and_a_robustbench_teacher_from_teacher_model_dir_load(tmp_path, cifar_task):
+    """The shipped pyautoattack model as the clean teacher and a zoo architecture in RobustBench's layout under
+    --teacher-model-dir as the robust one: each loads (the directory reaches only the RobustBench teacher)."""
+    from robustkd.config import load_teachers
+    from robustkd.robustbench import checkpoint_path, zoo_entry
+
+    name = "Ding2020MMA"
+    torch.manual_seed(0)
+    net = zoo_entry(name, "cifar10", "Linf")["model"]()
+    path = checkpoint_path(tmp_path / "models", "cifar10", "Linf", name)
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": net.state_dict()}, path)
+    loaded = load_teachers({"method": "mtard", "clean_teacher": "autoattack-example:resnet18",
+                            "robust_teacher": f"robustbench:{name}", "teacher_model_dir": str(tmp_path / "models")},
+                           cifar_task)
+    assert isinstance(loaded["clean_teacher"], FrozenTeacher) and isinstance(loaded["robust_teacher"], FrozenTeacher)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded["robust_teacher"].model(x), net.eval()(x))
