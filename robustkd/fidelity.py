@@ -585,12 +585,31 @@ def _reference_commit(path: Path | None) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def _checkout_commit(path: Path) -> str | None:
+    """robustkd's own commit where it runs from a git checkout, with ``-modified`` when tracked files under
+    ``robustkd/`` or ``tasks/`` differ from it (the figures then come from uncommitted code)."""
+    import subprocess
+
+    commit = _reference_commit(path)
+    if commit is None:
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no", "--",
+                              "robustkd", "tasks"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return commit
+    return commit + ("-modified" if out.stdout.strip() else "")
+
+
 def build_report(rows: Sequence[dict[str, Any]], cases: Sequence[Case], opts: Options, notes: Sequence[str],
                  command: str | None) -> dict[str, Any]:
     """The run as JSON: what ran (command, versions, reference commits) and every row."""
     from . import __version__
 
-    return {"command": command, "robustkd_version": __version__, "torch": torch.__version__,
+    checkout = Path(__file__).resolve().parent.parent
+    return {"command": command, "robustkd_version": __version__,
+            "robustkd_commit": _checkout_commit(checkout) if (checkout / ".git").exists() else None,
+            "torch": torch.__version__,
             "device": "CPU", "threads": torch.get_num_threads(), "batch_size": opts.batch_size, "steps": opts.steps,
             "seed": opts.seed,
             "references": {"ADR": _reference_commit(opts.adr), "MTARD": _reference_commit(opts.mtard),
@@ -606,7 +625,9 @@ def render(report: dict[str, Any]) -> str:
     out = []
     if report.get("command"):
         out += ["```", f"$ {report['command']}", "```", ""]
-    out += [f"robustkd {report['robustkd_version']}, torch {report['torch']}, {report['device']} "
+    rk = report.get("robustkd_commit")
+    commit = f" (commit {rk[:12]}{'-modified' if rk.endswith('-modified') else ''})" if rk else ""
+    out += [f"robustkd {report['robustkd_version']}{commit}, torch {report['torch']}, {report['device']} "
             f"({report['threads']} threads), batch {report['batch_size']}, {report['steps']} steps, "
             f"seed {report['seed']}" + (f"; reference commits: {refs}" if refs else ""),
             "", summarize(report["rows"], report["cases"]), "", format_table(report["rows"])]

@@ -454,10 +454,20 @@ def test_fidelity_regenerates_the_doc_from_its_json(tmp_path, capsys):
     assert "- gin: not installed" in text
     # two runs render one after the other
     run2 = tmp_path / "run2.json"
-    run2.write_text(json.dumps({**_report(1), "command": "robustkd fidelity --cases adr_pgd --steps 1"}))
+    run2.write_text(json.dumps({**_report(1), "command": "robustkd fidelity --cases adr_pgd --steps 1",
+                                "robustkd_commit": "fedcba9876543210-modified"}))
     assert main(["fidelity", "--from-json", str(run), str(run2)]) == 0
     out = capsys.readouterr().out
     assert out.index("--cases adr_pgd\n") < out.index("--steps 1")
+    assert "robustkd 0 (commit fedcba987654-modified)" in out  # figures from uncommitted code say so
+
+
+def test_fidelity_report_names_robustkd_s_commit():
+    from robustkd.fidelity import Options, build_report
+
+    report = build_report([], [], Options(None, None, None, "data"), [], None)
+    if report["robustkd_commit"] is not None:  # running from a git checkout, as CI does
+        assert len(report["robustkd_commit"].split("-")[0]) == 40
 
 
 def test_fidelity_doc_and_json_faults_are_one_line_and_change_nothing(tmp_path, capsys):
