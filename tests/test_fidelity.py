@@ -515,3 +515,30 @@ def test_training_loop_body_reads_a_script(tmp_path):
     assert read_gin(gin) == {"main.epoch": 200, "AdvTrainer.adv_attacker": "PGD",
                              "build_steplr_scheduler.lr_step_milestone": [100, 150],
                              "build_optimizer.optimizer_type": "sgd"}
+
+
+def test_docs_fidelity_figures_are_what_the_kept_runs_render():
+    """docs/fidelity.md's generated block is exactly what `robustkd fidelity --from-json` renders from the
+    runs kept in docs/results/fidelity (the command the page gives), and those runs show no difference."""
+    import json
+    from pathlib import Path
+
+    from robustkd.fidelity import DOC_BEGIN, DOC_END, render
+
+    root = Path(__file__).resolve().parent.parent
+    runs = [root / "docs" / "results" / "fidelity" / name for name in ("resnet.json", "wrn.json")]
+    doc = (root / "docs" / "fidelity.md").read_text()
+    assert "--from-json docs/results/fidelity/resnet.json docs/results/fidelity/wrn.json" in doc
+    block = doc[doc.index(DOC_BEGIN) + len(DOC_BEGIN):doc.index(DOC_END)]
+    reports = [json.loads(p.read_text()) for p in runs]
+    assert block == "\n" + "\n\n".join(render(r) for r in reports) + "\n"
+    cases = {c["name"] for r in reports for c in r["cases"]}
+    assert {"pgd_at", "adr_pgd", "adr_trades", "adr_awp", "adr_preact", "adr_wrn", "adr_cifar100",
+            "adr_tinyimagenet", "mtard", "bmtard"} <= cases
+    for r in reports:
+        assert r["steps"] == 10 and r["batch_size"] == 16
+        assert len(r["rows"]) == 10 * len(r["cases"])
+    # the page's prose says every case equals the reference bit for bit: the kept runs must show it
+    worst = max(max(row["attack"] or 0.0, row["params"][0], row["buffers"][0], (row.get("ema") or (0.0, ""))[0])
+                for r in reports for row in r["rows"])
+    assert worst == 0.0, "docs/fidelity.md's 'What they show' no longer matches the kept runs: rewrite it"
