@@ -601,14 +601,20 @@ def _checkout_commit(path: Path) -> str | None:
     return commit + ("-modified" if out.stdout.strip() else "")
 
 
+def robustkd_commit() -> str | None:
+    """The commit of the checkout robustkd runs from (None for an installed copy)."""
+    checkout = Path(__file__).resolve().parent.parent
+    return _checkout_commit(checkout) if (checkout / ".git").exists() else None
+
+
 def build_report(rows: Sequence[dict[str, Any]], cases: Sequence[Case], opts: Options, notes: Sequence[str],
-                 command: str | None) -> dict[str, Any]:
-    """The run as JSON: what ran (command, versions, reference commits) and every row."""
+                 command: str | None, commit: str | None = None) -> dict[str, Any]:
+    """The run as JSON: what ran (command, versions, robustkd's commit as the run started, the reference
+    commits) and every row."""
     from . import __version__
 
-    checkout = Path(__file__).resolve().parent.parent
     return {"command": command, "robustkd_version": __version__,
-            "robustkd_commit": _checkout_commit(checkout) if (checkout / ".git").exists() else None,
+            "robustkd_commit": commit if commit is not None else robustkd_commit(),
             "torch": torch.__version__,
             "device": "CPU", "threads": torch.get_num_threads(), "batch_size": opts.batch_size, "steps": opts.steps,
             "seed": opts.seed,
@@ -736,12 +742,13 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         command = shlex.join(["robustkd", "fidelity", *sys.argv[2:]]) if sys.argv[1:2] == ["fidelity"] else None
+        commit = robustkd_commit()  # as the run starts: the code that runs
         notes: list[str] = []
         rows: list[dict[str, Any]] = []
         for case in cases:
             print(f"running {case.name} ({case.preset}) ...", file=sys.stderr, flush=True)
             rows.extend(run_case(case, opts, notes))
-        report = build_report(rows, cases, opts, notes, command)
+        report = build_report(rows, cases, opts, notes, command, commit)
         if args.json is not None:
             args.json.write_text(json.dumps(report, indent=1) + "\n")
         reports = [report]
