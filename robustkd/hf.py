@@ -313,6 +313,8 @@ class RobustCallback(TrainerCallback):
         self.config = config or RobustConfig()
         self.task = task or task_for_model(model, processor, self.config)
         self.method: Method = build_robust_method(self.config, self.task)
+        # built once, as the recipe trainer's per-epoch attacks are; each evaluation reuses them
+        self.eval_attacks = build_attacks(self.config.eval_attacks, self.task)
         decay = self.config.ema_decay if self.config.ema_decay is not None else (0.995 if self.method.needs_ema else None)
         if self.config.ema_warmup and decay is None:
             raise ValueError(f"RobustConfig(ema_warmup=True): the method {self.config.method!r} keeps no EMA; give "
@@ -666,7 +668,7 @@ class RobustTrainer(Trainer):
         loader = self.get_eval_dataloader(points)
         if points is not dataset and hasattr(self, "_eval_dataloaders"):
             self._eval_dataloaders.pop("eval", None)  # never reuse the sample's loader for the full evaluation
-        attacks = build_attacks(cfg.eval_attacks, task)
+        attacks = self.robust.eval_attacks
         models: dict[str, ModelSource] = {"": unwrap(self.student)}
         if self.robust.ema is not None:
             models["ema_"] = ema_model(self.robust.ema)

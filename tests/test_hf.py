@@ -353,3 +353,33 @@ def test_schedule_keys_are_the_documented_ones_and_robust_evaluation_has_its_own
     points = trainer.robust_points(sst2["val"])
     assert len(points) == 3 and points["sentence"] == trainer.robust_points(sst2["val"])["sentence"]
     assert "eval_robust_accuracy/embedding_pgd2" in trainer.evaluate()  # evaluate() by hand: always
+
+
+def test_evaluation_attacks_are_built_once_and_every_evaluation_runs_them(sst2, tmp_path, monkeypatch):
+    """RobustConfig(eval_attacks=...) is built into attacks once, with the trainer; each evaluate() runs those."""
+    import robustkd.hf as hf
+
+    built = []
+    real = hf.build_attacks
+    monkeypatch.setattr(hf, "build_attacks", lambda *a, **k: built.append(a[0]) or real(*a, **k))
+    trainer = _trainer(sst2, tmp_path, robust=_robust(eval_attacks=("embedding_pgd2", "embedding_pgd1")))
+    assert built == [("embedding_pgd2", "embedding_pgd1")]
+    attacks = trainer.robust.eval_attacks
+    assert list(attacks) == ["embedding_pgd2", "embedding_pgd1"]
+    assert [a.steps for a in attacks.values()] == [2, 1]
+    calls = {spec: 0 for spec in attacks}
+    for spec, attack in attacks.items():
+        perturb = attack.perturb
+
+        def counted(*a, spec=spec, perturb=perturb, **k):
+            calls[spec] += 1
+            return perturb(*a, **k)
+
+        attack.perturb = counted
+    first = trainer.evaluate()
+    after_first = dict(calls)
+    second = trainer.evaluate()
+    assert all(n > 0 for n in after_first.values())
+    assert all(calls[s] == 2 * after_first[s] for s in calls)  # the same attack objects ran again
+    assert len(built) == 1
+    assert first["eval_robust_accuracy/embedding_pgd1"] == second["eval_robust_accuracy/embedding_pgd1"]
