@@ -654,8 +654,6 @@ def test_teacher_model_dir_reaches_only_the_robustbench_teachers(tmp_path, cifar
     assert not (tmp_path / "never").exists()
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("robustbench") is None,
-                    reason="the robustbench extra is not installed")
 def test_a_clean_teacher_and_a_robustbench_teacher_from_teacher_model_dir_load(tmp_path, cifar_task):
     """The shipped pyautoattack model as the clean teacher and a zoo architecture in RobustBench's layout under
     --teacher-model-dir as the robust one: each loads (the directory reaches only the RobustBench teacher)."""
