@@ -9,7 +9,8 @@ from .registry import ATTACKS, METHODS, MODELS, TASKS, register_attack, register
 from .task import Adversarial, Task
 from .teachers import EMATeacher, FrozenTeacher
 from .threat import SNRBall, ThreatModel
-from .trainer import TrainConfig, Trainer
+from .train_config import TrainConfig
+from .trainer import Trainer
 
 
 def create_task(name: str, **kwargs) -> Task:

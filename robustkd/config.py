@@ -112,7 +112,7 @@ def _with_trainer_settings(base: type, group: str) -> type:
     import typing
     from dataclasses import make_dataclass
 
-    from .trainer import TrainConfig
+    from .train_config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     specs = []
@@ -558,7 +558,7 @@ def train_config(s: dict[str, Any] | argparse.Namespace, eval_threat: Mapping[st
     the budget of per-epoch attacks whose specs name none."""
     from dataclasses import fields as dc_fields
 
-    from .trainer import TrainConfig
+    from .train_config import TrainConfig
 
     s = vars(s) if isinstance(s, argparse.Namespace) else s
     values = {f.name: s[f.name] for f in dc_fields(TrainConfig) if f.metadata.get("flag", True) and f.name in s}

@@ -9,23 +9,22 @@ SIGTERM write one after the current step (:mod:`robustkd.callbacks`). ``resume``
 either exactly: the data order (the batches already done are skipped), the random number
 generators, the optimizer, scheduler, EMA and method state.
 
-The output-directory policy lives in :mod:`robustkd.rundir`, the divergence guard in
-:mod:`robustkd.divergence`, the events in :mod:`robustkd.callbacks`.
+The settings are declared in :mod:`robustkd.train_config`; the output directory (its policy, and
+writing, pruning and loading checkpoints and the final weights) lives in :mod:`robustkd.rundir`, the
+divergence guard in :mod:`robustkd.divergence`, the events in :mod:`robustkd.callbacks`.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from accelerate.logging import get_logger
@@ -34,150 +33,34 @@ from torch import nn
 from .attacks.base import Attack, create_attack
 from .awp import AWP
 from .callbacks import CallbackList, Interruption, RunEstimate, TrainerCallback, TrainingInterrupted, duration
-from .checkpoint import (
-    WRITE_ERRORS,
-    CheckpointError,
-    RunLock,
-    atomic_write_text,
-    failed_write,
-    save_model_dir,
-    write_failed,
-)
+from .checkpoint import RunLock, atomic_write_text, write_failed
 from .distill.methods import Method, Progress
 from .distributed import reduce_
 from .divergence import CHECK_EVERY, DivergenceError, DivergenceGuard, divergence_hint
 from .eval.robustness import evaluate_predictions
 from .guards import check_train_batches
 from .rundir import (
-    CHECKPOINT_DIR,
     RESUME_KEYS,
     ConfigMismatchError,
-    check_resume_config,
     claim_output_dir,
     latest_checkpoint,
+    load_checkpoint,
     needed_bytes,
     preflight,
+    write_checkpoint,
+    write_final,
 )
 from .task import Task
 from .teachers import EMATeacher, unwrap
+from .train_config import TrainConfig, setting
 
 logger = get_logger(__name__)  # Accelerate's multi-process logger: main process only by default
-
-
-def setting(default: Any = MISSING, help: str = "", *, group: str, factory: Any = None, flag: bool = True,
-            flag_type: Any = None) -> Any:
-    """A field of :class:`TrainConfig` with what its recipe flag needs: the help text, the ``--help``
-    group, and (``flag_type``) the type the flag parses when it differs from the field's
-    (``--milestones 100,150`` for a list). ``flag=False``: derived from other settings, not a flag."""
-    metadata = {"help": help, "group": group, "flag": flag, "flag_type": flag_type}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-OPTIM, MODEL, THREAT, SPEED, RUN = ("optimisation", "model and method", "threat model and attacks",
-                                    "speed (docs/performance.md)", "run")
-
-
-@dataclass
-class TrainConfig:
-    """Everything about *how* to train (the method and the model say *what*).
-
-    This is the one declaration of the trainer's settings: each field is also a recipe flag
-    (``--grad-accum``), a key of a ``--config`` file and of a preset, with the help text declared
-    here (``robustkd.config`` builds the flags from these fields). Recipes start from other
-    defaults (e.g. 200 epochs) through their presets."""
-
-    epochs: int = setting(1, "training epochs", group=OPTIM)
-    batch_size: int = setting(128, "training batch size (per process)", group=OPTIM)
-    eval_batch_size: int = setting(256, "evaluation batch size", group=OPTIM)
-    drop_last: bool = setting(False, "drop the last partial training batch of each epoch (ADR's reference does)",
-                              group=OPTIM)
-    optimizer: Literal["sgd", "adamw"] = setting("sgd", "optimizer", group=OPTIM)
-    lr: float = setting(0.1, "learning rate", group=OPTIM)
-    momentum: float = setting(0.9, "SGD momentum", group=OPTIM)
-    nesterov: bool = setting(False, "Nesterov momentum (ADR's reference SGD uses it; --nesterov false turns a "
-                             "preset's off)", group=OPTIM)
-    weight_decay: float = setting(5e-4, "weight decay", group=OPTIM)
-    bn_no_decay: bool = setting(False, "no weight decay on the batch-norm parameters (ADR's reference with extra "
-                                "data; the parameters named 'batchnorm', as in the PreAct-ResNet and WRN models)",
-                                group=OPTIM)
-    bn_momentum_schedule: bool = setting(False, "batch-norm momentum 1.0 at the first optimizer step, then 0.01 (ADR's "
-                                         "reference with extra data)", group=OPTIM)
-    lr_schedule: Literal["multistep", "cosine", "constant"] = setting("multistep", "LR schedule", group=OPTIM)
-    milestones: Optional[list[int]] = setting(None, "LR decay epochs, comma-separated (default: 50%%,75%% of "
-                                              "--epochs)", group=OPTIM, flag_type=Optional[str])
-    lr_gamma: float = setting(0.1, "LR factor at each milestone", group=OPTIM)
-    lr_warmup_epochs: float = setting(0, "linear LR warm-up epochs before the schedule (fractions allowed: ADR "
-                                      "uses 2.5)", group=OPTIM)
-    lr_warmup_init: float = setting(0.0, "LR at the start of the warm-up (ADR's PreAct configs: 1e-6)", group=OPTIM)
-    lr_min: float = setting(0.0, "the cosine schedule's final LR", group=OPTIM)
-    grad_accum: int = setting(1, "gradient accumulation steps", group=OPTIM)
-    max_grad_norm: Optional[float] = setting(None, "clip the gradient norm to this value before each optimizer "
-                                             "step (off by default: no reference clips)", group=OPTIM)
-    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = setting(
-        None, "mixed precision (default: Accelerate's setting, e.g. accelerate launch --mixed_precision)", group=OPTIM)
-    ema_decay: Optional[float] = setting(None, "keep an EMA (weight-averaged) model with this decay; methods that "
-                                         "need one (ADR, MTARD's EMA teacher) use 0.995 when none is given; baselines "
-                                         "keep none unless asked (WA: --ema-decay 0.995)", group=MODEL)
-    ema_warmup: bool = setting(False, "ramp the EMA decay as timm does, min(decay, (1+t)/(10+t)), so short runs get "
-                               "a useful teacher (not in ADR's reference)", group=MODEL)
-    awp_gamma: Optional[float] = setting(None, "AWP's relative weight-perturbation size (on with --awp)",
-                                         group=MODEL, flag=False)
-    awp_warmup: int = setting(0, "epochs before AWP starts", group=MODEL)
-    awp_style: Literal["adr", "wu2020"] = setting("adr", "AWP style: adr (every parameter, BN statistics from the "
-                                                  "unperturbed pass, as ADR's reference) or wu2020 (weight matrices "
-                                                  "only, as Wu et al.'s code)", group=MODEL)
-    eval_every: int = setting(1, "evaluate every N epochs (0: only at the end)", group=RUN)
-    eval_attacks: list[str] = setting(help="attacks evaluated every --eval-every epochs (specs: pgd20, "
-                                      "pgd:steps=50, fgsm, autoattack, ...; ',' or ';' separated)", group=THREAT,
-                                      factory=lambda: ["pgd20"], flag_type=str)
-    max_train_samples: Optional[int] = setting(None, "train on a seeded random subset of this many examples",
-                                               group="data")
-    max_eval_samples: Optional[int] = setting(None, "evaluate on a seeded random subset of this many examples",
-                                              group="data")
-    seed: int = setting(0, "random seed: model initialisation, data order, augmentation, attack starts", group=RUN)
-    output_dir: str = setting("runs/robustkd", "where the run writes its checkpoints, config.yaml and report.json",
-                              group=RUN)
-    resume: bool = setting(False, "continue from the last checkpoint in --output-dir", group=RUN)
-    cpu: bool = setting(False, "force CPU even when a GPU is present", group=RUN)
-    log_with: Optional[str] = setting(None, "log metrics to an Accelerate tracker: tensorboard (pip install -e "
-                                      "'.[tensorboard]'; logs under --output-dir) or wandb (pip install -e '.[wandb]')",
-                                      group=RUN)
-    run_name: Optional[str] = setting(None, "the tracker run's name (default: the --output-dir's name)", group=RUN)
-    tags: list[str] = setting(help="comma-separated tracker tags (wandb)", group=RUN, factory=list,
-                              flag_type=Optional[str])
-    progress: bool = setting(True, "progress bars (--no-progress hides them)", group=RUN, flag=False)
-    keep_checkpoints: int = setting(1, "how many epoch checkpoints to keep (the newest)", group=RUN)
-    save_every_steps: int = setting(0, "also write a checkpoint every N optimizer steps within an epoch (0: at "
-                                    "epoch ends only); --resume continues from it exactly; SIGINT/SIGTERM write one "
-                                    "after the current step whatever this is", group=RUN)
-    eval_threat: Optional[dict[str, Any]] = setting(
-        None, "the run's threat model (e.g. {'eps': 0.5, 'norm': 'l2'}): the budget of every per-epoch evaluation "
-        "attack whose spec names none", group=THREAT, flag=False)
-    compile: bool = setting(False, "torch.compile the student (the model the attack and the update both use); the "
-                            "first steps compile (minutes on a CPU)", group=SPEED)
-    channels_last: bool = setting(False, "channels-last (NHWC) memory format for the models and image batches (a "
-                                  "GPU mode)", group=SPEED)
-    tf32: bool = setting(False, "TF32 matmuls and convolutions on Ampere+ GPUs (no effect elsewhere)", group=SPEED)
-    num_workers: int = setting(0, "data-loader worker processes", group=SPEED)
-    pin_memory: bool = setting(False, "page-locked batches, copied to the GPU without blocking", group=SPEED)
-    overwrite: bool = setting(False, "--output-dir holds another run: move it aside to NAME.old-<time> (never "
-                              "deleted) and start afresh", group=RUN)
-    max_nonfinite_steps: int = setting(0, "skip up to N steps whose loss is not finite (normal with fp16); 0: stop "
-                                       "at the first, keeping the last good checkpoint", group=RUN)
-
-    def resolved_milestones(self) -> list[int]:
-        """LR decay epochs; the default (50 % and 75 % of the run) skips epoch 0 so short runs keep their LR."""
-        if self.milestones is not None:
-            return list(self.milestones)
-        return [m for m in (self.epochs // 2, (3 * self.epochs) // 4) if m > 0]
 
 
 NONFINITE_CHECK_EVERY = CHECK_EVERY  # the name before robustkd.divergence
 _RESUME_KEYS = RESUME_KEYS
 __all__ = ["ConfigMismatchError", "DivergenceError", "TrainConfig", "Trainer", "TrainerCallback", "TrainingInterrupted",
-           "evaluate_models", "for_each_model", "lr_factor"]
+           "evaluate_models", "for_each_model", "lr_factor", "setting"]
 
 
 @dataclass
@@ -590,55 +473,16 @@ class Trainer:
 
     def save_checkpoint(self, mid_epoch: bool = False) -> Path:
         """``checkpoints/epoch-N`` (``mid_epoch``: ``checkpoints/step-N``, N optimizer steps done) via a
-        temporary directory renamed into place; ``latest`` points to it. A mid-epoch one is checked for
-        divergence first (the epoch's end is checked before its evaluation)."""
-        acc = self.accelerator
+        temporary directory renamed into place; ``latest`` points to it; the older ones of this run are
+        pruned to ``keep_checkpoints`` (:func:`robustkd.rundir.write_checkpoint`). A mid-epoch one is
+        checked for divergence first (the epoch's end is checked before its evaluation)."""
         if mid_epoch:
             self.check_finite(self.state.epoch)
-        root = self.output_dir / CHECKPOINT_DIR
         name = f"step-{self.state.step}" if mid_epoch else f"epoch-{self.state.epoch}"
-        final, tmp = root / name, root / f".tmp-{name}"
-        previous = self._latest_checkpoint()
-        try:
-            if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-            acc.wait_for_everyone()
-            acc.save_state(str(tmp), safe_serialization=True)
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                (tmp / "run_config.json").write_text(json.dumps(self.run_config(), indent=2, default=str))
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-                atomic_write_text(root / "latest", final.name)
-        except WRITE_ERRORS as exc:  # a full disk: OSError, torch's RuntimeError, safetensors' SafetensorError
-            if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise failed_write(tmp, exc, previous) from exc
-        if acc.is_main_process:
-            self._prune(root, final)
-        acc.wait_for_everyone()
+        final = write_checkpoint(self.accelerator, self.output_dir, name, self.run_config(), run_id=self.run_id,
+                                 keep=self.config.keep_checkpoints)
         self.callbacks.event("on_save", self, final)
         return final
-
-    def _prune(self, root: Path, newest: Path) -> None:
-        """Keep the newest ``keep_checkpoints`` epoch checkpoints *of this run* (its run id) and only its
-        newest mid-epoch one, none once a newer checkpoint exists; never touch another run's."""
-        def run_id(p: Path) -> Any:
-            try:
-                return json.loads((p / "run_config.json").read_text()).get("run_id")
-            except (OSError, ValueError):
-                return "<unreadable>"
-
-        def ours(pattern: str) -> list[Path]:
-            found = [p for p in root.glob(pattern) if p.is_dir() and p != newest and run_id(p) == self.run_id]
-            return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-        for old in ours("step-*"):
-            shutil.rmtree(old, ignore_errors=True)
-        if newest.name.startswith("epoch-"):
-            for old in (ours("epoch-*") + [newest])[:-max(self.config.keep_checkpoints, 1)]:
-                shutil.rmtree(old, ignore_errors=True)
 
     def resume(self) -> bool:
         """Load the latest checkpoint under ``output_dir`` (if any); refuse one from another configuration."""
@@ -646,28 +490,17 @@ class Trainer:
         if ckpt is None:
             logger.info(f"no checkpoint under {self.output_dir}: starting from scratch")
             return False
-        check_resume_config(ckpt, self._config_now())  # again: the config may have been changed since __init__
-        try:
-            self.accelerator.load_state(str(ckpt))
-        except (RuntimeError, KeyError) as exc:  # shapes or keys that passed the config check but not the load
-            raise CheckpointError(f"the checkpoint {ckpt} does not fit this run ({str(exc).strip().splitlines()[0][:160]}"
-                                  "): resume with the settings it was made with, or use a new --output-dir") from exc
+        load_checkpoint(self.accelerator, ckpt, self._config_now())
         self._capture_rng()
         within = f", batch {self.state.batch} of epoch {self.state.epoch + 1}" if self.state.batch else ""
         logger.info(f"resumed from {ckpt} (epoch {self.state.epoch}, step {self.state.step}{within})")
         return True
 
     def save_final(self) -> None:
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            meta = {**self.run_info, "run_id": self.run_id, "task": self.task.name,
-                    "num_classes": self.task.num_classes, "method": self.method.name, "epochs": self.state.epoch}
-            try:
-                save_model_dir(self.output_dir, unwrap(self.model), self.ema.model if self.ema else None, meta)
-            except WRITE_ERRORS as exc:
-                raise failed_write(self.output_dir, exc, self._latest_checkpoint()) from exc
-        acc.wait_for_everyone()
+        """The final weights (student, EMA) and ``robustkd.json`` in ``output_dir``."""
+        meta = {**self.run_info, "run_id": self.run_id, "task": self.task.name,
+                "num_classes": self.task.num_classes, "method": self.method.name, "epochs": self.state.epoch}
+        write_final(self.accelerator, self.output_dir, unwrap(self.model), self.ema.model if self.ema else None, meta)
 
 
 #: a model of a set to evaluate: the module, or a context that gives it (a PEFT student with its EMA

@@ -195,7 +195,7 @@ def _recipe():
 
 
 def test_exploding_weights_stop_the_run_in_one_line_naming_real_flags(cifar_dir, tmp_path, monkeypatch):
-    from robustkd.trainer import TrainConfig
+    from robustkd.train_config import TrainConfig
 
     out = tmp_path / "run"
     argv = _args(cifar_dir, out, "--method", "standard", "--lr", "1e9", "--weight-decay", "0")

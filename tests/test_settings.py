@@ -1,7 +1,7 @@
 """What a user sets is what runs: every declared setting reaches the object that uses it.
 
 Generated from the declaration (``robustkd.config``'s flag groups, whose trainer settings are the
-fields of :class:`robustkd.trainer.TrainConfig`): each setting of the main recipe is given a
+fields of :class:`robustkd.train_config.TrainConfig`): each setting of the main recipe is given a
 non-default value on the command line of ``recipes/cifar_adr.py`` and the run the recipe builds
 (task, model, method and attack, trainer, loaders) is compared with the run built without it.
 A setting that changes nothing there fails; a new setting without a probe below fails too.
@@ -160,7 +160,7 @@ def _declared(recipe):
 
 
 def test_every_declared_setting_has_a_consumer_probe(recipe):
-    from robustkd.trainer import TrainConfig
+    from robustkd.train_config import TrainConfig
 
     trainer_fields = {f.name for f in fields(TrainConfig) if f.metadata.get("flag", True)}
     missing = [n for n in _declared(recipe) if n not in PROBES and n not in EXEMPT and n not in trainer_fields]

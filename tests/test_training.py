@@ -115,6 +115,30 @@ def test_resume_refuses_a_checkpoint_from_another_configuration(cifar_task, tmp_
         t.fit()
 
 
+def test_the_settings_keep_their_trainer_import_path():
+    import robustkd
+    from robustkd import train_config, trainer
+
+    assert trainer.TrainConfig is train_config.TrainConfig is robustkd.TrainConfig
+    assert trainer.setting is train_config.setting
+
+
+def test_pruning_keeps_this_runs_newest_checkpoints_and_leaves_another_runs(tmp_path):
+    from robustkd.rundir import prune_checkpoints
+
+    root = tmp_path / "checkpoints"
+    for name, run_id in [("epoch-1", "me"), ("epoch-2", "me"), ("step-5", "me"), ("epoch-3", "me"),
+                         ("epoch-9", "other"), ("step-7", "other")]:
+        (root / name).mkdir(parents=True)
+        (root / name / "run_config.json").write_text(json.dumps({"run_id": run_id}))
+    prune_checkpoints(root, root / "epoch-3", "me", keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-2", "epoch-3", "epoch-9", "step-7"]
+    (root / "step-8").mkdir()
+    (root / "step-8" / "run_config.json").write_text(json.dumps({"run_id": "me"}))
+    prune_checkpoints(root, root / "step-8", "me", keep=2)  # a mid-epoch one prunes no epoch checkpoint
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-2", "epoch-3", "epoch-9", "step-7", "step-8"]
+
+
 @pytest.mark.timeout(400)
 @pytest.mark.distributed
 def test_two_process_run_keeps_student_and_ema_identical_on_both_ranks(cifar_dir, tmp_path):
