@@ -391,6 +391,29 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def marked_block(doc: str | Path, begin: str, end: str, what: str,
+                 error: type[Exception] = ValueError) -> tuple[str, str]:
+    """(text before ``begin``, text after ``end``) of a page with one generated block between the two
+    marker lines; ``error`` naming the fix (``what`` says what the block holds) when there is none."""
+    doc = Path(doc)
+    if not doc.is_file():
+        raise FileNotFoundError(f"--update-doc: no document at {doc}")
+    text = doc.read_text()
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise error(f"--update-doc: {doc} needs one '{begin}' line and one '{end}' line after it, around {what}")
+    head, rest = text.split(begin, 1)
+    return head, rest.split(end, 1)[1]
+
+
+def replace_marked_block(doc: str | Path, begin: str, end: str, markdown: str, what: str,
+                         error: type[Exception] = ValueError) -> Path:
+    """Replace the generated block of ``doc`` (see :func:`marked_block`) with ``markdown``, written via
+    :func:`atomic_write_text`: the page's figures are regenerated, never retyped, and the rest stays."""
+    head, tail = marked_block(doc, begin, end, what, error)
+    atomic_write_text(Path(doc), f"{head}{begin}\n{markdown.strip()}\n{end}{tail}")
+    return Path(doc)
+
+
 def save_model_dir(out_dir: str | Path, student: nn.Module, ema: nn.Module | None, meta: dict[str, Any]) -> None:
     """The final weights and ``robustkd.json``, each written to a temporary file renamed into place. A failed
     write (disk full, ...) raises ``OSError`` naming the file, whatever the writer raised (safetensors raises

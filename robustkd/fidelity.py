@@ -644,18 +644,18 @@ def render(report: dict[str, Any]) -> str:
 
 def update_doc(path: Path, text: str) -> None:
     """Replace the generated block of ``path`` (between :data:`DOC_BEGIN` and :data:`DOC_END`) with ``text``."""
-    doc = path.read_text()
-    begin, end = doc.index(DOC_BEGIN) + len(DOC_BEGIN), doc.index(DOC_END)
-    path.write_text(doc[:begin] + "\n" + text + "\n" + doc[end:])
+    from .checkpoint import replace_marked_block
+
+    replace_marked_block(path, DOC_BEGIN, DOC_END, text, _DOC_WHAT)
 
 
 def _check_doc(path: Path) -> None:
-    if not path.is_file():
-        raise ValueError(f"--update-doc {path}: no such file; pass the markdown file to update (docs/fidelity.md)")
-    doc = path.read_text()
-    if DOC_BEGIN not in doc or DOC_END not in doc or doc.index(DOC_BEGIN) > doc.index(DOC_END):
-        raise ValueError(f"--update-doc {path}: no generated block in it; add the two lines {DOC_BEGIN!r} and "
-                         f"{DOC_END!r} where the figures go")
+    from .checkpoint import marked_block
+
+    marked_block(path, DOC_BEGIN, DOC_END, _DOC_WHAT)
+
+
+_DOC_WHAT = "the figures `robustkd fidelity` generates (no generated block yet: add the two lines where they go)"
 
 
 def add_fidelity_parser(sub: argparse._SubParsersAction) -> None:

@@ -273,27 +273,21 @@ def write_results(study: Study, command: str | None = None) -> dict[str, Path]:
             **({"curves": out / CURVES_PNG} if has_curves else {})}
 
 
-def document_block(doc: str | Path, study: Study) -> tuple[str, str, str, str]:
-    """(text before, begin line, end line, text after) of the study's block in ``doc``; a
-    :class:`StudyError` naming the fix when the page has no such block."""
-    doc = Path(doc)
-    if not doc.is_file():
-        raise FileNotFoundError(f"--update-doc: no document at {doc}")
-    text = doc.read_text()
-    begin, end = f"<!-- sweep:{study.path.stem} -->", f"<!-- /sweep:{study.path.stem} -->"
-    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
-        raise StudyError(f"--update-doc: {doc} needs one '{begin}' line and one '{end}' line after it, around the "
-                         "block the sweep may replace")
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    return head, begin, end, tail
+def _markers(study: Study) -> tuple[str, str]:
+    return f"<!-- sweep:{study.path.stem} -->", f"<!-- /sweep:{study.path.stem} -->"
+
+
+def document_block(doc: str | Path, study: Study) -> tuple[str, str]:
+    """(text before, text after) the study's block in ``doc``; a :class:`StudyError` naming the fix when
+    the page has no such block."""
+    from .checkpoint import marked_block
+
+    return marked_block(doc, *_markers(study), "the block the sweep may replace", StudyError)
 
 
 def update_document(doc: str | Path, study: Study, markdown: str) -> Path:
     """Replace the block between ``<!-- sweep:NAME -->`` and ``<!-- /sweep:NAME -->`` in ``doc`` (NAME is
     the study file's stem) with ``markdown``, so a page's tables are regenerated rather than retyped."""
-    from .checkpoint import atomic_write_text
+    from .checkpoint import replace_marked_block
 
-    head, begin, end, tail = document_block(doc, study)
-    atomic_write_text(Path(doc), f"{head}{begin}\n{markdown.strip()}\n{end}{tail}")
-    return Path(doc)
+    return replace_marked_block(doc, *_markers(study), markdown, "the block the sweep may replace", StudyError)

@@ -483,6 +483,8 @@ def test_fidelity_doc_and_json_faults_are_one_line_and_change_nothing(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no generated block" in err
     assert doc.read_text() == "# no generated block\n"
+    assert main(["fidelity", "--from-json", str(run), "--update-doc", str(tmp_path / "none.md")]) == 2
+    assert "no document at" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text("{\"rows\": []}")
     assert main(["fidelity", "--from-json", str(bad)]) == 2
